@@ -1,0 +1,9 @@
+//! Local services and harness for the end-to-end suite.
+//!
+//! - [`idp`]: an Okta-compatible identity provider (two authorization servers, JWKS, RFC 8693
+//!   token exchange with Okta's rules and error shapes, fault injection).
+//! - [`mcp`]: a real MCP server (Streamable HTTP) that validates the exchanged token itself, and
+//!   a real MCP client used by the tests and the demo.
+
+pub mod idp;
+pub mod mcp;
