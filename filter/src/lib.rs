@@ -1,0 +1,28 @@
+//! An Envoy proxy-wasm filter that puts an OAuth resource server in front of MCP servers: it
+//! validates the client's JWT, exchanges it (RFC 8693) for a backend token of the same user, and
+//! forwards the request with only the backend token.
+//!
+//! Protocol logic lives in host-independent modules that unit-test natively; `gateway`, `root`
+//! and `http` wire it to proxy-wasm.
+
+pub mod cache;
+pub mod config;
+pub mod exchange;
+pub mod jwks;
+pub mod reply;
+pub mod token;
+pub mod verify;
+
+mod gateway;
+mod http;
+mod root;
+
+#[cfg(test)]
+mod test_keys;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
+        Box::new(root::Root::default())
+    });
+}}

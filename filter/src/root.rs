@@ -1,0 +1,93 @@
+//! The root context: loads the configuration, owns the per-VM [`Gateway`], drives its tick
+//! (JWKS refresh, wait bounds, cache sweeps) and creates one [`RequestContext`] per request.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use log::{error, info};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+
+use crate::config::parse_policy;
+use crate::gateway::Gateway;
+use crate::http::RequestContext;
+
+/// Tick period: bounds how late a JWKS retry or a wait timeout can be noticed.
+const TICK: Duration = Duration::from_millis(500);
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const GIT_COMMIT: &str = match option_env!("GIT_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
+
+#[derive(Default)]
+pub struct Root {
+    gateway: Option<Rc<RefCell<Gateway>>>,
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        if let Some(gw) = &self.gateway {
+            match gw.try_borrow_mut() {
+                Ok(mut gw) => gw.on_http_call_response(token_id, body_size),
+                Err(_) => error!("gateway state busy in root callout response; dropped"),
+            }
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        info!("mcp-token-exchange {VERSION} ({GIT_COMMIT}) starting");
+        true
+    }
+
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let raw = self.get_plugin_configuration().unwrap_or_default();
+        match parse_policy(&raw, &|name| std::env::var(name).ok()) {
+            Ok(policy) => {
+                info!(
+                    "configured: issuer {}, audiences {:?}, exchange via cluster {} for audience {:?}",
+                    policy.inbound.issuer,
+                    policy.inbound.audiences,
+                    policy.exchange.cluster,
+                    policy.exchange.audience
+                );
+                self.gateway = Some(Rc::new(RefCell::new(Gateway::new(policy))));
+                self.set_tick_period(TICK);
+                true
+            }
+            Err(e) => {
+                error!("{e}");
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(gw) = &self.gateway {
+            if let Ok(mut gw) = gw.try_borrow_mut() {
+                gw.on_tick();
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(RequestContext::new(
+            context_id,
+            self.gateway.clone(),
+        )))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

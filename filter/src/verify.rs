@@ -1,0 +1,579 @@
+//! Inbound JWT verification: structure, signature (algorithm bound to the key), then claims.
+//!
+//! `jwt-compact` parses the compact form and runs the signature check through its `Algorithm`
+//! trait, implemented here over `rsa` 0.10 (several times faster in Wasm than the `rsa` 0.9 that
+//! `jwt-compact`'s own RSA support uses). Claims are decoded with a strict struct of our own so
+//! that duplicate claim names and wrongly typed registered claims are rejected, not coerced.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::fmt;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jwt_compact::{Algorithm, AlgorithmExt, AlgorithmSignature, UntrustedToken};
+use rsa::{Pkcs1v15Sign, Pss, PublicKey};
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use sha2::{Digest, Sha256, Sha384, Sha512};
+
+use crate::config::InboundPolicy;
+use crate::jwks::{JwsAlgorithm, KeySelection, KeySet};
+
+/// Why a token was refused. Every variant maps to `401 invalid_token`; the descriptions are
+/// generic on purpose (they go to the client) and never echo token contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenError {
+    Malformed,
+    Encrypted,
+    UnsupportedHeader,
+    KidRequired,
+    UnknownKey,
+    AlgorithmNotAllowed,
+    BadSignature,
+    MalformedClaims,
+    MissingClaim(&'static str),
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    WrongIssuer,
+    WrongAudience,
+}
+
+impl TokenError {
+    pub fn description(&self) -> &'static str {
+        match self {
+            Self::Malformed => "the access token is malformed",
+            Self::Encrypted => "encrypted tokens are not accepted",
+            Self::UnsupportedHeader => "the token header uses an unsupported critical extension",
+            Self::KidRequired => "the token header must name its key (kid)",
+            Self::UnknownKey => "the token is signed with an unknown key",
+            Self::AlgorithmNotAllowed => "the token's algorithm is not allowed for its key",
+            Self::BadSignature => "the token signature is invalid",
+            Self::MalformedClaims => "the token claims are malformed",
+            Self::MissingClaim("exp") => "the token has no expiry (exp)",
+            Self::MissingClaim(_) => "the token lacks a required claim",
+            Self::Expired => "the access token expired",
+            Self::NotYetValid => "the access token is not valid yet",
+            Self::IssuedInFuture => "the access token was issued in the future",
+            Self::WrongIssuer => "the access token was issued by an untrusted issuer",
+            Self::WrongAudience => "the access token is not intended for this resource",
+        }
+    }
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.description())
+    }
+}
+
+/// The outcome of verification when it did not produce a principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyError {
+    Invalid(TokenError),
+    /// The token names a key we do not have; the caller may refetch the JWKS and retry once.
+    UnknownKid,
+    /// No key set has been loaded yet.
+    NoKeys,
+}
+
+/// Who the verified token speaks for. Built only by [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub sub: String,
+    pub scopes: Vec<String>,
+    pub expires_at: i64,
+    pub jti: Option<String>,
+    pub client_id: Option<String>,
+}
+
+/// Header members beyond the ones `jwt-compact` models.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct ExtraHeader {
+    #[serde(default)]
+    crit: Option<serde_json::Value>,
+    #[serde(default)]
+    enc: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `scp` is Okta's JSON array; a string there is refused rather than split, since an issuer that
+/// writes a string into `scp` is not the one we configured.
+#[derive(Deserialize)]
+struct InboundClaims {
+    #[serde(default)]
+    iss: Option<String>,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    aud: Option<Audience>,
+    #[serde(default, deserialize_with = "numeric_date")]
+    exp: Option<i64>,
+    #[serde(default, deserialize_with = "numeric_date")]
+    nbf: Option<i64>,
+    #[serde(default, deserialize_with = "numeric_date")]
+    iat: Option<i64>,
+    #[serde(default)]
+    scp: Option<Vec<String>>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    cid: Option<String>,
+    #[serde(default)]
+    client_id: Option<String>,
+}
+
+/// NumericDate as a JSON integer in `0..=i64::MAX`. Floats, strings, negatives and overflow are
+/// refused: no issuer we serve emits them, and guessing is how time checks get bypassed.
+fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    match v {
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(t) if t >= 0 => Ok(Some(t)),
+            _ => Err(de::Error::custom(
+                "NumericDate must be a non-negative integer",
+            )),
+        },
+        _ => Err(de::Error::custom("NumericDate must be a number")),
+    }
+}
+
+/// RSA signature bytes as they appear in the token.
+pub struct RawSignature(Vec<u8>);
+
+impl AlgorithmSignature for RawSignature {
+    fn try_from_slice(slice: &[u8]) -> anyhow::Result<Self> {
+        Ok(Self(slice.to_vec()))
+    }
+    fn as_bytes(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.0)
+    }
+}
+
+/// Verification-only RSA algorithms for `jwt-compact`. Signing is impossible by construction.
+pub struct RsaVerifier(pub JwsAlgorithm);
+
+impl Algorithm for RsaVerifier {
+    type SigningKey = Infallible;
+    type VerifyingKey = PublicKey;
+    type Signature = RawSignature;
+
+    fn name(&self) -> Cow<'static, str> {
+        Cow::Borrowed(self.0.name())
+    }
+
+    fn sign(&self, signing_key: &Infallible, _message: &[u8]) -> RawSignature {
+        match *signing_key {}
+    }
+
+    fn verify_signature(&self, sig: &RawSignature, key: &PublicKey, message: &[u8]) -> bool {
+        let sig = &sig.0;
+        let result = match self.0 {
+            JwsAlgorithm::Rs256 => {
+                key.verify(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(message), sig)
+            }
+            JwsAlgorithm::Rs384 => {
+                key.verify(Pkcs1v15Sign::new::<Sha384>(), &Sha384::digest(message), sig)
+            }
+            JwsAlgorithm::Rs512 => {
+                key.verify(Pkcs1v15Sign::new::<Sha512>(), &Sha512::digest(message), sig)
+            }
+            JwsAlgorithm::Ps256 => key.verify(Pss::<Sha256>::new(), &Sha256::digest(message), sig),
+            JwsAlgorithm::Ps384 => key.verify(Pss::<Sha384>::new(), &Sha384::digest(message), sig),
+            JwsAlgorithm::Ps512 => key.verify(Pss::<Sha512>::new(), &Sha512::digest(message), sig),
+        };
+        result.is_ok()
+    }
+}
+
+/// Verifies `token` against `keys` and the inbound policy at time `now` (Unix seconds).
+/// Scopes are not checked here (see [`missing_scopes`]): a valid token with too few scopes is a
+/// 403, not a 401.
+pub fn verify(
+    token: &str,
+    keys: &KeySet,
+    policy: &InboundPolicy,
+    now: i64,
+) -> Result<Principal, VerifyError> {
+    let invalid = VerifyError::Invalid;
+    let segments = token.split('.').count();
+    if segments == 5 {
+        return Err(invalid(TokenError::Encrypted));
+    }
+    if segments != 3 {
+        return Err(invalid(TokenError::Malformed));
+    }
+    let untrusted: UntrustedToken<'_, ExtraHeader> =
+        UntrustedToken::try_from(token).map_err(|_| invalid(TokenError::Malformed))?;
+    let extra = &untrusted.header().other_fields;
+    if extra.enc.is_some() {
+        return Err(invalid(TokenError::Encrypted));
+    }
+    // RFC 7515 §4.1.11: a recipient that does not understand a critical extension must reject.
+    if extra.crit.is_some() {
+        return Err(invalid(TokenError::UnsupportedHeader));
+    }
+    let key = match keys.select(untrusted.header().key_id.as_deref()) {
+        KeySelection::Found(key) => key,
+        KeySelection::UnknownKid => return Err(VerifyError::UnknownKid),
+        KeySelection::KidRequired => return Err(invalid(TokenError::KidRequired)),
+        KeySelection::NoKeys => return Err(VerifyError::NoKeys),
+    };
+    if untrusted.algorithm() != key.alg.name() {
+        return Err(invalid(TokenError::AlgorithmNotAllowed));
+    }
+    let algorithm = RsaVerifier(key.alg);
+    algorithm
+        .validator::<jwt_compact::Empty>(&key.key)
+        .validate(&untrusted)
+        .map_err(|e| match e {
+            jwt_compact::ValidationError::InvalidSignature
+            | jwt_compact::ValidationError::MalformedSignature(_)
+            | jwt_compact::ValidationError::InvalidSignatureLen { .. } => {
+                invalid(TokenError::BadSignature)
+            }
+            jwt_compact::ValidationError::AlgorithmMismatch { .. } => {
+                invalid(TokenError::AlgorithmNotAllowed)
+            }
+            _ => invalid(TokenError::MalformedClaims),
+        })?;
+
+    // The signature covers the exact payload bytes; decode them again with the strict schema.
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or(invalid(TokenError::Malformed))?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| invalid(TokenError::Malformed))?;
+    let claims: InboundClaims =
+        serde_json::from_slice(&bytes).map_err(|_| invalid(TokenError::MalformedClaims))?;
+    check_claims(claims, policy, now)
+}
+
+fn check_claims(
+    claims: InboundClaims,
+    policy: &InboundPolicy,
+    now: i64,
+) -> Result<Principal, VerifyError> {
+    let invalid = VerifyError::Invalid;
+    let skew = policy.clock_skew_seconds;
+    if claims.iss.as_deref() != Some(policy.issuer.as_str()) {
+        return Err(invalid(TokenError::WrongIssuer));
+    }
+    let exp = claims.exp.ok_or(invalid(TokenError::MissingClaim("exp")))?;
+    if now.saturating_sub(skew) >= exp {
+        return Err(invalid(TokenError::Expired));
+    }
+    if let Some(nbf) = claims.nbf {
+        if now.saturating_add(skew) < nbf {
+            return Err(invalid(TokenError::NotYetValid));
+        }
+    }
+    if let Some(iat) = claims.iat {
+        if now.saturating_add(skew) < iat {
+            return Err(invalid(TokenError::IssuedInFuture));
+        }
+    }
+    let audiences = match claims.aud {
+        Some(Audience::One(a)) => vec![a],
+        Some(Audience::Many(list)) => list,
+        None => Vec::new(),
+    };
+    if !audiences.iter().any(|a| policy.audiences.contains(a)) {
+        return Err(invalid(TokenError::WrongAudience));
+    }
+    let sub = match claims.sub {
+        Some(s) if !s.is_empty() => s,
+        _ => return Err(invalid(TokenError::MissingClaim("sub"))),
+    };
+    // Okta writes `scp` (array); RFC 9068 and most others write `scope` (space-separated).
+    // Only ASCII space separates, per RFC 6749 §3.3: a tab is not a separator.
+    let scopes = match (claims.scp, claims.scope) {
+        (Some(list), _) => list,
+        (None, Some(s)) => s
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        (None, None) => Vec::new(),
+    };
+    Ok(Principal {
+        sub,
+        scopes,
+        expires_at: exp,
+        jti: claims.jti,
+        client_id: claims.cid.or(claims.client_id),
+    })
+}
+
+/// Required scopes the principal lacks, in configuration order. Exact string match: a prefix
+/// (`mcp:tools:call-all`) is a different scope.
+pub fn missing_scopes<'a>(principal: &Principal, required: &'a [String]) -> Vec<&'a str> {
+    required
+        .iter()
+        .filter(|r| !principal.scopes.iter().any(|s| s == *r))
+        .map(String::as_str)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_keys::{self, sign, sign_pss};
+    use serde_json::json;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn policy() -> InboundPolicy {
+        InboundPolicy {
+            issuer: "https://idp.example.com/oauth2/mcp".into(),
+            audiences: vec!["mcpserver".into()],
+            required_scopes: vec!["mcp:tools:call".into()],
+            clock_skew_seconds: 60,
+            max_token_bytes: 8192,
+        }
+    }
+
+    fn claims() -> serde_json::Value {
+        json!({
+            "iss": "https://idp.example.com/oauth2/mcp", "aud": "mcpserver",
+            "sub": "user@example.com", "scp": ["mcp:tools:call"], "exp": NOW + 300,
+            "iat": NOW - 10, "jti": "abc", "cid": "vscode"
+        })
+    }
+
+    fn header(kid: &str) -> serde_json::Value {
+        json!({"alg": "RS256", "kid": kid})
+    }
+
+    fn check(h: serde_json::Value, c: serde_json::Value) -> Result<Principal, VerifyError> {
+        let token = sign(&h, &c);
+        verify(&token, &test_keys::key_set(), &policy(), NOW)
+    }
+
+    fn invalid(e: TokenError) -> Result<Principal, VerifyError> {
+        Err(VerifyError::Invalid(e))
+    }
+
+    #[test]
+    fn accepts_okta_token() {
+        let p = check(header("k1"), claims()).unwrap();
+        assert_eq!(p.sub, "user@example.com");
+        assert_eq!(p.scopes, vec!["mcp:tools:call"]);
+        assert_eq!(p.client_id.as_deref(), Some("vscode"));
+        assert_eq!(p.expires_at, NOW + 300);
+    }
+
+    #[test]
+    fn accepts_space_separated_scope_and_audience_array() {
+        let mut c = claims();
+        c.as_object_mut().unwrap().remove("scp");
+        c["scope"] = json!("openid  mcp:tools:call");
+        c["aud"] = json!(["other", "mcpserver"]);
+        let p = check(header("k1"), c).unwrap();
+        assert_eq!(p.scopes, vec!["openid", "mcp:tools:call"]);
+    }
+
+    #[test]
+    fn rejects_tampered_signature_and_wrong_key() {
+        let token = sign(&header("k1"), &claims());
+        let mut tampered = token.clone();
+        tampered.push('A');
+        assert_eq!(
+            verify(&tampered, &test_keys::key_set(), &policy(), NOW).unwrap_err(),
+            VerifyError::Invalid(TokenError::BadSignature)
+        );
+        // Signed by k1's private key but claims k2 (a different key).
+        assert_eq!(
+            check(header("k2"), claims()),
+            invalid(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn algorithm_is_chosen_by_the_key_not_the_token() {
+        for alg in ["none", "HS256", "RS384", "PS256", "ES256"] {
+            let h = json!({"alg": alg, "kid": "k1"});
+            assert_eq!(
+                check(h, claims()),
+                invalid(TokenError::AlgorithmNotAllowed),
+                "{alg}"
+            );
+        }
+        // PS256-bound key verifies PSS signatures.
+        let token = sign_pss(&json!({"alg": "PS256", "kid": "pss"}), &claims());
+        assert!(verify(&token, &test_keys::key_set(), &policy(), NOW).is_ok());
+    }
+
+    #[test]
+    fn kid_rules() {
+        assert_eq!(
+            check(json!({"alg": "RS256"}), claims()),
+            invalid(TokenError::KidRequired)
+        );
+        assert_eq!(
+            check(header("rotated"), claims()),
+            Err(VerifyError::UnknownKid)
+        );
+        assert_eq!(
+            check(json!({"alg": "RS256", "kid": 7}), claims()),
+            invalid(TokenError::Malformed)
+        );
+        assert_eq!(
+            verify(
+                &sign(&header("k1"), &claims()),
+                &KeySet::default(),
+                &policy(),
+                NOW
+            ),
+            Err(VerifyError::NoKeys)
+        );
+    }
+
+    #[test]
+    fn crit_and_encrypted_headers_are_refused() {
+        let h = json!({"alg": "RS256", "kid": "k1", "crit": ["exp"], "exp": 1});
+        assert_eq!(check(h, claims()), invalid(TokenError::UnsupportedHeader));
+        assert_eq!(
+            verify("a.b.c.d.e", &test_keys::key_set(), &policy(), NOW),
+            invalid(TokenError::Encrypted)
+        );
+    }
+
+    #[test]
+    fn time_claims_with_skew() {
+        let at = |field: &str, v: serde_json::Value| {
+            let mut c = claims();
+            c[field] = v;
+            check(header("k1"), c)
+        };
+        assert!(at("exp", json!(NOW - 59)).is_ok(), "within skew");
+        assert_eq!(at("exp", json!(NOW - 60)), invalid(TokenError::Expired));
+        assert!(at("nbf", json!(NOW + 60)).is_ok());
+        assert_eq!(at("nbf", json!(NOW + 61)), invalid(TokenError::NotYetValid));
+        assert_eq!(
+            at("iat", json!(NOW + 61)),
+            invalid(TokenError::IssuedInFuture)
+        );
+        for bad in [
+            json!("9999999999"),
+            json!(1.5),
+            json!(-1),
+            json!(u64::MAX),
+            json!(null),
+            json!([1]),
+        ] {
+            assert_eq!(
+                at("exp", bad.clone()),
+                invalid(TokenError::MalformedClaims),
+                "{bad}"
+            );
+        }
+        let mut c = claims();
+        c.as_object_mut().unwrap().remove("exp");
+        assert_eq!(
+            check(header("k1"), c),
+            invalid(TokenError::MissingClaim("exp"))
+        );
+    }
+
+    #[test]
+    fn issuer_and_audience_must_match_exactly() {
+        let with = |field: &str, v: serde_json::Value| {
+            let mut c = claims();
+            c[field] = v;
+            check(header("k1"), c)
+        };
+        for iss in [
+            "https://idp.example.com/oauth2/mcp/",
+            "https://IDP.example.com/oauth2/mcp",
+            "",
+        ] {
+            assert_eq!(
+                with("iss", json!(iss)),
+                invalid(TokenError::WrongIssuer),
+                "{iss}"
+            );
+        }
+        for aud in [
+            json!([]),
+            json!("mcpserver2"),
+            json!("xmcpserverx"),
+            json!(["backend"]),
+        ] {
+            assert_eq!(
+                with("aud", aud.clone()),
+                invalid(TokenError::WrongAudience),
+                "{aud}"
+            );
+        }
+        assert_eq!(
+            with("aud", json!([1, 2])),
+            invalid(TokenError::MalformedClaims)
+        );
+    }
+
+    #[test]
+    fn duplicate_and_mistyped_claims_are_refused() {
+        let c = claims()
+            .to_string()
+            .replacen('{', "{\"exp\": 9999999999,", 1);
+        let token = test_keys::sign_raw(&header("k1").to_string(), &c);
+        assert_eq!(
+            verify(&token, &test_keys::key_set(), &policy(), NOW),
+            invalid(TokenError::MalformedClaims)
+        );
+        let mut c = claims();
+        c["scp"] = json!("mcp:tools:call");
+        assert_eq!(check(header("k1"), c), invalid(TokenError::MalformedClaims));
+        assert_eq!(
+            verify(
+                &test_keys::sign_raw(&header("k1").to_string(), "[1]"),
+                &test_keys::key_set(),
+                &policy(),
+                NOW
+            ),
+            invalid(TokenError::MalformedClaims)
+        );
+    }
+
+    #[test]
+    fn scope_check_is_exact() {
+        let mut p = check(header("k1"), claims()).unwrap();
+        let required = vec!["mcp:tools:call".to_string(), "extra".to_string()];
+        assert_eq!(missing_scopes(&p, &required), vec!["extra"]);
+        p.scopes = vec!["mcp:tools:call-all".into(), "mcp:tools".into()];
+        assert_eq!(missing_scopes(&p, &required[..1]), vec!["mcp:tools:call"]);
+    }
+
+    #[test]
+    fn structural_garbage_is_malformed() {
+        let good = sign(&header("k1"), &claims());
+        let parts: Vec<&str> = good.split('.').collect();
+        let cases = vec![
+            String::new(),
+            "a".into(),
+            "a.b".into(),
+            format!("{}.{}", parts[0], parts[1]),
+            format!("{good}.x"),
+            format!("{}..{}", parts[0], parts[2]),
+            format!("{}=.{}.{}", parts[0], parts[1], parts[2]),
+            format!("{}.{}.{}", parts[0].replace('e', "+"), parts[1], parts[2]),
+            format!("{} .{}.{}", parts[0], parts[1], parts[2]),
+        ];
+        for t in cases {
+            let r = verify(&t, &test_keys::key_set(), &policy(), NOW);
+            assert!(matches!(r, Err(VerifyError::Invalid(_))), "{t:?} -> {r:?}");
+        }
+    }
+}
