@@ -1,0 +1,589 @@
+//! `POST /oauth2/{as}/v1/token`: Okta's On-Behalf-Of Token Exchange (RFC 8693).
+//!
+//! Checks, in order: method and content type, the form, client authentication, the grant,
+//! the request parameters (`subject_token_type`, `requested_token_type`, `audience`,
+//! `resource`, `scope`), the subject token (issuer known and trusted, signature, expiry,
+//! audience, subject), and finally the AS's exchange policy for the client.
+
+use std::collections::HashSet;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::keys::parse_jws;
+use super::{
+    access_token_claims, now_secs, AccessTokenClaims, AsState, RecordedExchange, State,
+    ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT,
+};
+
+/// What the HTTP layer hands over.
+pub(crate) struct TokenHttpRequest<'a> {
+    pub(crate) method: &'a str,
+    pub(crate) content_type: Option<&'a str>,
+    pub(crate) authorization: Option<&'a str>,
+    pub(crate) body: &'a [u8],
+}
+
+/// What goes back to the HTTP layer.
+pub(crate) struct TokenOutcome {
+    pub(crate) status: u16,
+    /// JSON body.
+    pub(crate) body: String,
+    /// Add `WWW-Authenticate: Basic` (the client tried HTTP Basic and failed).
+    pub(crate) www_authenticate_basic: bool,
+    /// `Allow: POST` (405).
+    pub(crate) allow_post: bool,
+    pub(crate) record: RecordedExchange,
+    /// For the log line: the OAuth error code, if any.
+    pub(crate) error: Option<&'static str>,
+}
+
+/// An RFC 6749 §5.2 error response.
+struct OAuthError {
+    status: u16,
+    error: &'static str,
+    description: String,
+    basic_challenge: bool,
+}
+
+impl OAuthError {
+    fn new(status: u16, error: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            status,
+            error,
+            description: description.into(),
+            basic_challenge: false,
+        }
+    }
+
+    fn invalid_request(description: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request", description)
+    }
+
+    fn invalid_client(description: impl Into<String>, basic_used: bool) -> Self {
+        Self {
+            basic_challenge: basic_used,
+            ..Self::new(401, "invalid_client", description)
+        }
+    }
+
+    fn invalid_subject_token() -> Self {
+        Self::invalid_request("The 'subject_token' is invalid.")
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    error_description: &'a str,
+}
+
+#[derive(Serialize)]
+struct SuccessBody<'a> {
+    token_type: &'a str,
+    expires_in: i64,
+    access_token: &'a str,
+    scope: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issued_token_type: Option<&'a str>,
+}
+
+pub(crate) fn handle(state: &State, server: &AsState, req: &TokenHttpRequest<'_>) -> TokenOutcome {
+    let mut record = RecordedExchange {
+        client_auth: "none".into(),
+        client_id: None,
+        form: Vec::new(),
+        content_type: req.content_type.map(str::to_string),
+    };
+    let result = exchange(state, server, req, &mut record);
+    match result {
+        Ok(body) => TokenOutcome {
+            status: 200,
+            body,
+            www_authenticate_basic: false,
+            allow_post: false,
+            record,
+            error: None,
+        },
+        Err(e) => {
+            let body = serde_json::to_string(&ErrorBody {
+                error: e.error,
+                error_description: &e.description,
+            })
+            .unwrap_or_else(|_| format!("{{\"error\":\"{}\"}}", e.error));
+            TokenOutcome {
+                status: e.status,
+                body,
+                www_authenticate_basic: e.basic_challenge,
+                allow_post: e.status == 405,
+                record,
+                error: Some(e.error),
+            }
+        }
+    }
+}
+
+fn exchange(
+    state: &State,
+    server: &AsState,
+    req: &TokenHttpRequest<'_>,
+    record: &mut RecordedExchange,
+) -> Result<String, OAuthError> {
+    if req.method != "POST" {
+        return Err(OAuthError::new(
+            405,
+            "invalid_request",
+            "The token endpoint only accepts POST.",
+        ));
+    }
+    let is_form = req.content_type.is_some_and(|ct| {
+        ct.split(';').next().is_some_and(|mt| {
+            mt.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+    });
+    if !is_form {
+        return Err(OAuthError::invalid_request(
+            "The request must be sent as application/x-www-form-urlencoded.",
+        ));
+    }
+
+    let form: Vec<(String, String)> = form_urlencoded::parse(req.body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    record.form = form
+        .iter()
+        .filter(|(k, _)| k != "client_secret")
+        .cloned()
+        .collect();
+    let mut seen = HashSet::new();
+    for (k, _) in &form {
+        if !seen.insert(k.as_str()) {
+            return Err(OAuthError::invalid_request(format!(
+                "The '{k}' parameter was included more than once."
+            )));
+        }
+    }
+    let param = |name: &str| {
+        form.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+
+    // Client authentication.
+    let client = authenticate_client(state, req.authorization, &param, record)?;
+
+    // The grant.
+    match param("grant_type") {
+        None | Some("") => {
+            return Err(OAuthError::invalid_request(
+                "The 'grant_type' parameter is required.",
+            ))
+        }
+        Some(TOKEN_EXCHANGE_GRANT) => {}
+        Some(_) => {
+            return Err(OAuthError::new(
+                400,
+                "unsupported_grant_type",
+                format!(
+                    "The authorization grant type is not supported by the authorization server. \
+                     Configured grant types: [{TOKEN_EXCHANGE_GRANT}]."
+                ),
+            ))
+        }
+    }
+    if !client.token_exchange_enabled {
+        return Err(OAuthError::new(
+            400,
+            "unauthorized_client",
+            "The client is not authorized to use the provided grant type.",
+        ));
+    }
+
+    // Request parameters.
+    match param("subject_token_type") {
+        None | Some("") => {
+            return Err(OAuthError::invalid_request(
+                "The 'subject_token_type' parameter is required.",
+            ))
+        }
+        Some(ACCESS_TOKEN_TYPE) => {}
+        Some(_) => {
+            return Err(OAuthError::invalid_request(format!(
+                "The 'subject_token_type' is not supported; it must be {ACCESS_TOKEN_TYPE}."
+            )))
+        }
+    }
+    let subject_token = match param("subject_token") {
+        None | Some("") => {
+            return Err(OAuthError::invalid_request(
+                "The 'subject_token' parameter is required.",
+            ))
+        }
+        Some(t) => t,
+    };
+    if param("actor_token").is_some() || param("actor_token_type").is_some() {
+        return Err(OAuthError::invalid_request(
+            "Actor tokens are not supported for this token exchange.",
+        ));
+    }
+    if let Some(t) = param("requested_token_type") {
+        if t != ACCESS_TOKEN_TYPE {
+            return Err(OAuthError::invalid_request(format!(
+                "The 'requested_token_type' is not supported; it must be {ACCESS_TOKEN_TYPE}."
+            )));
+        }
+    }
+    let audience = &server.config.audience;
+    match param("audience") {
+        None | Some("") => {
+            return Err(OAuthError::invalid_request(
+                "The 'audience' parameter is required.",
+            ))
+        }
+        Some(a) if a == audience => {}
+        Some(_) => {
+            return Err(OAuthError::new(
+                400,
+                "invalid_target",
+                "The 'audience' is not the audience of this authorization server.",
+            ))
+        }
+    }
+    if let Some(r) = param("resource") {
+        if r != audience {
+            return Err(OAuthError::new(
+                400,
+                "invalid_target",
+                "The 'resource' is not the audience of this authorization server.",
+            ));
+        }
+    }
+    let mut scopes: Vec<&str> = Vec::new();
+    for s in param("scope")
+        .unwrap_or("")
+        .split(' ')
+        .filter(|s| !s.is_empty())
+    {
+        if !scopes.contains(&s) {
+            scopes.push(s);
+        }
+    }
+    if scopes.is_empty() {
+        return Err(OAuthError::new(
+            400,
+            "invalid_scope",
+            "The 'scope' parameter is required for a token exchange.",
+        ));
+    }
+    for s in &scopes {
+        if *s == "openid" || *s == "offline_access" {
+            return Err(OAuthError::new(
+                400,
+                "invalid_scope",
+                format!("The scope '{s}' cannot be requested in a token exchange."),
+            ));
+        }
+        if !server.config.scopes.iter().any(|d| d == s) {
+            return Err(OAuthError::new(
+                400,
+                "invalid_scope",
+                "One or more scopes are not configured for the authorization server resource.",
+            ));
+        }
+    }
+
+    // The subject token.
+    let subject = verify_subject_token(state, server, subject_token)?;
+
+    // The exchange policy.
+    let denied = || {
+        OAuthError::new(
+            400,
+            "access_denied",
+            "Policy evaluation failed for this request, please check the policy configurations.",
+        )
+    };
+    let policy = server
+        .config
+        .exchange_policies
+        .iter()
+        .find(|p| p.client_id == client.client_id)
+        .ok_or_else(denied)?;
+    if !scopes.iter().all(|s| policy.scopes.iter().any(|p| p == s)) {
+        return Err(denied());
+    }
+
+    // Issue.
+    let now = now_secs();
+    let ttl = state.config.exchange_ttl_secs;
+    let claims = access_token_claims(AccessTokenClaims {
+        issuer: &server.issuer,
+        audience,
+        iat: now,
+        exp: now.saturating_add(ttl),
+        client_id: &client.client_id,
+        uid: subject.uid.as_deref(),
+        scopes: ("scp", Value::from(scopes.clone())),
+        sub: &subject.sub,
+    });
+    let token = server
+        .signing_key()
+        .sign_claims(&claims)
+        .map_err(|_| OAuthError::new(500, "server_error", "The token could not be signed."))?;
+    let granted = scopes.join(" ");
+    let body = SuccessBody {
+        token_type: "Bearer",
+        expires_in: ttl,
+        access_token: &token,
+        scope: &granted,
+        issued_token_type: (!state.config.omit_issued_token_type).then_some(ACCESS_TOKEN_TYPE),
+    };
+    serde_json::to_string(&body)
+        .map_err(|_| OAuthError::new(500, "server_error", "The response could not be encoded."))
+}
+
+/// The authenticated client.
+struct Client {
+    client_id: String,
+    token_exchange_enabled: bool,
+}
+
+fn authenticate_client<'f>(
+    state: &State,
+    authorization: Option<&str>,
+    param: &impl Fn(&str) -> Option<&'f str>,
+    record: &mut RecordedExchange,
+) -> Result<Client, OAuthError> {
+    let basic = authorization.and_then(|h| {
+        let (scheme, rest) = h.trim_start().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("basic").then(|| rest.trim())
+    });
+    let body_id = param("client_id");
+    let body_secret = param("client_secret");
+
+    let (client_id, secret, basic_used) = if let Some(credentials) = basic {
+        record.client_auth = "client_secret_basic".into();
+        if body_secret.is_some() || param("client_assertion").is_some() {
+            return Err(OAuthError::invalid_request(
+                "Cannot supply multiple client credentials. Use one of the following: credentials \
+                 in the Authorization header, credentials in the post body, or a client_assertion \
+                 in the post body.",
+            ));
+        }
+        let Some((id, secret)) = decode_basic(credentials) else {
+            return Err(OAuthError::invalid_client(
+                "The client credentials in the Authorization header are malformed.",
+                true,
+            ));
+        };
+        record.client_id = Some(id.clone());
+        if body_id.is_some_and(|b| b != id) {
+            return Err(OAuthError::invalid_request(
+                "The 'client_id' in the body does not match the Authorization header.",
+            ));
+        }
+        (id, secret, true)
+    } else if param("client_assertion").is_some() {
+        record.client_auth = "private_key_jwt".into();
+        record.client_id = body_id.map(str::to_string);
+        return Err(OAuthError::invalid_client(
+            "Client authentication with a client_assertion is not enabled for this client.",
+            false,
+        ));
+    } else if let Some(secret) = body_secret {
+        record.client_auth = "client_secret_post".into();
+        record.client_id = body_id.map(str::to_string);
+        let Some(id) = body_id else {
+            return Err(OAuthError::invalid_client(
+                "No client credentials found.",
+                false,
+            ));
+        };
+        (id.to_string(), secret.to_string(), false)
+    } else {
+        record.client_id = body_id.map(str::to_string);
+        return Err(OAuthError::invalid_client(
+            if body_id.is_some() {
+                "Client authentication failed: this confidential client must present its secret."
+            } else {
+                "No client credentials found."
+            },
+            false,
+        ));
+    };
+
+    let Some(client) = state
+        .config
+        .clients
+        .iter()
+        .find(|c| c.client_id == client_id)
+    else {
+        return Err(OAuthError::invalid_client(
+            "Invalid value for 'client_id' parameter.",
+            basic_used,
+        ));
+    };
+    if !constant_time_eq(client.client_secret.as_bytes(), secret.as_bytes()) {
+        return Err(OAuthError::invalid_client(
+            "The client secret supplied for a confidential client is invalid.",
+            basic_used,
+        ));
+    }
+    Ok(Client {
+        client_id: client.client_id.clone(),
+        token_exchange_enabled: client.token_exchange_enabled,
+    })
+}
+
+/// `base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 §2.3.1).
+fn decode_basic(credentials: &str) -> Option<(String, String)> {
+    let raw = STANDARD
+        .decode(credentials)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(credentials))
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    let id = form_decode(id)?;
+    if id.is_empty() {
+        return None;
+    }
+    Some((id, form_decode(secret)?))
+}
+
+/// application/x-www-form-urlencoded decoding of one value: `+` is a space, `%XX` a byte.
+fn form_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The parts of a verified subject token the new token carries over.
+struct Subject {
+    sub: String,
+    uid: Option<String>,
+}
+
+fn verify_subject_token(
+    state: &State,
+    server: &AsState,
+    token: &str,
+) -> Result<Subject, OAuthError> {
+    let jws = parse_jws(token).ok_or_else(OAuthError::invalid_subject_token)?;
+    if jws.header.get("alg").and_then(Value::as_str) != Some("RS256") {
+        return Err(OAuthError::invalid_subject_token());
+    }
+    let kid = jws
+        .header
+        .get("kid")
+        .and_then(Value::as_str)
+        .ok_or_else(OAuthError::invalid_subject_token)?;
+    let issuer = jws
+        .claims
+        .get("iss")
+        .and_then(Value::as_str)
+        .ok_or_else(OAuthError::invalid_subject_token)?;
+    let issuing = state
+        .server_by_issuer(issuer)
+        .ok_or_else(OAuthError::invalid_subject_token)?;
+    if !server.trusts(&issuing.config.id) {
+        return Err(OAuthError::new(
+            403,
+            "access_denied",
+            "The subject token's issuer is not a trusted server of this authorization server.",
+        ));
+    }
+    let key = issuing
+        .key_by_kid(kid)
+        .ok_or_else(OAuthError::invalid_subject_token)?;
+    if !key.verify(jws.signing_input.as_bytes(), &jws.signature) {
+        return Err(OAuthError::invalid_subject_token());
+    }
+
+    let now = now_secs();
+    let exp = jws
+        .claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .ok_or_else(OAuthError::invalid_subject_token)?;
+    if exp <= now {
+        return Err(OAuthError::new(
+            400,
+            "invalid_grant",
+            "The 'subject_token' is expired.",
+        ));
+    }
+    if let Some(nbf) = jws.claims.get("nbf") {
+        if nbf.as_i64().is_none_or(|nbf| nbf > now) {
+            return Err(OAuthError::invalid_subject_token());
+        }
+    }
+    let aud_ok = match jws.claims.get("aud") {
+        Some(Value::String(a)) => *a == issuing.config.audience,
+        Some(Value::Array(list)) => list
+            .iter()
+            .any(|a| a.as_str() == Some(issuing.config.audience.as_str())),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err(OAuthError::invalid_subject_token());
+    }
+    let sub = jws
+        .claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(OAuthError::invalid_subject_token)?;
+    let uid = jws.claims.get("uid").and_then(Value::as_str);
+    Ok(Subject {
+        sub: sub.to_string(),
+        uid: uid.map(str::to_string),
+    })
+}
+
+#[cfg(test)]
+mod unit {
+    use super::{decode_basic, form_decode};
+    use base64::Engine as _;
+
+    #[test]
+    fn basic_credentials_are_form_decoded() {
+        let header = base64::engine::general_purpose::STANDARD.encode("my%3Aid:s%2Bec+ret%25");
+        assert_eq!(
+            decode_basic(&header),
+            Some(("my:id".to_string(), "s+ec ret%".to_string()))
+        );
+        assert_eq!(decode_basic("!!!"), None);
+        let no_colon = base64::engine::general_purpose::STANDARD.encode("abc");
+        assert_eq!(decode_basic(&no_colon), None);
+        assert_eq!(form_decode("%zz"), None);
+        assert_eq!(form_decode("%4"), None);
+        assert_eq!(form_decode("%+1"), None);
+        assert_eq!(form_decode("%e2%82%ac"), Some("€".into()));
+    }
+}
