@@ -218,6 +218,9 @@ pub fn parse_response(
     }
     match status {
         200 => parse_success(body),
+        // Envoy reports a callout that hit its timeout as a local 504 ("upstream request
+        // timeout"); an IdP's own 504 means the same to the client.
+        504 => Err(ExchangeError::Timeout),
         429 | 500..=599 => Err(ExchangeError::Unavailable {
             status: Some(status),
             retry_after: retry_after.and_then(parse_retry_after),

@@ -1,0 +1,414 @@
+//! The end-to-end stack: the local IdP and MCP upstream in-process, and a real Envoy process
+//! loading the built filter, configured from `envoy/demo.yaml` with only ports and plugin
+//! settings changed, so the suite tests the configuration `make run` uses.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use serde_json::Value;
+
+use crate::idp::{self, IdpConfig, IdpHandle, MintRequest};
+use crate::mcp::{self, UpstreamConfig, UpstreamHandle};
+
+pub const CLIENT_ID: &str = "gateway-client";
+pub const CLIENT_SECRET: &str = "gw-secret-7f3a9c1e-never-log-me";
+pub const SECRET_ENV: &str = "TOKEN_EXCHANGE_CLIENT_SECRET";
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The Envoy binary: `$ENVOY_BIN`, else the Makefile's venv.
+pub fn envoy_bin() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/envoy"));
+    if !path.exists() {
+        bail!(
+            "Envoy not found at {} — run `make envoy` (or `make test`, which installs it), or set ENVOY_BIN",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The filter module: `$FILTER_WASM`, else the release build.
+pub fn filter_wasm() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("FILTER_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace_root().join("target/wasm32-wasip1/release/mcp_token_exchange.wasm")
+        });
+    if !path.exists() {
+        bail!(
+            "filter module not found at {} — run `make wasm`, or set FILTER_WASM",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// How a stack differs from the demo.
+pub struct StackOptions {
+    pub idp: IdpConfig,
+    /// JSON merge patch (RFC 7396) applied to the plugin configuration of `envoy/demo.yaml`.
+    pub plugin_patch: Value,
+    /// Envoy worker threads.
+    pub concurrency: u32,
+    /// The secret Envoy's environment holds (what the filter sends to the IdP).
+    pub secret: String,
+    /// Point the `okta` cluster at a port where nothing listens.
+    pub idp_unreachable: bool,
+    /// Start Envoy before the IdP serves (for "JWKS unreachable at start").
+    pub wait_for_keys: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            idp: IdpConfig::reference(CLIENT_ID, CLIENT_SECRET),
+            plugin_patch: Value::Null,
+            concurrency: 1,
+            secret: CLIENT_SECRET.to_string(),
+            idp_unreachable: false,
+            wait_for_keys: true,
+        }
+    }
+}
+
+pub struct Stack {
+    pub idp: IdpHandle,
+    pub upstream: UpstreamHandle,
+    pub envoy: Envoy,
+}
+
+impl Stack {
+    pub async fn start() -> anyhow::Result<Stack> {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(opts: StackOptions) -> anyhow::Result<Stack> {
+        let idp = idp::start(loopback(0), opts.idp.clone()).await?;
+        let upstream = mcp::start_upstream(
+            loopback(0),
+            UpstreamConfig {
+                issuer: idp.issuer("backend"),
+                jwks_url: idp.jwks_uri("backend"),
+                audience: "backend".into(),
+                required_scopes: vec!["backend-api:read".into()],
+            },
+        )
+        .await?;
+        let idp_port = if opts.idp_unreachable {
+            free_port()?
+        } else {
+            idp.port()
+        };
+        let envoy = Envoy::start(&EnvoyParams {
+            idp_port,
+            upstream_port: upstream.port(),
+            plugin_patch: &opts.plugin_patch,
+            concurrency: opts.concurrency,
+            secret: &opts.secret,
+        })?;
+        let stack = Stack {
+            idp,
+            upstream,
+            envoy,
+        };
+        if opts.wait_for_keys && !opts.idp_unreachable {
+            stack
+                .wait_for_log("JWKS loaded", Duration::from_secs(15))
+                .await?;
+        }
+        Ok(stack)
+    }
+
+    /// A user token from the MCP authorization server.
+    pub fn user_token(&self) -> String {
+        self.mint(&MintRequest::default())
+    }
+
+    pub fn mint(&self, req: &MintRequest) -> String {
+        match self.idp.mint(req) {
+            Ok(t) => t,
+            Err(e) => panic!("minting a test token failed: {e:#}"),
+        }
+    }
+
+    pub fn mcp_url(&self) -> String {
+        self.envoy.url("/mcp")
+    }
+
+    /// Waits until Envoy's log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.envoy.log().contains(needle) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "Envoy log never showed {needle:?}; log:\n{}",
+                    self.envoy.log_tail(60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+struct EnvoyParams<'a> {
+    idp_port: u16,
+    upstream_port: u16,
+    plugin_patch: &'a Value,
+    concurrency: u32,
+    secret: &'a str,
+}
+
+/// A running Envoy, killed on drop.
+pub struct Envoy {
+    child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub log_path: PathBuf,
+    _dir: TempDir,
+}
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<Self> {
+        let base = std::env::temp_dir().join(format!(
+            "mcp-gw-e2e-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&base)?;
+        Ok(Self(base))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("KEEP_E2E_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// RFC 7396 JSON merge patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    if let Value::Object(p) = patch {
+        if !target.is_object() {
+            *target = Value::Object(Default::default());
+        }
+        if let Value::Object(t) = target {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+    } else {
+        *target = patch.clone();
+    }
+}
+
+/// Loads `envoy/demo.yaml` as JSON.
+pub fn demo_config() -> anyhow::Result<Value> {
+    let path = workspace_root().join("envoy/demo.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// The wasm filter's `config` object inside a bootstrap.
+pub fn wasm_filter_config(bootstrap: &mut Value) -> anyhow::Result<&mut Value> {
+    bootstrap
+        .pointer_mut(
+            "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters",
+        )
+        .and_then(Value::as_array_mut)
+        .and_then(|filters| {
+            filters
+                .iter_mut()
+                .find(|f| f["name"] == "mcp_token_exchange")
+        })
+        .map(|f| &mut f["typed_config"]["config"])
+        .ok_or_else(|| anyhow!("envoy/demo.yaml has no mcp_token_exchange filter"))
+}
+
+/// The plugin's JSON configuration inside a bootstrap.
+pub fn plugin_config(bootstrap: &mut Value) -> anyhow::Result<Value> {
+    let raw = wasm_filter_config(bootstrap)?["configuration"]["value"]
+        .as_str()
+        .ok_or_else(|| anyhow!("plugin configuration is not a string"))?
+        .to_string();
+    serde_json::from_str(&raw).context("plugin configuration is not JSON")
+}
+
+fn set_cluster_port(bootstrap: &mut Value, cluster: &str, port: u16) -> anyhow::Result<()> {
+    let clusters = bootstrap
+        .pointer_mut("/static_resources/clusters")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| anyhow!("no clusters"))?;
+    let c = clusters
+        .iter_mut()
+        .find(|c| c["name"] == cluster)
+        .ok_or_else(|| anyhow!("no cluster {cluster}"))?;
+    c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"]["port_value"] = port.into();
+    Ok(())
+}
+
+/// Rewrites `127.0.0.1:9400` (the demo IdP) to the test IdP's port in every string.
+fn retarget_idp(value: &mut Value, port: u16) {
+    match value {
+        Value::String(s) => *s = s.replace("127.0.0.1:9400", &format!("127.0.0.1:{port}")),
+        Value::Array(a) => a.iter_mut().for_each(|v| retarget_idp(v, port)),
+        Value::Object(o) => o.values_mut().for_each(|v| retarget_idp(v, port)),
+        _ => {}
+    }
+}
+
+impl Envoy {
+    fn start(p: &EnvoyParams<'_>) -> anyhow::Result<Envoy> {
+        let dir = TempDir::new()?;
+        let port = free_port()?;
+        let admin_port = free_port()?;
+        let mut bootstrap = demo_config()?;
+        bootstrap["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
+        bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] =
+            port.into();
+        set_cluster_port(&mut bootstrap, "mcp_upstream", p.upstream_port)?;
+        set_cluster_port(&mut bootstrap, "okta", p.idp_port)?;
+
+        let mut plugin = plugin_config(&mut bootstrap)?;
+        retarget_idp(&mut plugin, p.idp_port);
+        if !p.plugin_patch.is_null() {
+            merge_patch(&mut plugin, p.plugin_patch);
+        }
+        let wasm = filter_wasm()?;
+        let filter = wasm_filter_config(&mut bootstrap)?;
+        filter["configuration"]["value"] = Value::String(plugin.to_string());
+        filter["vm_config"]["code"]["local"]["filename"] =
+            Value::String(wasm.display().to_string());
+
+        let config_path = dir.0.join("envoy.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(&bootstrap)?)?;
+        let log_path = dir.0.join("envoy.log");
+        // Envoy's --log-path file is flushed lazily; stderr is written line by line.
+        let stderr = std::fs::File::create(&log_path)?;
+        let child = Command::new(envoy_bin()?)
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--disable-hot-restart", "--concurrency"])
+            .arg(p.concurrency.to_string())
+            .args(["-l", "info"])
+            .env(SECRET_ENV, p.secret)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("starting envoy")?;
+        let mut envoy = Envoy {
+            child,
+            port,
+            admin_port,
+            log_path,
+            _dir: dir,
+        };
+        envoy.wait_ready()?;
+        Ok(envoy)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "envoy exited with {status} during start; log:\n{}",
+                    self.log_tail(80)
+                );
+            }
+            if std::net::TcpStream::connect(loopback(self.port)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "envoy did not start listening in 30 s; log:\n{}",
+                    self.log_tail(80)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// Everything Envoy logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Whether the Envoy process is still running (a trapped VM does not kill it, but a crash
+    /// would).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Signs of a trapped Wasm VM in the log.
+    pub fn vm_trapped(&self) -> bool {
+        let log = self.log();
+        [
+            "panicked at",
+            "wasm trap",
+            "Wasm VM failed",
+            "unreachable",
+            "Function: proxy_on_",
+        ]
+        .iter()
+        .any(|needle| log.contains(needle))
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
