@@ -25,6 +25,8 @@ pub struct FilterConfig {
     pub clock_skew_seconds: u64,
     #[serde(default = "defaults::max_token_bytes")]
     pub max_token_bytes: usize,
+    #[serde(default = "defaults::verified_cache_max_entries")]
+    pub verified_cache_max_entries: usize,
     #[serde(default)]
     pub realm: Option<String>,
     #[serde(default)]
@@ -119,6 +121,9 @@ mod defaults {
     pub fn cache_max_entries() -> usize {
         10_000
     }
+    pub fn verified_cache_max_entries() -> usize {
+        10_000
+    }
 }
 
 /// A configuration problem, naming the field (as a dotted path) that caused it.
@@ -196,6 +201,7 @@ pub struct InboundPolicy {
     pub required_scopes: Vec<String>,
     pub clock_skew_seconds: i64,
     pub max_token_bytes: usize,
+    pub verified_cache_max_entries: usize,
 }
 
 /// Where and how the backend token is obtained.
@@ -373,6 +379,7 @@ impl FilterConfig {
                 required_scopes: self.required_scopes,
                 clock_skew_seconds: self.clock_skew_seconds as i64,
                 max_token_bytes: self.max_token_bytes,
+                verified_cache_max_entries: self.verified_cache_max_entries,
             },
             keys,
             exchange,

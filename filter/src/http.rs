@@ -9,13 +9,13 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
-use crate::cache::CacheKey;
+use crate::cache::Digest32;
 use crate::gateway::Gateway;
 
 pub struct RequestContext {
     context_id: u32,
     gateway: Option<Rc<RefCell<Gateway>>>,
-    exchange_key: Option<CacheKey>,
+    exchange_key: Option<Digest32>,
 }
 
 impl RequestContext {

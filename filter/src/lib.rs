@@ -14,6 +14,7 @@ pub mod token;
 pub mod verify;
 
 mod gateway;
+mod host;
 mod http;
 mod root;
 

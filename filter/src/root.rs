@@ -3,18 +3,16 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
 
 use log::{error, info};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
+use crate::cache::{fingerprint, token_digest};
 use crate::config::parse_policy;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, TICK};
+use crate::host::{allocate_worker_id, HostStore};
 use crate::http::RequestContext;
-
-/// Tick period: bounds how late a JWKS retry or a wait timeout can be noticed.
-const TICK: Duration = Duration::from_millis(500);
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const GIT_COMMIT: &str = match option_env!("GIT_COMMIT") {
@@ -61,7 +59,16 @@ impl RootContext for Root {
                     policy.exchange.cluster,
                     policy.exchange.audience
                 );
-                self.gateway = Some(Rc::new(RefCell::new(Gateway::new(policy))));
+                // Shared data is keyed by a digest of the configuration, so VMs with another
+                // configuration (or another plugin in an Istio-style empty vm_id) never mix entries.
+                let namespace = fingerprint(&token_digest(&String::from_utf8_lossy(&raw)));
+                let worker_id = allocate_worker_id(
+                    &HostStore,
+                    &format!("mcp_token_exchange/{namespace}/workers"),
+                );
+                self.gateway = Some(Rc::new(RefCell::new(Gateway::new(
+                    policy, &namespace, worker_id,
+                ))));
                 self.set_tick_period(TICK);
                 true
             }

@@ -341,6 +341,7 @@ mod tests {
             required_scopes: vec!["mcp:tools:call".into()],
             clock_skew_seconds: 60,
             max_token_bytes: 8192,
+            verified_cache_max_entries: 100,
         }
     }
 

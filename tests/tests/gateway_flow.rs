@@ -295,35 +295,42 @@ async fn idp_outage_and_timeout() -> Result {
         ..StackOptions::default()
     })
     .await?;
-    let token = stack.user_token();
+    // A fresh token per case: a failed exchange's outcome is shared for a second with requests
+    // for the same token (so a burst of waiters does not hammer a failing IdP).
+    let fresh = |n: &str| {
+        stack.mint(&MintRequest {
+            sub: format!("user-{n}"),
+            ..MintRequest::default()
+        })
+    };
 
     stack.idp.set_fault(Endpoint::Token, Fault::Status(503));
-    let a = with_bearer(&stack, &token).await?;
+    let a = with_bearer(&stack, &fresh("503")).await?;
     assert_eq!(a.status, 503, "{}", a.body);
     assert!(a.retry_after.is_some(), "503 carries Retry-After");
     assert_eq!(a.body["error"], "temporarily_unavailable");
 
     stack.idp.set_fault(Endpoint::Token, Fault::Status(500));
-    assert_eq!(with_bearer(&stack, &token).await?.status, 503);
+    assert_eq!(with_bearer(&stack, &fresh("500")).await?.status, 503);
 
     stack.idp.set_fault(Endpoint::Token, Fault::Reset);
-    let a = with_bearer(&stack, &token).await?;
+    let a = with_bearer(&stack, &fresh("reset")).await?;
     assert_eq!(a.status, 503, "{}", a.body);
 
     stack
         .idp
         .set_fault(Endpoint::Token, Fault::Delay(Duration::from_secs(3)));
-    let a = with_bearer(&stack, &token).await?;
+    let a = with_bearer(&stack, &fresh("slow")).await?;
     assert_eq!(a.status, 504, "{}", a.body);
 
     stack.idp.set_fault(Endpoint::Token, Fault::MalformedBody);
-    assert_eq!(with_bearer(&stack, &token).await?.status, 502);
+    assert_eq!(with_bearer(&stack, &fresh("malformed")).await?.status, 502);
 
     // Nothing was let through while the IdP misbehaved, and the filter still serves.
     assert!(stack.upstream.seen_requests().is_empty());
     stack.idp.clear_faults();
-    let who = mcp::whoami(&stack.mcp_url(), &token).await?;
-    assert_eq!(who.sub, "user@example.com");
+    let who = mcp::whoami(&stack.mcp_url(), &fresh("after")).await?;
+    assert_eq!(who.sub, "user-after");
     Ok(())
 }
 

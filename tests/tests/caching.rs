@@ -1,0 +1,190 @@
+//! Cache correctness through a real Envoy with two workers: an exchanged token is reused by every
+//! worker, concurrent misses for one token cost one IdP call, failures are shared briefly, and
+//! expired entries are not served.
+
+use std::time::Duration;
+
+use gateway_tests::harness::{Stack, StackOptions};
+use gateway_tests::harness::{CLIENT_ID, CLIENT_SECRET};
+use gateway_tests::idp::{Endpoint, Fault, IdpConfig, MintRequest};
+use serde_json::json;
+
+type Result<T = ()> = anyhow::Result<T>;
+
+/// One request on a fresh connection, so Envoy spreads requests over its workers.
+async fn call(stack: &Stack, token: &str) -> Result<u16> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let resp = client
+        .get(stack.envoy.url("/healthz"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("connection", "close")
+        .send()
+        .await?;
+    Ok(resp.status().as_u16())
+}
+
+async fn two_workers(patch: serde_json::Value, idp: IdpConfig) -> Result<Stack> {
+    Stack::start_with(StackOptions {
+        concurrency: 2,
+        plugin_patch: patch,
+        idp,
+        ..StackOptions::default()
+    })
+    .await
+}
+
+fn idp() -> IdpConfig {
+    IdpConfig::reference(CLIENT_ID, CLIENT_SECRET)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_exchange_serves_every_worker() -> Result {
+    let stack = two_workers(json!({}), idp()).await?;
+    let token = stack.user_token();
+    for i in 0..40 {
+        assert_eq!(call(&stack, &token).await?, 200, "request {i}");
+    }
+    assert_eq!(
+        stack.idp.exchange_count(),
+        1,
+        "40 requests over 2 workers, one exchange"
+    );
+    // Both workers did serve requests (otherwise this test proves nothing about sharing).
+    let seen = stack.upstream.seen_requests().len();
+    assert_eq!(seen, 40);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_for_one_token_cost_one_exchange() -> Result {
+    let stack = two_workers(json!({}), idp()).await?;
+    // A slow token endpoint so that all 64 requests arrive while the first exchange is in flight.
+    stack
+        .idp
+        .set_fault(Endpoint::Token, Fault::Delay(Duration::from_millis(400)));
+    let token = stack.user_token();
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let url = stack.envoy.url("/healthz");
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()?;
+            let resp = client
+                .get(url)
+                .header("authorization", format!("Bearer {token}"))
+                .send()
+                .await?;
+            anyhow::Ok(resp.status().as_u16())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await??, 200);
+    }
+    assert_eq!(
+        stack.idp.exchange_count(),
+        1,
+        "64 concurrent requests, one exchange"
+    );
+    assert_eq!(stack.upstream.seen_requests().len(), 64);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_exchange_is_not_retried_by_every_waiting_request() -> Result {
+    let stack = two_workers(json!({}), idp()).await?;
+    stack.idp.set_fault(
+        Endpoint::Token,
+        Fault::Respond {
+            status: 400,
+            content_type: "application/json".into(),
+            body: r#"{"error":"invalid_grant","error_description":"slow no"}"#.into(),
+        },
+    );
+    let token = stack.user_token();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let url = stack.envoy.url("/healthz");
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()?;
+            let resp = client
+                .get(url)
+                .header("authorization", format!("Bearer {token}"))
+                .send()
+                .await?;
+            anyhow::Ok(resp.status().as_u16())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(
+            t.await??,
+            401,
+            "invalid_grant → 401 invalid_token for every waiter"
+        );
+    }
+    assert!(
+        stack.idp.exchange_count() <= 2,
+        "got {} exchanges",
+        stack.idp.exchange_count()
+    );
+    assert!(stack.upstream.seen_requests().is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cached_tokens_expire_with_the_subject_token() -> Result {
+    // Subject token lives 33 s, margin 30 s: the exchanged token may be reused for ~3 s only.
+    let stack = two_workers(json!({"exchange": {"cache_margin_seconds": 30}}), idp()).await?;
+    let token = stack.mint(&MintRequest {
+        ttl_secs: 33,
+        ..MintRequest::default()
+    });
+    assert_eq!(call(&stack, &token).await?, 200);
+    assert_eq!(call(&stack, &token).await?, 200);
+    assert_eq!(stack.idp.exchange_count(), 1);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(call(&stack, &token).await?, 200);
+    assert_eq!(
+        stack.idp.exchange_count(),
+        2,
+        "expired cache entry was not served"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn different_targets_never_share_a_cached_token() -> Result {
+    // The same user token through two gateways configured for different scopes: each exchange
+    // is its own (the cache key includes the target).
+    let read = two_workers(json!({}), idp()).await?;
+    let token = read.user_token();
+    assert_eq!(call(&read, &token).await?, 200);
+    let who = gateway_tests::mcp::whoami(&read.mcp_url(), &token).await?;
+    assert_eq!(who.scopes, vec!["backend-api:read"]);
+    let write = two_workers(
+        json!({"exchange": {"scope": "backend-api:read backend-api:write"}}),
+        idp(),
+    )
+    .await?;
+    let token = write.user_token();
+    let who = gateway_tests::mcp::whoami(&write.mcp_url(), &token).await?;
+    assert_eq!(who.scopes, vec!["backend-api:read", "backend-api:write"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disabled_cache_exchanges_every_time() -> Result {
+    let stack = two_workers(json!({"exchange": {"cache_max_entries": 0}}), idp()).await?;
+    let token = stack.user_token();
+    for _ in 0..3 {
+        assert_eq!(call(&stack, &token).await?, 200);
+    }
+    assert_eq!(stack.idp.exchange_count(), 3);
+    Ok(())
+}
