@@ -16,6 +16,7 @@
 //! previous entry, and a tick walks a few slots at a time to blank expired ones.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use sha2::{Digest, Sha256};
 
@@ -319,7 +320,7 @@ fn decode_failure(state: u8) -> Option<ExchangeError> {
 
 /// Verified claims by token digest, per VM, until the token's `exp`.
 pub struct VerifiedTokens {
-    entries: HashMap<Digest32, Principal>,
+    entries: HashMap<Digest32, Rc<Principal>>,
     max_entries: usize,
 }
 
@@ -332,13 +333,13 @@ impl VerifiedTokens {
     }
 
     /// The cached principal, if its token has not expired at `now` (with `skew`).
-    pub fn get(&self, digest: &Digest32, now: i64, skew: i64) -> Option<&Principal> {
+    pub fn get(&self, digest: &Digest32, now: i64, skew: i64) -> Option<&Rc<Principal>> {
         self.entries
             .get(digest)
             .filter(|p| now.saturating_sub(skew) < p.expires_at)
     }
 
-    pub fn put(&mut self, digest: Digest32, principal: Principal, now: i64) {
+    pub fn put(&mut self, digest: Digest32, principal: Rc<Principal>, now: i64) {
         if self.max_entries == 0 {
             return;
         }
@@ -544,14 +545,16 @@ mod tests {
         assert_eq!(cache.lease_status(&store, &k, 300), LeaseStatus::InProgress);
     }
 
-    fn principal(exp: i64) -> Principal {
-        Principal {
+    fn principal(exp: i64) -> Rc<Principal> {
+        Rc::new(Principal {
             sub: "u".into(),
+            audiences: vec![],
             scopes: vec![],
             expires_at: exp,
             jti: None,
             client_id: None,
-        }
+            email: None,
+        })
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //! Unknown fields and invalid values are refused with an error naming the field, so Envoy rejects
 //! the config instead of running half-configured.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::rc::Rc;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use crate::jwks::KeySet;
 
@@ -31,8 +34,92 @@ pub struct FilterConfig {
     pub realm: Option<String>,
     #[serde(default)]
     pub resource_metadata_url: Option<String>,
+    /// The public URL of the protected MCP endpoint (RFC 9728 `resource`) when there are no
+    /// `routes`.
+    #[serde(default)]
+    pub resource: Option<String>,
+    #[serde(default)]
+    pub authorization_servers: Vec<String>,
+    #[serde(default)]
+    pub resource_name: Option<String>,
+    #[serde(default)]
+    pub resource_documentation: Option<String>,
     pub jwks: JwksConfig,
-    pub exchange: ExchangeConfig,
+    /// Parsed into [`ExchangeConfig`]; kept raw so routes can override single fields.
+    pub exchange: Map<String, Value>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub unmatched: Unmatched,
+    /// Request header name → claim (`sub`, `client_id`, `email`, `jti`, `scope`, `iss`).
+    #[serde(default)]
+    pub identity_headers: BTreeMap<String, String>,
+    #[serde(default = "defaults::yes")]
+    pub audit_log: bool,
+    #[serde(default)]
+    pub mcp: McpConfig,
+}
+
+/// One MCP upstream behind the listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub path_prefix: String,
+    /// Pass without authentication (the `Authorization` header is still removed).
+    #[serde(default)]
+    pub public: bool,
+    #[serde(default)]
+    pub audiences: Option<Vec<String>>,
+    #[serde(default)]
+    pub required_scopes: Option<Vec<String>>,
+    #[serde(default)]
+    pub resource: Option<String>,
+    #[serde(default)]
+    pub resource_name: Option<String>,
+    /// Fields that override the top-level `exchange` for this route.
+    #[serde(default)]
+    pub exchange: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub tools: BTreeMap<String, ToolConfig>,
+    #[serde(default)]
+    pub deny_unlisted_tools: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// A narrower `scope` to request for this tool's backend token.
+    #[serde(default)]
+    pub exchange_scope: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    /// 404 from the filter: nothing reaches an upstream that no route describes.
+    #[default]
+    Deny,
+    /// Pass without authentication (the `Authorization` header is removed).
+    Pass,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: defaults::max_body_bytes(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +181,12 @@ pub enum ClientAuth {
 }
 
 mod defaults {
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn max_body_bytes() -> usize {
+        64 * 1024
+    }
     pub fn clock_skew_seconds() -> u64 {
         60
     }
@@ -193,12 +286,10 @@ pub struct RemoteJwks {
     pub max_wait: Duration,
 }
 
-/// How inbound tokens are judged.
+/// How inbound tokens are judged (route-independent parts).
 #[derive(Debug, Clone)]
 pub struct InboundPolicy {
     pub issuer: String,
-    pub audiences: Vec<String>,
-    pub required_scopes: Vec<String>,
     pub clock_skew_seconds: i64,
     pub max_token_bytes: usize,
     pub verified_cache_max_entries: usize,
@@ -248,13 +339,113 @@ pub struct ChallengeConfig {
     pub resource_metadata_url: Option<String>,
 }
 
+/// Extra requirements and a narrower exchange for one MCP tool.
+#[derive(Debug, Clone)]
+pub struct ToolPolicy {
+    pub required_scopes: Vec<String>,
+    pub target: Option<Rc<ExchangeTarget>>,
+}
+
+/// An RFC 9728 Protected Resource Metadata document and where it is served.
+#[derive(Debug, Clone)]
+pub struct ResourceMetadata {
+    /// `/.well-known/oauth-protected-resource` + the resource's path.
+    pub path: String,
+    /// The JSON document, rendered once.
+    pub document: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub path_prefix: String,
+    pub public: bool,
+    pub audiences: Vec<String>,
+    pub required_scopes: Vec<String>,
+    pub target: Rc<ExchangeTarget>,
+    pub challenge: ChallengeConfig,
+    pub metadata: Option<ResourceMetadata>,
+    pub tools: HashMap<String, ToolPolicy>,
+    pub deny_unlisted_tools: bool,
+}
+
+impl Route {
+    /// Whether requests on this route need their JSON-RPC body read (per-tool policy).
+    pub fn inspects_tools(&self) -> bool {
+        !self.tools.is_empty() || self.deny_unlisted_tools
+    }
+}
+
+/// A claim copied into a request header for the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityClaim {
+    Sub,
+    ClientId,
+    Email,
+    Jti,
+    Scope,
+    Iss,
+}
+
+#[derive(Debug, Clone)]
+pub struct McpPolicy {
+    pub max_body_bytes: usize,
+}
+
 /// The validated, immutable configuration.
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub inbound: InboundPolicy,
     pub keys: KeySource,
-    pub exchange: ExchangeTarget,
-    pub challenge: ChallengeConfig,
+    /// Longest prefix first.
+    pub routes: Vec<Route>,
+    pub unmatched: Unmatched,
+    pub identity_headers: Vec<(String, IdentityClaim)>,
+    pub audit_log: bool,
+    pub mcp: McpPolicy,
+    /// Slots of the shared exchange cache (top-level `exchange.cache_max_entries`).
+    pub exchange_cache_slots: usize,
+    /// Metadata served at the bare `/.well-known/oauth-protected-resource`.
+    pub default_metadata: Option<ResourceMetadata>,
+}
+
+impl Policy {
+    /// The index of the route for a request path (without query), longest prefix first.
+    pub fn route_index(&self, path: &str) -> Option<usize> {
+        self.routes
+            .iter()
+            .position(|r| path_matches(&r.path_prefix, path))
+    }
+
+    /// The Protected Resource Metadata document served at `path`, if any.
+    pub fn metadata_for(&self, path: &str) -> Option<&ResourceMetadata> {
+        if path == WELL_KNOWN_PRM {
+            return self.default_metadata.as_ref();
+        }
+        self.routes
+            .iter()
+            .filter_map(|r| r.metadata.as_ref())
+            .find(|m| m.path == path)
+    }
+
+    /// Every route's exchange target, for metrics and logs.
+    pub fn default_route(&self) -> Option<&Route> {
+        self.routes.last()
+    }
+}
+
+pub const WELL_KNOWN_PRM: &str = "/.well-known/oauth-protected-resource";
+
+/// `/mcp` matches `/mcp`, `/mcp/`, `/mcp/x` but not `/mcpx`.
+fn path_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    let prefix = prefix.trim_end_matches('/');
+    path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Parses and validates a configuration document. `env` resolves environment variables (WASI's
@@ -326,27 +517,188 @@ fn is_scope_token(s: &str) -> bool {
             .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
 }
 
+fn require_scopes(field: &str, scopes: &[String]) -> Result<(), ConfigError> {
+    for (i, scope) in scopes.iter().enumerate() {
+        if !is_scope_token(scope) {
+            return Err(ConfigError::new(
+                &format!("{field}[{i}]"),
+                "must be a single scope token (no spaces, quotes or backslashes)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn require_audiences(field: &str, audiences: &[String]) -> Result<(), ConfigError> {
+    if audiences.is_empty() {
+        return Err(ConfigError::new(field, "must list at least one audience"));
+    }
+    for (i, aud) in audiences.iter().enumerate() {
+        require_non_empty(&format!("{field}[{i}]"), aud)?;
+    }
+    Ok(())
+}
+
+/// Values that end up inside a quoted `WWW-Authenticate` parameter or a JSON document.
+fn require_quotable(field: &str, v: &str) -> Result<(), ConfigError> {
+    require_non_empty(field, v)?;
+    if v.contains('"') || v.contains('\\') || v.chars().any(|c| c.is_control()) {
+        return Err(ConfigError::new(
+            field,
+            "must not contain quotes, backslashes or control characters (it is sent in WWW-Authenticate)",
+        ));
+    }
+    Ok(())
+}
+
+/// `https://host[:port]/path` → (`https://host[:port]`, `/path`).
+fn split_url(field: &str, url: &str) -> Result<(String, String), ConfigError> {
+    require_quotable(field, url)?;
+    let rest = url
+        .strip_prefix("https://")
+        .map(|r| ("https://", r))
+        .or_else(|| url.strip_prefix("http://").map(|r| ("http://", r)));
+    let Some((scheme, rest)) = rest else {
+        return Err(ConfigError::new(field, "must be an absolute http(s) URL"));
+    };
+    if rest.contains(['?', '#']) {
+        return Err(ConfigError::new(field, "must not have a query or fragment"));
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains(char::is_whitespace) {
+        return Err(ConfigError::new(field, "must name a host"));
+    }
+    Ok((
+        format!("{scheme}{authority}"),
+        path.trim_end_matches('/').to_string(),
+    ))
+}
+
+fn metadata_for(
+    field: &str,
+    resource: &str,
+    authorization_servers: &[String],
+    scopes: &[String],
+    name: Option<&str>,
+    documentation: Option<&str>,
+) -> Result<(ResourceMetadata, String), ConfigError> {
+    let (origin, path) = split_url(field, resource)?;
+    let well_known = format!("{WELL_KNOWN_PRM}{path}");
+    let mut doc = Map::new();
+    doc.insert("resource".into(), Value::String(resource.to_string()));
+    doc.insert(
+        "authorization_servers".into(),
+        Value::Array(
+            authorization_servers
+                .iter()
+                .cloned()
+                .map(Value::String)
+                .collect(),
+        ),
+    );
+    if !scopes.is_empty() {
+        doc.insert(
+            "scopes_supported".into(),
+            Value::Array(scopes.iter().cloned().map(Value::String).collect()),
+        );
+    }
+    doc.insert(
+        "bearer_methods_supported".into(),
+        serde_json::json!(["header"]),
+    );
+    if let Some(n) = name {
+        doc.insert("resource_name".into(), Value::String(n.to_string()));
+    }
+    if let Some(d) = documentation {
+        doc.insert(
+            "resource_documentation".into(),
+            Value::String(d.to_string()),
+        );
+    }
+    let url = format!("{origin}{well_known}");
+    Ok((
+        ResourceMetadata {
+            path: well_known,
+            document: Value::Object(doc).to_string(),
+        },
+        url,
+    ))
+}
+
+fn parse_exchange(
+    field: &str,
+    raw: Map<String, Value>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ExchangeTarget, ConfigError> {
+    let config: ExchangeConfig =
+        serde_path_to_error::deserialize(Value::Object(raw)).map_err(|e| {
+            let inner = e.path().to_string();
+            let path = if inner == "." {
+                field.to_string()
+            } else {
+                format!("{field}.{inner}")
+            };
+            ConfigError::new(&path, e.inner().to_string())
+        })?;
+    config.validate(field, env)
+}
+
+fn parse_identity_claim(field: &str, claim: &str) -> Result<IdentityClaim, ConfigError> {
+    Ok(match claim {
+        "sub" => IdentityClaim::Sub,
+        "client_id" | "cid" => IdentityClaim::ClientId,
+        "email" => IdentityClaim::Email,
+        "jti" => IdentityClaim::Jti,
+        "scope" | "scp" => IdentityClaim::Scope,
+        "iss" => IdentityClaim::Iss,
+        other => {
+            return Err(ConfigError::new(
+                field,
+                format!("unknown claim {other:?}; one of sub, client_id, email, jti, scope, iss"),
+            ))
+        }
+    })
+}
+
+/// Header names that must never be set from claims: they route or authenticate the request.
+fn require_identity_header(field: &str, name: &str) -> Result<(), ConfigError> {
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(ConfigError::new(field, "must be a lowercase header name"));
+    }
+    if matches!(
+        name,
+        "authorization"
+            | "host"
+            | "content-length"
+            | "content-type"
+            | "transfer-encoding"
+            | "cookie"
+            | "te"
+            | "connection"
+    ) || name.starts_with("x-envoy-")
+        || name.starts_with("mcp-")
+    {
+        return Err(ConfigError::new(
+            field,
+            "is reserved and cannot carry identity",
+        ));
+    }
+    Ok(())
+}
+
 impl FilterConfig {
     fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Policy, ConfigError> {
         require_non_empty("issuer", &self.issuer)?;
         require_header_value("issuer", &self.issuer)?;
-        if self.audiences.is_empty() {
-            return Err(ConfigError::new(
-                "audiences",
-                "must list at least one audience",
-            ));
-        }
-        for (i, aud) in self.audiences.iter().enumerate() {
-            require_non_empty(&format!("audiences[{i}]"), aud)?;
-        }
-        for (i, scope) in self.required_scopes.iter().enumerate() {
-            if !is_scope_token(scope) {
-                return Err(ConfigError::new(
-                    &format!("required_scopes[{i}]"),
-                    "must be a single scope token (no spaces, quotes or backslashes)",
-                ));
-            }
-        }
+        require_audiences("audiences", &self.audiences)?;
+        require_scopes("required_scopes", &self.required_scopes)?;
         require_range("clock_skew_seconds", self.clock_skew_seconds, 0, 600)?;
         require_range(
             "max_token_bytes",
@@ -354,39 +706,201 @@ impl FilterConfig {
             256,
             64 * 1024,
         )?;
+        require_range(
+            "verified_cache_max_entries",
+            self.verified_cache_max_entries as u64,
+            0,
+            1_000_000,
+        )?;
         for (field, value) in [
             ("realm", &self.realm),
             ("resource_metadata_url", &self.resource_metadata_url),
+            ("resource_name", &self.resource_name),
+            ("resource_documentation", &self.resource_documentation),
         ] {
             if let Some(v) = value {
-                require_non_empty(field, v)?;
-                if v.contains('"') || v.contains('\\') || v.chars().any(|c| c.is_control()) {
-                    return Err(ConfigError::new(
-                        field,
-                        "must not contain quotes, backslashes or control characters (it is sent in WWW-Authenticate)",
-                    ));
-                }
+                require_quotable(field, v)?;
             }
         }
+        for (i, a) in self.authorization_servers.iter().enumerate() {
+            split_url(&format!("authorization_servers[{i}]"), a)?;
+        }
+        require_range(
+            "mcp.max_body_bytes",
+            self.mcp.max_body_bytes as u64,
+            1024,
+            16 * 1024 * 1024,
+        )?;
+        let mut identity_headers = Vec::new();
+        for (header, claim) in &self.identity_headers {
+            let field = format!("identity_headers.{header}");
+            require_identity_header(&field, header)?;
+            identity_headers.push((header.clone(), parse_identity_claim(&field, claim)?));
+        }
+        let authorization_servers = if self.authorization_servers.is_empty() {
+            vec![self.issuer.clone()]
+        } else {
+            self.authorization_servers.clone()
+        };
 
         let keys = self.jwks.validate()?;
-        let exchange = self.exchange.validate(env)?;
+        let default_target = Rc::new(parse_exchange("exchange", self.exchange.clone(), env)?);
+        let exchange_cache_slots = default_target.cache_max_entries;
+
+        let mut routes = Vec::new();
+        let mut default_metadata = None;
+        if self.routes.is_empty() {
+            let (metadata, derived_url) = match &self.resource {
+                Some(resource) => {
+                    let (m, url) = metadata_for(
+                        "resource",
+                        resource,
+                        &authorization_servers,
+                        &self.required_scopes,
+                        self.resource_name.as_deref(),
+                        self.resource_documentation.as_deref(),
+                    )?;
+                    (Some(m), Some(url))
+                }
+                None => (None, None),
+            };
+            default_metadata = metadata.clone();
+            routes.push(Route {
+                name: "default".into(),
+                path_prefix: "/".into(),
+                public: false,
+                audiences: self.audiences.clone(),
+                required_scopes: self.required_scopes.clone(),
+                target: Rc::clone(&default_target),
+                challenge: ChallengeConfig {
+                    realm: self.realm.clone(),
+                    resource_metadata_url: self.resource_metadata_url.clone().or(derived_url),
+                },
+                metadata,
+                tools: HashMap::new(),
+                deny_unlisted_tools: false,
+            });
+        } else {
+            if self.resource.is_some() {
+                return Err(ConfigError::new(
+                    "resource",
+                    "with `routes`, set `resource` on each route instead",
+                ));
+            }
+            for (i, rc) in self.routes.into_iter().enumerate() {
+                let f = |name: &str| format!("routes[{i}].{name}");
+                require_path(&f("path_prefix"), &rc.path_prefix)?;
+                if routes
+                    .iter()
+                    .any(|r: &Route| r.path_prefix == rc.path_prefix)
+                {
+                    return Err(ConfigError::new(
+                        &f("path_prefix"),
+                        "duplicates another route's prefix",
+                    ));
+                }
+                let audiences = rc.audiences.unwrap_or_else(|| self.audiences.clone());
+                require_audiences(&f("audiences"), &audiences)?;
+                let required_scopes = rc
+                    .required_scopes
+                    .unwrap_or_else(|| self.required_scopes.clone());
+                require_scopes(&f("required_scopes"), &required_scopes)?;
+                let target = match rc.exchange {
+                    None => Rc::clone(&default_target),
+                    Some(overrides) => {
+                        let mut merged = self.exchange.clone();
+                        merged.extend(overrides);
+                        Rc::new(parse_exchange(&f("exchange"), merged, env)?)
+                    }
+                };
+                let mut tools = HashMap::new();
+                let mut all_scopes = required_scopes.clone();
+                for (tool, tc) in rc.tools {
+                    let tf = f(&format!("tools.{tool}"));
+                    require_non_empty(&tf, &tool)?;
+                    require_scopes(&format!("{tf}.required_scopes"), &tc.required_scopes)?;
+                    for s in &tc.required_scopes {
+                        if !all_scopes.contains(s) {
+                            all_scopes.push(s.clone());
+                        }
+                    }
+                    let tool_target = match tc.exchange_scope {
+                        None => None,
+                        Some(scope) => {
+                            if scope.split(' ').any(|s| !is_scope_token(s)) {
+                                return Err(ConfigError::new(
+                                    &format!("{tf}.exchange_scope"),
+                                    "must be scope tokens separated by single spaces",
+                                ));
+                            }
+                            let mut t = (*target).clone();
+                            t.scope = Some(scope);
+                            Some(Rc::new(t))
+                        }
+                    };
+                    tools.insert(
+                        tool,
+                        ToolPolicy {
+                            required_scopes: tc.required_scopes,
+                            target: tool_target,
+                        },
+                    );
+                }
+                let (metadata, metadata_url) = match &rc.resource {
+                    Some(resource) => {
+                        let (m, url) = metadata_for(
+                            &f("resource"),
+                            resource,
+                            &authorization_servers,
+                            &all_scopes,
+                            rc.resource_name
+                                .as_deref()
+                                .or(self.resource_name.as_deref()),
+                            self.resource_documentation.as_deref(),
+                        )?;
+                        (Some(m), Some(url))
+                    }
+                    None => (None, None),
+                };
+                if default_metadata.is_none() {
+                    default_metadata = metadata.clone();
+                }
+                routes.push(Route {
+                    name: rc.name.unwrap_or_else(|| rc.path_prefix.clone()),
+                    path_prefix: rc.path_prefix,
+                    public: rc.public,
+                    audiences,
+                    required_scopes,
+                    target,
+                    challenge: ChallengeConfig {
+                        realm: self.realm.clone(),
+                        resource_metadata_url: metadata_url,
+                    },
+                    metadata,
+                    tools,
+                    deny_unlisted_tools: rc.deny_unlisted_tools,
+                });
+            }
+            routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.trim_end_matches('/').len()));
+        }
 
         Ok(Policy {
             inbound: InboundPolicy {
                 issuer: self.issuer,
-                audiences: self.audiences,
-                required_scopes: self.required_scopes,
                 clock_skew_seconds: self.clock_skew_seconds as i64,
                 max_token_bytes: self.max_token_bytes,
                 verified_cache_max_entries: self.verified_cache_max_entries,
             },
             keys,
-            exchange,
-            challenge: ChallengeConfig {
-                realm: self.realm,
-                resource_metadata_url: self.resource_metadata_url,
+            routes,
+            unmatched: self.unmatched,
+            identity_headers,
+            audit_log: self.audit_log,
+            mcp: McpPolicy {
+                max_body_bytes: self.mcp.max_body_bytes,
             },
+            exchange_cache_slots,
+            default_metadata,
         })
     }
 }
@@ -456,19 +970,26 @@ impl JwksConfig {
 }
 
 impl ExchangeConfig {
-    fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<ExchangeTarget, ConfigError> {
-        require_non_empty("exchange.cluster", &self.cluster)?;
-        require_path("exchange.path", &self.path)?;
-        require_non_empty("exchange.authority", &self.authority)?;
-        require_header_value("exchange.authority", &self.authority)?;
-        require_non_empty("exchange.client_id", &self.client_id)?;
-        require_header_value("exchange.client_id", &self.client_id)?;
-        require_non_empty("exchange.client_secret_env", &self.client_secret_env)?;
+    fn validate(
+        self,
+        prefix: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ExchangeTarget, ConfigError> {
+        require_non_empty(&format!("{prefix}.cluster"), &self.cluster)?;
+        require_path(&format!("{prefix}.path"), &self.path)?;
+        require_non_empty(&format!("{prefix}.authority"), &self.authority)?;
+        require_header_value(&format!("{prefix}.authority"), &self.authority)?;
+        require_non_empty(&format!("{prefix}.client_id"), &self.client_id)?;
+        require_header_value(&format!("{prefix}.client_id"), &self.client_id)?;
+        require_non_empty(
+            &format!("{prefix}.client_secret_env"),
+            &self.client_secret_env,
+        )?;
         let secret = match env(&self.client_secret_env) {
             Some(v) if !v.is_empty() => Secret::new(v),
             _ => {
                 return Err(ConfigError::new(
-                    "exchange.client_secret_env",
+                    &format!("{prefix}.client_secret_env"),
                     format!(
                         "environment variable {} is unset or empty in the Wasm VM (pass it with vm_config.environment_variables)",
                         self.client_secret_env
@@ -478,14 +999,17 @@ impl ExchangeConfig {
         };
         if self.audience.is_none() && self.resource.is_none() {
             return Err(ConfigError::new(
-                "exchange.audience",
+                &format!("{prefix}.audience"),
                 "set `audience` or `resource`: the token endpoint must know which backend the token is for",
             ));
         }
         for (field, value) in [
-            ("exchange.audience", &self.audience),
-            ("exchange.resource", &self.resource),
-            ("exchange.requested_token_type", &self.requested_token_type),
+            (&format!("{prefix}.audience"), &self.audience),
+            (&format!("{prefix}.resource"), &self.resource),
+            (
+                &format!("{prefix}.requested_token_type"),
+                &self.requested_token_type,
+            ),
         ] {
             if let Some(v) = value {
                 require_non_empty(field, v)?;
@@ -494,21 +1018,24 @@ impl ExchangeConfig {
         if let Some(scope) = &self.scope {
             if scope.split(' ').any(|s| !is_scope_token(s)) {
                 return Err(ConfigError::new(
-                    "exchange.scope",
+                    &format!("{prefix}.scope"),
                     "must be scope tokens separated by single spaces",
                 ));
             }
         }
-        require_non_empty("exchange.subject_token_type", &self.subject_token_type)?;
-        require_range("exchange.timeout_ms", self.timeout_ms, 1, 60_000)?;
+        require_non_empty(
+            &format!("{prefix}.subject_token_type"),
+            &self.subject_token_type,
+        )?;
+        require_range(&format!("{prefix}.timeout_ms"), self.timeout_ms, 1, 60_000)?;
         require_range(
-            "exchange.cache_margin_seconds",
+            &format!("{prefix}.cache_margin_seconds"),
             self.cache_margin_seconds,
             0,
             3600,
         )?;
         require_range(
-            "exchange.cache_max_entries",
+            &format!("{prefix}.cache_max_entries"),
             self.cache_max_entries as u64,
             0,
             1_000_000,
@@ -564,11 +1091,17 @@ mod tests {
         let p = parse(&base()).unwrap();
         assert_eq!(p.inbound.clock_skew_seconds, 60);
         assert_eq!(p.inbound.max_token_bytes, 8192);
-        assert_eq!(p.exchange.client_auth, ClientAuth::ClientSecretBasic);
-        assert_eq!(p.exchange.subject_token_type, TOKEN_TYPE_ACCESS_TOKEN);
-        assert_eq!(p.exchange.timeout, Duration::from_secs(5));
-        assert_eq!(p.exchange.cache_margin_seconds, 30);
-        assert_eq!(p.exchange.client_secret.expose(), "s3cret");
+        assert_eq!(
+            p.routes[0].target.client_auth,
+            ClientAuth::ClientSecretBasic
+        );
+        assert_eq!(
+            p.routes[0].target.subject_token_type,
+            TOKEN_TYPE_ACCESS_TOKEN
+        );
+        assert_eq!(p.routes[0].target.timeout, Duration::from_secs(5));
+        assert_eq!(p.routes[0].target.cache_margin_seconds, 30);
+        assert_eq!(p.routes[0].target.client_secret.expose(), "s3cret");
         match p.keys {
             KeySource::Remote(r) => {
                 assert_eq!(r.refresh_interval, Duration::from_secs(600));
@@ -696,10 +1229,177 @@ mod tests {
 
     #[test]
     fn cache_identity_differs_per_target() {
-        let a = parse(&base()).unwrap().exchange;
+        let a = parse(&base()).unwrap().routes[0].target.clone();
         let mut v = base();
         v["exchange"]["scope"] = json!("backend-api:write");
-        let b = parse(&v).unwrap().exchange;
+        let b = parse(&v).unwrap().routes[0].target.clone();
         assert_ne!(a.cache_identity(), b.cache_identity());
+    }
+
+    fn with_routes() -> serde_json::Value {
+        let mut v = base();
+        v["authorization_servers"] = json!(["https://idp.example.com/oauth2/mcp"]);
+        v["routes"] = json!([
+            {"name": "crm", "path_prefix": "/crm/mcp", "resource": "https://gw.example.com/crm/mcp",
+             "exchange": {"audience": "crm"},
+             "tools": {"read_data": {"exchange_scope": "backend-api:read"},
+                       "write_data": {"required_scopes": ["mcp:tools:write"]}}},
+            {"path_prefix": "/mcp", "resource": "https://gw.example.com/mcp", "resource_name": "Main"},
+            {"path_prefix": "/health", "public": true}
+        ]);
+        v
+    }
+
+    #[test]
+    fn routes_match_longest_prefix_on_segment_boundaries() {
+        let p = parse(&with_routes()).unwrap();
+        let name = |path: &str| p.route_index(path).map(|i| p.routes[i].name.clone());
+        assert_eq!(name("/crm/mcp").as_deref(), Some("crm"));
+        assert_eq!(name("/crm/mcp/x").as_deref(), Some("crm"));
+        assert_eq!(name("/mcp").as_deref(), Some("/mcp"));
+        assert_eq!(name("/mcpx"), None);
+        assert_eq!(name("/other"), None);
+        assert!(p.routes[p.route_index("/health").unwrap()].public);
+    }
+
+    #[test]
+    fn route_exchange_overrides_merge_over_the_default() {
+        let p = parse(&with_routes()).unwrap();
+        let crm = &p.routes[p.route_index("/crm/mcp").unwrap()];
+        assert_eq!(crm.target.audience.as_deref(), Some("crm"));
+        assert_eq!(crm.target.client_id, "gw");
+        assert_eq!(crm.target.scope.as_deref(), Some("backend-api:read"));
+        let read = crm.tools["read_data"].target.as_ref().unwrap();
+        assert_eq!(read.scope.as_deref(), Some("backend-api:read"));
+        assert_ne!(
+            read.cache_identity(),
+            crm.tools["write_data"]
+                .target
+                .as_ref()
+                .map_or(String::new(), |t| t.cache_identity())
+        );
+        assert!(crm.inspects_tools());
+    }
+
+    #[test]
+    fn protected_resource_metadata_per_route() {
+        let p = parse(&with_routes()).unwrap();
+        let m = p
+            .metadata_for("/.well-known/oauth-protected-resource/crm/mcp")
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&m.document).unwrap();
+        assert_eq!(doc["resource"], "https://gw.example.com/crm/mcp");
+        assert_eq!(
+            doc["authorization_servers"],
+            json!(["https://idp.example.com/oauth2/mcp"])
+        );
+        assert_eq!(doc["bearer_methods_supported"], json!(["header"]));
+        assert_eq!(
+            doc["scopes_supported"],
+            json!(["mcp:tools:call", "mcp:tools:write"])
+        );
+        let crm = &p.routes[p.route_index("/crm/mcp").unwrap()];
+        assert_eq!(
+            crm.challenge.resource_metadata_url.as_deref(),
+            Some("https://gw.example.com/.well-known/oauth-protected-resource/crm/mcp")
+        );
+        // The bare well-known path serves the first route's document.
+        assert!(p
+            .metadata_for("/.well-known/oauth-protected-resource")
+            .is_some());
+        let main: serde_json::Value = serde_json::from_str(
+            &p.metadata_for("/.well-known/oauth-protected-resource/mcp")
+                .unwrap()
+                .document,
+        )
+        .unwrap();
+        assert_eq!(main["resource_name"], "Main");
+        assert!(p
+            .metadata_for("/.well-known/oauth-protected-resource/nope")
+            .is_none());
+    }
+
+    #[test]
+    fn single_route_metadata_defaults_to_the_issuer() {
+        let mut v = base();
+        v["resource"] = json!("https://gw.example.com/mcp");
+        let p = parse(&v).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(
+            &p.metadata_for("/.well-known/oauth-protected-resource/mcp")
+                .unwrap()
+                .document,
+        )
+        .unwrap();
+        assert_eq!(
+            doc["authorization_servers"],
+            json!(["https://idp.example.com/oauth2/mcp"])
+        );
+        assert_eq!(
+            p.routes[0].challenge.resource_metadata_url.as_deref(),
+            Some("https://gw.example.com/.well-known/oauth-protected-resource/mcp")
+        );
+    }
+
+    #[test]
+    fn route_errors_name_the_route_field() {
+        let cases: Vec<(&str, serde_json::Value)> = vec![
+            ("routes[0].path_prefix", json!([{"path_prefix": "mcp"}])),
+            (
+                "routes[1].path_prefix",
+                json!([{"path_prefix": "/a"}, {"path_prefix": "/a"}]),
+            ),
+            (
+                "routes[0].exchange.scope",
+                json!([{"path_prefix": "/a", "exchange": {"scope": "a  b"}}]),
+            ),
+            (
+                "routes[0].exchange.audiance",
+                json!([{"path_prefix": "/a", "exchange": {"audiance": "x"}}]),
+            ),
+            (
+                "routes[0].resource",
+                json!([{"path_prefix": "/a", "resource": "ftp://x/a"}]),
+            ),
+            (
+                "routes[0].tools.t.exchange_scope",
+                json!([{"path_prefix": "/a", "tools": {"t": {"exchange_scope": ""}}}]),
+            ),
+            (
+                "routes[0].required_scopes[0]",
+                json!([{"path_prefix": "/a", "required_scopes": ["a b"]}]),
+            ),
+            (
+                "routes[0].audiences",
+                json!([{"path_prefix": "/a", "audiences": []}]),
+            ),
+        ];
+        for (field, routes) in cases {
+            let mut v = base();
+            v["routes"] = routes;
+            let e = parse(&v).expect_err(field);
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
+
+    #[test]
+    fn identity_headers_are_validated() {
+        let mut v = base();
+        v["identity_headers"] = json!({"x-user": "sub", "x-client": "cid", "x-mail": "email"});
+        let p = parse(&v).unwrap();
+        assert_eq!(p.identity_headers.len(), 3);
+        for (header, claim, field) in [
+            ("authorization", "sub", "identity_headers.authorization"),
+            ("X-User", "sub", "identity_headers.X-User"),
+            ("x-user", "password", "identity_headers.x-user"),
+            (
+                "x-envoy-original-path",
+                "sub",
+                "identity_headers.x-envoy-original-path",
+            ),
+        ] {
+            let mut v = base();
+            v["identity_headers"] = json!({ header: claim });
+            assert_eq!(parse(&v).unwrap_err().field, field);
+        }
     }
 }

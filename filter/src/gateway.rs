@@ -1,11 +1,14 @@
 //! Per-VM state shared by the root context and every HTTP context of one Envoy worker, and the
-//! request flow that uses it: extract → verify → authorize → exchange (or cache) → rewrite.
+//! request flow that uses it:
+//!
+//! route → (metadata | public | authenticate) → verify → audience/scopes → tools (maybe from the
+//! body) → exchange (or cache) → rewrite `Authorization` and identity headers → forward.
 //!
 //! Work that completes asynchronously (a key set arriving, an exchange answering, another worker
 //! finishing an exchange) may finish a request other than the one whose callback is running: many
 //! requests wait on one JWKS fetch, and concurrent requests with the same token wait on one
 //! exchange. Those requests are acted on through `set_effective_context`, so the flow lives here
-//! rather than in any one context.
+//! rather than in any one context, and each request's state is kept here by context id.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -15,19 +18,23 @@ use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{Action, BufferType, MapType};
 
+use crate::audit::{AuditRecord, CacheUse};
 use crate::cache::{
     exchange_key, fingerprint, token_digest, Digest32, ExchangeStore, LeaseOutcome, LeaseStatus,
     VerifiedTokens,
 };
-use crate::config::{KeySource, Policy, RemoteJwks};
+use crate::config::{ExchangeTarget, IdentityClaim, KeySource, Policy, RemoteJwks, Unmatched};
 use crate::exchange::{
     self, describe_error_body, ExchangeError, ExchangeRequest, MAX_RESPONSE_BYTES,
 };
 use crate::host::{now_ms, HostStore};
 use crate::jwks::{sanitize, KeySet, MAX_JWKS_BYTES};
+use crate::mcp::{self, BodyError, Call};
+use crate::metrics::Metrics;
+use crate::policy::{audience_allowed, missing_scopes, tool_requirements};
 use crate::reply::Denial;
 use crate::token::extract_bearer;
-use crate::verify::{self, missing_scopes, Principal, TokenError, VerifyError};
+use crate::verify::{self, Principal, TokenError, VerifyError};
 
 /// Requests parked for a key set, at most. Beyond this, new ones are answered 503 at once so a
 /// flood during an IdP outage cannot grow memory without bound.
@@ -38,7 +45,7 @@ const JWKS_RETRY: Duration = Duration::from_secs(2);
 pub const TICK: Duration = Duration::from_millis(500);
 /// Tick period while requests wait on another worker's exchange (they poll the shared store).
 const FAST_TICK: Duration = Duration::from_millis(20);
-/// How long a failed exchange's outcome is shared with other workers' waiting requests.
+/// How long a failed exchange's outcome is shared with other requests for the same token.
 const FAILURE_TTL_MS: u64 = 1000;
 /// Expired exchange-store slots blanked per tick.
 const SWEEP_SLOTS_PER_TICK: u64 = 64;
@@ -54,7 +61,7 @@ enum Step {
     Forward(String),
     /// Answer the client now.
     Deny(Denial),
-    /// Stay paused: a callout or another worker will finish the request.
+    /// Stay paused: a callout, the request body or another worker will finish the request.
     Wait,
 }
 
@@ -71,25 +78,53 @@ enum Callout {
     Jwks,
     Exchange {
         subject: Subject,
+        target: Rc<ExchangeTarget>,
         started_ms: u64,
         /// Requests (context ids) waiting on this exchange, the dispatching one first.
         waiters: Vec<u32>,
     },
 }
 
-/// A request waiting for the issuer's keys.
-struct Parked {
-    context_id: u32,
-    token: String,
-    since_ms: u64,
-}
-
 /// A request waiting for another worker's exchange of the same token.
 struct RemoteWaiter {
     context_id: u32,
-    token: String,
     subject: Subject,
+    target: Rc<ExchangeTarget>,
     since_ms: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// The request has no (more) body.
+    Complete,
+    /// Body data is still arriving (and being buffered while the request is undecided).
+    Arriving,
+}
+
+/// One undecided request.
+struct Stream {
+    started_ms: u64,
+    route: usize,
+    token: String,
+    principal: Option<Rc<Principal>>,
+    body: Body,
+    /// The call named by the MCP 2026-07-28 `Mcp-Method`/`Mcp-Name` headers, on routes with
+    /// per-tool policy. It decides the exchange target up front; the body must agree with it.
+    header_call: Option<Call>,
+    /// Every scope this request needs (route and tools): the challenge's `scope`.
+    required_scopes: Vec<String>,
+    tool_label: Option<String>,
+    target: Option<Rc<ExchangeTarget>>,
+    cache: CacheUse,
+    parked_since: Option<u64>,
+    /// Exchange key of the backend token sent upstream, for invalidation on an upstream 401.
+    exchange_key: Option<Digest32>,
+}
+
+/// A forwarded request whose body still has to pass the route's tool policy.
+struct BodyCheck {
+    stream: Stream,
+    backend_fingerprint: String,
 }
 
 #[derive(Default)]
@@ -103,7 +138,6 @@ struct KeyState {
 
 pub struct Gateway {
     pub policy: Rc<Policy>,
-    target_identity: String,
     worker_id: u32,
     keys: KeyState,
     verified: VerifiedTokens,
@@ -111,8 +145,12 @@ pub struct Gateway {
     callouts: HashMap<u32, Callout>,
     /// This worker's exchanges in flight, by exchange key → callout token.
     in_flight: HashMap<Digest32, u32>,
-    parked: Vec<Parked>,
+    streams: HashMap<u32, Stream>,
+    /// Exchange keys of forwarded requests, until their response headers arrive.
+    forwarded: HashMap<u32, Digest32>,
+    body_checks: HashMap<u32, BodyCheck>,
     remote_waiters: Vec<RemoteWaiter>,
+    metrics: Metrics,
     fast_tick: bool,
     last_sweep_ms: u64,
 }
@@ -129,94 +167,278 @@ impl Gateway {
             KeySource::Remote(_) => KeyState::default(),
         };
         Self {
-            target_identity: policy.exchange.cache_identity(),
             worker_id,
             verified: VerifiedTokens::new(policy.inbound.verified_cache_max_entries),
-            store: ExchangeStore::new(namespace, policy.exchange.cache_max_entries),
+            store: ExchangeStore::new(namespace, policy.exchange_cache_slots),
             policy: Rc::new(policy),
             keys,
             callouts: HashMap::new(),
             in_flight: HashMap::new(),
-            parked: Vec::new(),
+            streams: HashMap::new(),
+            forwarded: HashMap::new(),
+            body_checks: HashMap::new(),
             remote_waiters: Vec::new(),
+            metrics: Metrics::default(),
             fast_tick: false,
             last_sweep_ms: 0,
         }
     }
 
-    fn exchange_key_for(&self, digest: &Digest32) -> Digest32 {
-        exchange_key(digest, &self.target_identity)
+    /// The upstream answered a forwarded request. A 401 means it rejected the backend token:
+    /// drop it from the cache so the next request exchanges afresh.
+    pub fn on_upstream_status(&mut self, context_id: u32, status: Option<&[u8]>) {
+        let Some(key) = self.forwarded.remove(&context_id) else {
+            return;
+        };
+        if status == Some(b"401") && self.store.remove(&HostStore, &key) {
+            self.metrics.inc("cache.invalidated");
+            info!("upstream answered 401; dropped the cached exchanged token");
+        }
     }
 
-    /// Drops a cached exchanged token (the upstream rejected it).
-    pub fn invalidate(&mut self, key: &Digest32) -> bool {
-        self.store.remove(&HostStore, key)
+    /// The request is over: forget anything still kept for it.
+    pub fn forget(&mut self, context_id: u32) {
+        self.forwarded.remove(&context_id);
+        self.body_checks.remove(&context_id);
+        if self.streams.remove(&context_id).is_some() {
+            self.metrics.inc("requests.abandoned");
+        }
     }
 
-    /// Entry point from `on_http_request_headers`. Returns the action for the host and, when a
-    /// token was found, its exchange key (the HTTP context keeps it so an upstream 401 can drop
-    /// the cached exchange).
-    pub fn on_request_headers(&mut self, context_id: u32) -> (Action, Option<Digest32>) {
+    /// Entry point from `on_http_request_headers`.
+    pub fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
+        let now = now_ms();
         let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
             Ok(h) => h,
-            Err(_) => return (self.apply_now(Step::Deny(Denial::Internal)), None),
+            Err(_) => return self.deny_unrouted(Denial::Internal),
         };
-        let mut auth: Vec<&[u8]> = Vec::new();
-        let mut path: &[u8] = b"";
-        for (name, value) in &headers {
-            if name.eq_ignore_ascii_case("authorization") {
-                auth.push(value);
-            } else if name == ":path" {
-                path = value;
-            }
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_slice())
+        };
+        let raw_path = get(":path").unwrap_or(b"/");
+        let path_only = raw_path.split(|b| *b == b'?').next().unwrap_or(b"/");
+        let path = String::from_utf8_lossy(path_only).into_owned();
+        let method = get(":method").unwrap_or(b"GET");
+
+        if let Some(metadata) = self.policy.metadata_for(&path) {
+            return serve_metadata(method, &metadata.document);
         }
-        let token = match extract_bearer(&auth, path, self.policy.inbound.max_token_bytes) {
-            Ok(t) => t.to_string(),
-            Err(e) => return (self.apply_now(Step::Deny(Denial::Extract(e))), None),
+        let Some(route_index) = self.policy.route_index(&path) else {
+            return match self.policy.unmatched {
+                Unmatched::Deny => self.deny_unrouted(Denial::NoRoute),
+                Unmatched::Pass => self.pass_unauthenticated(),
+            };
         };
-        let key = self.exchange_key_for(&token_digest(&token));
-        let step = self.advance(context_id, token, now_ms());
-        (self.apply_now(step), Some(key))
+        if self.policy.routes[route_index].public {
+            return self.pass_unauthenticated();
+        }
+
+        let auth: Vec<&[u8]> = headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            .map(|(_, v)| v.as_slice())
+            .collect();
+        let route = &self.policy.routes[route_index];
+        let token = match extract_bearer(&auth, raw_path, self.policy.inbound.max_token_bytes) {
+            Ok(t) => t.to_string(),
+            Err(e) => {
+                let scopes = route.required_scopes.clone();
+                return self.deny_early(route_index, now, Denial::Extract(e), &scopes);
+            }
+        };
+        let header_call = if route.inspects_tools() {
+            mcp::call_from_headers(get("mcp-method"), get("mcp-name"))
+        } else {
+            None
+        };
+        self.streams.insert(
+            context_id,
+            Stream {
+                started_ms: now,
+                route: route_index,
+                token,
+                principal: None,
+                body: if end_of_stream {
+                    Body::Complete
+                } else {
+                    Body::Arriving
+                },
+                header_call,
+                required_scopes: route.required_scopes.clone(),
+                tool_label: None,
+                target: None,
+                cache: CacheUse::None,
+                parked_since: None,
+                exchange_key: None,
+            },
+        );
+        let step = self.advance(context_id, now);
+        self.finish_now(context_id, step)
     }
 
-    /// Verify → authorize → cached token or exchange.
-    fn advance(&mut self, context_id: u32, token: String, now_ms: u64) -> Step {
-        match self.principal(context_id, &token, now_ms, false) {
-            Ok(principal) => {
-                let missing = missing_scopes(&principal, &self.policy.inbound.required_scopes);
-                if !missing.is_empty() {
-                    return Step::Deny(Denial::InsufficientScope {
-                        missing: missing.into_iter().map(str::to_string).collect(),
-                    });
-                }
-                self.exchange(context_id, token, &principal, now_ms)
-            }
-            Err(PrincipalWait::Deny(d)) => Step::Deny(d),
-            Err(PrincipalWait::Park) => self.park(context_id, token, now_ms),
+    /// Entry point from `on_http_request_body`.
+    ///
+    /// Envoy delivers no body to a Wasm filter while it holds the headers (proxy-wasm turns a
+    /// paused `on_http_request_headers` into "stop all iteration"), so the body of a request on
+    /// a route with per-tool policy is checked after its headers were forwarded, before the
+    /// body is: the body is held until complete, its tool calls are checked, and a refused call
+    /// is answered here, so the upstream gets headers and a reset but never the call.
+    pub fn on_request_body(
+        &mut self,
+        context_id: u32,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Action {
+        if self.streams.contains_key(&context_id) {
+            // Undecided: keep buffering (Envoy normally holds it for us anyway).
+            return Action::Pause;
         }
+        if !self.body_checks.contains_key(&context_id) {
+            return Action::Continue;
+        }
+        let outcome = if body_size > self.policy.mcp.max_body_bytes {
+            Err(Denial::McpBody(BodyError::TooLarge))
+        } else if !end_of_stream {
+            return Action::Pause;
+        } else {
+            match read_request_body(body_size) {
+                Ok(calls) => self.check_body_calls(context_id, &calls),
+                Err(e) => Err(Denial::McpBody(e)),
+            }
+        };
+        let Some(mut check) = self.body_checks.remove(&context_id) else {
+            return Action::Continue;
+        };
+        match outcome {
+            Ok(label) => {
+                if check.stream.tool_label.is_none() {
+                    check.stream.tool_label = label;
+                }
+                self.metrics.inc("requests.allowed");
+                self.audit(&check.stream, None, Some(&check.backend_fingerprint));
+                Action::Continue
+            }
+            Err(denial) => {
+                self.streams.insert(context_id, check.stream);
+                self.answer(context_id, &denial);
+                Action::Pause
+            }
+        }
+    }
+
+    /// The body's calls against the route's tool policy (and against the `Mcp-Name` header the
+    /// forwarded token was chosen by). Ok carries the tool label for audit.
+    fn check_body_calls(
+        &mut self,
+        context_id: u32,
+        calls: &[Call],
+    ) -> Result<Option<String>, Denial> {
+        let policy = Rc::clone(&self.policy);
+        let Some(check) = self.body_checks.get_mut(&context_id) else {
+            return Err(Denial::Internal);
+        };
+        let route = &policy.routes[check.stream.route];
+        if let Some(named) = &check.stream.header_call {
+            // The token was chosen for the call the headers named; the body must be that call.
+            if calls.len() != 1 || calls[0] != *named {
+                return Err(Denial::McpBody(BodyError::HeaderMismatch));
+            }
+        }
+        let req = tool_requirements(route, calls);
+        check.stream.tool_label = req.label.clone();
+        if req.unlisted.is_some() {
+            return Err(Denial::ToolNotAllowed);
+        }
+        for s in &req.scopes {
+            if !check.stream.required_scopes.contains(s) {
+                check.stream.required_scopes.push(s.clone());
+            }
+        }
+        let Some(principal) = check.stream.principal.clone() else {
+            return Err(Denial::Internal);
+        };
+        let missing = missing_scopes(&principal, &check.stream.required_scopes);
+        if !missing.is_empty() {
+            return Err(Denial::InsufficientScope { missing });
+        }
+        Ok(req.label)
+    }
+
+    /// Verify → audience → scopes → tools → cached token or exchange.
+    fn advance(&mut self, context_id: u32, now: u64) -> Step {
+        let policy = Rc::clone(&self.policy);
+        let (token, route_index) = match self.streams.get(&context_id) {
+            Some(s) => (s.token.clone(), s.route),
+            None => return Step::Deny(Denial::Internal),
+        };
+        let route = &policy.routes[route_index];
+        let principal = match self.principal(&token, now, false) {
+            Ok(p) => p,
+            Err(PrincipalWait::Deny(d)) => return Step::Deny(d),
+            Err(PrincipalWait::Park) => return self.park(context_id, now),
+        };
+        if let Some(s) = self.streams.get_mut(&context_id) {
+            s.principal = Some(Rc::clone(&principal));
+        }
+        if !audience_allowed(&principal, &route.audiences) {
+            return Step::Deny(Denial::WrongAudience);
+        }
+        let missing = missing_scopes(&principal, &route.required_scopes);
+        if !missing.is_empty() {
+            return Step::Deny(Denial::InsufficientScope { missing });
+        }
+        let Some(stream) = self.streams.get_mut(&context_id) else {
+            return Step::Deny(Denial::Internal);
+        };
+        if let Some(call) = &stream.header_call {
+            let req = tool_requirements(route, std::slice::from_ref(call));
+            stream.tool_label = req.label;
+            if req.unlisted.is_some() {
+                return Step::Deny(Denial::ToolNotAllowed);
+            }
+            for s in req.scopes {
+                if !stream.required_scopes.contains(&s) {
+                    stream.required_scopes.push(s);
+                }
+            }
+            stream.target = req.target;
+        }
+        let missing = missing_scopes(&principal, &stream.required_scopes);
+        if !missing.is_empty() {
+            return Step::Deny(Denial::InsufficientScope { missing });
+        }
+        let target = stream
+            .target
+            .clone()
+            .unwrap_or_else(|| Rc::clone(&route.target));
+        stream.target = Some(Rc::clone(&target));
+        self.exchange(context_id, &token, &principal, target, now)
     }
 
     /// The verified principal for `token`: from the verified-token cache, or by verifying.
     /// `after_fetch`: the key set was just refetched, so an unknown `kid` is final.
     fn principal(
         &mut self,
-        _context_id: u32,
         token: &str,
         now_ms: u64,
         after_fetch: bool,
-    ) -> Result<Principal, PrincipalWait> {
+    ) -> Result<Rc<Principal>, PrincipalWait> {
         let now = secs(now_ms);
         let digest = token_digest(token);
         let skew = self.policy.inbound.clock_skew_seconds;
         if let Some(p) = self.verified.get(&digest, now, skew) {
-            return Ok(p.clone());
+            return Ok(Rc::clone(p));
         }
         let Some(keys) = self.keys.keys.clone() else {
             return Err(PrincipalWait::Park);
         };
         match verify::verify(token, &keys, &self.policy.inbound, now) {
             Ok(p) => {
-                self.verified.put(digest, p.clone(), now);
+                let p = Rc::new(p);
+                self.verified.put(digest, Rc::clone(&p), now);
                 Ok(p)
             }
             Err(VerifyError::Invalid(e)) => {
@@ -247,17 +469,23 @@ impl Gateway {
     fn exchange(
         &mut self,
         context_id: u32,
-        token: String,
+        token: &str,
         principal: &Principal,
+        target: Rc<ExchangeTarget>,
         now_ms: u64,
     ) -> Step {
+        let digest = token_digest(token);
         let subject = Subject {
-            key: self.exchange_key_for(&token_digest(&token)),
+            key: exchange_key(&digest, &target.cache_identity()),
             expires_at: principal.expires_at,
-            fingerprint: fingerprint(&token_digest(&token)),
+            fingerprint: fingerprint(&digest),
             sub: sanitize(&principal.sub),
         };
+        if let Some(s) = self.streams.get_mut(&context_id) {
+            s.exchange_key = Some(subject.key);
+        }
         if let Some(backend) = self.store.get(&HostStore, &subject.key, secs(now_ms)) {
+            self.set_cache_use(context_id, CacheUse::Hit);
             return Step::Forward(backend);
         }
         // Same token already being exchanged by this worker: wait on that callout.
@@ -267,22 +495,25 @@ impl Gateway {
             .and_then(|id| self.callouts.get_mut(id))
         {
             waiters.push(context_id);
+            self.set_cache_use(context_id, CacheUse::Coalesced);
             return Step::Wait;
         }
-        let lease_ttl = self.policy.exchange.timeout.as_millis() as u64 + 1000;
+        let lease_ttl = target.timeout.as_millis() as u64 + 1000;
         match self
             .store
             .try_lease(&HostStore, &subject.key, self.worker_id, now_ms, lease_ttl)
         {
             LeaseOutcome::Acquired => {
-                self.dispatch_exchange(&token, subject, vec![context_id], now_ms)
+                self.set_cache_use(context_id, CacheUse::Miss);
+                self.dispatch_exchange(token, subject, target, vec![context_id], now_ms)
             }
             LeaseOutcome::Failed(e) => Step::Deny(Denial::Exchange(e)),
             LeaseOutcome::HeldElsewhere => {
+                self.set_cache_use(context_id, CacheUse::Coalesced);
                 self.remote_waiters.push(RemoteWaiter {
                     context_id,
-                    token,
                     subject,
+                    target,
                     since_ms: now_ms,
                 });
                 self.set_fast_tick(true);
@@ -291,15 +522,27 @@ impl Gateway {
         }
     }
 
+    fn set_cache_use(&mut self, context_id: u32, cache: CacheUse) {
+        if let Some(s) = self.streams.get_mut(&context_id) {
+            s.cache = cache;
+        }
+        self.metrics.inc(match cache {
+            CacheUse::Hit => "cache.hits",
+            CacheUse::Miss => "cache.misses",
+            CacheUse::Coalesced => "cache.coalesced",
+            CacheUse::None => return,
+        });
+    }
+
     fn dispatch_exchange(
         &mut self,
         token: &str,
         subject: Subject,
+        target: Rc<ExchangeTarget>,
         waiters: Vec<u32>,
         now_ms: u64,
     ) -> Step {
-        let target = &self.policy.exchange;
-        let request = ExchangeRequest::build(target, token);
+        let request = ExchangeRequest::build(&target, token);
         let headers: Vec<(&str, &str)> = request
             .headers
             .iter()
@@ -318,6 +561,7 @@ impl Gateway {
                     id,
                     Callout::Exchange {
                         subject,
+                        target,
                         started_ms: now_ms,
                         waiters,
                     },
@@ -333,6 +577,7 @@ impl Gateway {
                     status: None,
                     retry_after: None,
                 };
+                self.metrics.inc("exchanges.unavailable");
                 self.store.release(
                     &HostStore,
                     &subject.key,
@@ -353,18 +598,21 @@ impl Gateway {
         }
     }
 
-    fn park(&mut self, context_id: u32, token: String, now_ms: u64) -> Step {
-        if !matches!(self.policy.keys, KeySource::Remote(_)) || self.parked.len() >= MAX_PARKED {
+    fn park(&mut self, context_id: u32, now_ms: u64) -> Step {
+        let parked = self
+            .streams
+            .values()
+            .filter(|s| s.parked_since.is_some())
+            .count();
+        if !matches!(self.policy.keys, KeySource::Remote(_)) || parked >= MAX_PARKED {
             return Step::Deny(Denial::KeysUnavailable);
         }
         if self.keys.in_flight.is_none() {
             self.start_jwks_fetch(now_ms);
         }
-        self.parked.push(Parked {
-            context_id,
-            token,
-            since_ms: now_ms,
-        });
+        if let Some(s) = self.streams.get_mut(&context_id) {
+            s.parked_since.get_or_insert(now_ms);
+        }
         Step::Wait
     }
 
@@ -409,10 +657,13 @@ impl Gateway {
                 self.keys.in_flight = Some((id, now_ms));
                 self.callouts.insert(id, Callout::Jwks);
             }
-            Err(status) => warn!(
-                "JWKS callout to cluster {} could not be dispatched: {status:?}",
-                remote.cluster
-            ),
+            Err(status) => {
+                self.metrics.inc("jwks.fetch_failed");
+                warn!(
+                    "JWKS callout to cluster {} could not be dispatched: {status:?}",
+                    remote.cluster
+                )
+            }
         }
     }
 
@@ -456,18 +707,23 @@ impl Gateway {
             self.start_jwks_fetch(now);
         }
         let max_wait = remote.max_wait.as_millis() as u64;
-        let (expired, kept): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut self.parked)
-            .into_iter()
-            .partition(|p| now.saturating_sub(p.since_ms) >= max_wait);
-        self.parked = kept;
+        let expired: Vec<u32> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| {
+                s.parked_since
+                    .is_some_and(|since| now.saturating_sub(since) >= max_wait)
+            })
+            .map(|(id, _)| *id)
+            .collect();
         if !expired.is_empty() {
             warn!(
                 "{} request(s) waited {max_wait} ms for the JWKS; answering 503",
                 expired.len()
             );
         }
-        for p in expired {
-            self.apply_to(p.context_id, Step::Deny(Denial::KeysUnavailable));
+        for id in expired {
+            self.finish_resumed(id, Step::Deny(Denial::KeysUnavailable));
         }
     }
 
@@ -478,23 +734,25 @@ impl Gateway {
             self.set_fast_tick(false);
             return;
         }
-        let waiters = std::mem::take(&mut self.remote_waiters);
-        let lease_ttl = self.policy.exchange.timeout.as_millis() as u64 + 1000;
-        for w in waiters {
-            if let Some(backend) = self.store.get(&HostStore, &w.subject.key, secs(now)) {
-                self.apply_to(w.context_id, Step::Forward(backend));
+        for w in std::mem::take(&mut self.remote_waiters) {
+            if !self.streams.contains_key(&w.context_id) {
                 continue;
             }
+            if let Some(backend) = self.store.get(&HostStore, &w.subject.key, secs(now)) {
+                self.finish_resumed(w.context_id, Step::Forward(backend));
+                continue;
+            }
+            let lease_ttl = w.target.timeout.as_millis() as u64 + 1000;
             match self.store.lease_status(&HostStore, &w.subject.key, now) {
                 LeaseStatus::InProgress if now.saturating_sub(w.since_ms) <= lease_ttl + 1000 => {
                     self.remote_waiters.push(w)
                 }
-                LeaseStatus::InProgress => self.apply_to(
+                LeaseStatus::InProgress => self.finish_resumed(
                     w.context_id,
                     Step::Deny(Denial::Exchange(ExchangeError::Timeout)),
                 ),
                 LeaseStatus::Failed(e) => {
-                    self.apply_to(w.context_id, Step::Deny(Denial::Exchange(e)))
+                    self.finish_resumed(w.context_id, Step::Deny(Denial::Exchange(e)))
                 }
                 LeaseStatus::Free => {
                     // The other worker's exchange ended without a cached token (or vanished):
@@ -515,16 +773,22 @@ impl Gateway {
                         lease_ttl,
                     ) {
                         LeaseOutcome::Acquired => {
+                            let token = self
+                                .streams
+                                .get(&w.context_id)
+                                .map(|s| s.token.clone())
+                                .unwrap_or_default();
                             let step = self.dispatch_exchange(
-                                &w.token,
-                                w.subject.clone(),
+                                &token,
+                                w.subject,
+                                w.target,
                                 vec![w.context_id],
                                 now,
                             );
-                            self.apply_to(w.context_id, step);
+                            self.finish_resumed(w.context_id, step);
                         }
                         LeaseOutcome::Failed(e) => {
-                            self.apply_to(w.context_id, Step::Deny(Denial::Exchange(e)))
+                            self.finish_resumed(w.context_id, Step::Deny(Denial::Exchange(e)))
                         }
                         LeaseOutcome::HeldElsewhere => self.remote_waiters.push(w),
                     }
@@ -537,12 +801,13 @@ impl Gateway {
     /// An exchange whose callout was cancelled (the dispatching request went away) never
     /// answers; fail its other waiters instead of leaving them paused.
     fn sweep_stale_exchanges(&mut self, now: u64) {
-        let limit = self.policy.exchange.timeout.as_millis() as u64 + 2000;
         let stale: Vec<u32> = self
             .callouts
             .iter()
             .filter_map(|(id, c)| match c {
-                Callout::Exchange { started_ms, .. } if now.saturating_sub(*started_ms) > limit => {
+                Callout::Exchange {
+                    started_ms, target, ..
+                } if now.saturating_sub(*started_ms) > target.timeout.as_millis() as u64 + 2000 => {
                     Some(*id)
                 }
                 _ => None,
@@ -564,7 +829,7 @@ impl Gateway {
                     FAILURE_TTL_MS,
                 );
                 for w in waiters {
-                    self.apply_to(w, Step::Deny(Denial::Exchange(e.clone())));
+                    self.finish_resumed(w, Step::Deny(Denial::Exchange(e.clone())));
                 }
             }
         }
@@ -606,18 +871,14 @@ impl Gateway {
             Callout::Jwks => self.on_jwks_response(status, &body, now),
             Callout::Exchange {
                 subject,
+                target,
                 started_ms,
                 waiters,
             } => {
                 let retry_after = header("retry-after");
+                let outcome = exchange::parse_response(status, &body, retry_after);
                 self.on_exchange_response(
-                    subject,
-                    started_ms,
-                    waiters,
-                    status,
-                    &body,
-                    retry_after,
-                    now,
+                    subject, &target, started_ms, waiters, outcome, &body, now,
                 )
             }
         }
@@ -627,19 +888,20 @@ impl Gateway {
     fn on_exchange_response(
         &mut self,
         subject: Subject,
+        target: &ExchangeTarget,
         started_ms: u64,
         waiters: Vec<u32>,
-        status: Option<u16>,
+        outcome: Result<exchange::Exchanged, ExchangeError>,
         body: &[u8],
-        retry_after: Option<&[u8]>,
         now: u64,
     ) {
         self.in_flight.remove(&subject.key);
         let elapsed = now.saturating_sub(started_ms);
-        let outcome = match exchange::parse_response(status, body, retry_after) {
+        self.metrics.record("exchange.latency_ms", elapsed);
+        let outcome = match outcome {
             // No response at all, at the timeout: Envoy gave up waiting.
             Err(ExchangeError::Unavailable { status: None, .. })
-                if elapsed + 50 >= self.policy.exchange.timeout.as_millis() as u64 =>
+                if elapsed + 50 >= target.timeout.as_millis() as u64 =>
             {
                 Err(ExchangeError::Timeout)
             }
@@ -647,11 +909,12 @@ impl Gateway {
         };
         let step = match outcome {
             Ok(exchanged) => {
+                self.metrics.inc("exchanges.ok");
                 let until = exchange::reusable_until(
                     &exchanged,
                     subject.expires_at,
                     secs(now),
-                    self.policy.exchange.cache_margin_seconds,
+                    target.cache_margin_seconds,
                 );
                 info!(
                     "exchanged token {} for sub {} in {elapsed} ms (backend token {}, reusable {})",
@@ -675,6 +938,11 @@ impl Gateway {
                 Step::Forward(exchanged.access_token)
             }
             Err(e) => {
+                let denial = Denial::Exchange(e.clone());
+                self.metrics.inc(&format!(
+                    "exchanges.{}",
+                    denial.reason().trim_start_matches("exchange_")
+                ));
                 let idp_said = describe_error_body(body)
                     .map(|d| format!("; IdP said: {d}"))
                     .unwrap_or_default();
@@ -690,102 +958,263 @@ impl Gateway {
                     now,
                     FAILURE_TTL_MS,
                 );
-                Step::Deny(Denial::Exchange(e))
+                Step::Deny(denial)
             }
         };
         for w in waiters {
-            self.apply_to(w, step.clone());
+            self.finish_resumed(w, step.clone());
         }
     }
 
     fn on_jwks_response(&mut self, status: Option<u16>, body: &[u8], now: u64) {
         self.keys.in_flight = None;
-        match status {
+        let loaded = match status {
             Some(200) => match KeySet::parse(body) {
                 Ok(set) if !set.keys.is_empty() => {
                     if !set.skipped.is_empty() {
-                        warn!("JWKS: skipped {} key(s): {}", set.skipped.len(), set.skipped.join("; "));
+                        warn!(
+                            "JWKS: skipped {} key(s): {}",
+                            set.skipped.len(),
+                            set.skipped.join("; ")
+                        );
                     }
                     info!("JWKS loaded: {} key(s)", set.keys.len());
                     self.keys.keys = Some(Rc::new(set));
                     self.keys.fetched_ms = Some(now);
+                    true
                 }
-                Ok(set) => warn!("JWKS has no usable key ({}); keeping the previous key set", set.skipped.join("; ")),
-                Err(e) => warn!("JWKS unusable: {e}; keeping the previous key set"),
+                Ok(set) => {
+                    warn!(
+                        "JWKS has no usable key ({}); keeping the previous key set",
+                        set.skipped.join("; ")
+                    );
+                    false
+                }
+                Err(e) => {
+                    warn!("JWKS unusable: {e}; keeping the previous key set");
+                    false
+                }
             },
-            Some(s) => warn!("JWKS fetch answered HTTP {s}; keeping the previous key set"),
-            None => warn!("JWKS fetch failed (connection failed, reset or timed out); keeping the previous key set"),
-        }
+            Some(s) => {
+                warn!("JWKS fetch answered HTTP {s}; keeping the previous key set");
+                false
+            }
+            None => {
+                warn!("JWKS fetch failed (connection failed, reset or timed out); keeping the previous key set");
+                false
+            }
+        };
+        self.metrics.inc(if loaded {
+            "jwks.fetch_ok"
+        } else {
+            "jwks.fetch_failed"
+        });
         if self.keys.keys.is_none() {
             // Still no keys: parked requests keep waiting for the retry, bounded by max_wait.
             return;
         }
         // Every parked request gets another go, with the new keys or the old ones (then an
         // unknown kid is a plain 401, since we just fetched).
-        for p in std::mem::take(&mut self.parked) {
-            if hostcalls::set_effective_context(p.context_id).is_err() {
-                continue;
-            }
-            let step = match self.principal(p.context_id, &p.token, now, true) {
-                Ok(_) => self.advance(p.context_id, p.token, now),
+        let parked: Vec<u32> = self
+            .streams
+            .iter_mut()
+            .filter_map(|(id, s)| s.parked_since.take().map(|_| *id))
+            .collect();
+        for id in parked {
+            let token = self
+                .streams
+                .get(&id)
+                .map(|s| s.token.clone())
+                .unwrap_or_default();
+            let step = match self.principal(&token, now, true) {
+                Ok(_) => self.advance(id, now),
                 Err(PrincipalWait::Deny(d)) => Step::Deny(d),
                 Err(PrincipalWait::Park) => Step::Deny(Denial::KeysUnavailable),
             };
-            self.apply_resumed(step);
+            self.finish_resumed(id, step);
         }
     }
 
-    /// Applies a step inside the request's own `on_http_request_headers`.
-    fn apply_now(&self, step: Step) -> Action {
+    /// Applies a step inside the request's own callback (headers or body).
+    fn finish_now(&mut self, context_id: u32, step: Step) -> Action {
         match step {
+            Step::Wait => Action::Pause,
             Step::Forward(token) => {
-                if set_authorization(&token).is_ok() {
+                if self.forward(context_id, &token).is_ok() {
                     Action::Continue
                 } else {
-                    self.send(&Denial::Internal);
+                    self.answer(context_id, &Denial::Internal);
                     Action::Pause
                 }
             }
             Step::Deny(denial) => {
-                self.send(&denial);
+                self.answer(context_id, &denial);
                 Action::Pause
             }
-            Step::Wait => Action::Pause,
         }
     }
 
     /// Applies a step to a paused request from another callback.
-    fn apply_to(&self, context_id: u32, step: Step) {
-        if hostcalls::set_effective_context(context_id).is_err() {
-            // The request is gone (client disconnected); nothing to answer.
+    fn finish_resumed(&mut self, context_id: u32, step: Step) {
+        // Only undecided requests are in `streams`: never answer or resume a request twice.
+        if matches!(step, Step::Wait) || !self.streams.contains_key(&context_id) {
             return;
         }
-        self.apply_resumed(step);
-    }
-
-    fn apply_resumed(&self, step: Step) {
+        if hostcalls::set_effective_context(context_id).is_err() {
+            // The request is gone (client disconnected); nothing to answer.
+            self.streams.remove(&context_id);
+            return;
+        }
         match step {
             Step::Forward(token) => {
-                if set_authorization(&token).is_ok() {
+                if self.forward(context_id, &token).is_ok() {
                     let _ = hostcalls::resume_http_request();
                 } else {
-                    self.send(&Denial::Internal);
+                    self.answer(context_id, &Denial::Internal);
                 }
             }
-            Step::Deny(denial) => self.send(&denial),
+            Step::Deny(denial) => self.answer(context_id, &denial),
             Step::Wait => {}
         }
     }
 
-    fn send(&self, denial: &Denial) {
-        let reply = denial.reply(&self.policy.challenge, &self.policy.inbound.required_scopes);
-        debug!("denied: {} -> {}", denial.reason(), reply.status);
-        let headers: Vec<(&str, &str)> = reply
-            .headers
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect();
-        let _ = hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+    /// Rewrites the request for the upstream: the backend token replaces the client's, and the
+    /// identity headers are set from the verified claims (client-sent values never survive).
+    fn forward(
+        &mut self,
+        context_id: u32,
+        backend_token: &str,
+    ) -> Result<(), proxy_wasm::types::Status> {
+        let Some(stream) = self.streams.remove(&context_id) else {
+            return Err(proxy_wasm::types::Status::NotFound);
+        };
+        hostcalls::set_map_value(
+            MapType::HttpRequestHeaders,
+            "authorization",
+            Some(&format!("Bearer {backend_token}")),
+        )?;
+        if let Some(p) = &stream.principal {
+            for (header, claim) in &self.policy.identity_headers {
+                let value = identity_value(p, *claim);
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, header, value.as_deref())?;
+            }
+        }
+        if let Some(key) = stream.exchange_key {
+            self.forwarded.insert(context_id, key);
+        }
+        let backend_fingerprint = fingerprint(&token_digest(backend_token));
+        if self.policy.routes[stream.route].inspects_tools() && stream.body == Body::Arriving {
+            // Allowed so far; the body's tool calls decide (see `on_request_body`).
+            self.body_checks.insert(
+                context_id,
+                BodyCheck {
+                    stream,
+                    backend_fingerprint,
+                },
+            );
+            return Ok(());
+        }
+        self.metrics.inc("requests.allowed");
+        self.audit(&stream, None, Some(&backend_fingerprint));
+        Ok(())
+    }
+
+    fn answer(&mut self, context_id: u32, denial: &Denial) {
+        let stream = self.streams.remove(&context_id);
+        let route = stream
+            .as_ref()
+            .and_then(|s| self.policy.routes.get(s.route));
+        let scopes = stream
+            .as_ref()
+            .map(|s| s.required_scopes.clone())
+            .unwrap_or_default();
+        let challenge = route.map(|r| r.challenge.clone()).unwrap_or_default();
+        self.metrics
+            .inc(&format!("requests.denied.{}", denial.reason()));
+        let reply = denial.reply(&challenge, &scopes);
+        if let Some(s) = &stream {
+            self.audit(s, Some((denial, reply.status)), None);
+        }
+        send_reply(&reply);
+    }
+
+    /// Denials before a request has state (no route, no token).
+    fn deny_unrouted(&mut self, denial: Denial) -> Action {
+        self.metrics
+            .inc(&format!("requests.denied.{}", denial.reason()));
+        send_reply(&denial.reply(&Default::default(), &[]));
+        Action::Pause
+    }
+
+    fn deny_early(&mut self, route: usize, now: u64, denial: Denial, scopes: &[String]) -> Action {
+        let r = &self.policy.routes[route];
+        let reply = denial.reply(&r.challenge, scopes);
+        self.metrics
+            .inc(&format!("requests.denied.{}", denial.reason()));
+        if self.policy.audit_log {
+            info!(
+                "{}",
+                AuditRecord {
+                    time_ms: now,
+                    allowed: false,
+                    reason: denial.reason(),
+                    status: Some(reply.status),
+                    route: Some(&r.name),
+                    ..AuditRecord::default()
+                }
+                .to_json()
+            );
+        }
+        send_reply(&reply);
+        Action::Pause
+    }
+
+    /// Public routes and passed-through unmatched paths: no authentication, and nothing of the
+    /// client's credentials or claimed identity reaches the upstream.
+    fn pass_unauthenticated(&mut self) -> Action {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", None);
+        for (header, _) in &self.policy.identity_headers {
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, header, None);
+        }
+        self.metrics.inc("requests.public");
+        Action::Continue
+    }
+
+    fn audit(
+        &self,
+        stream: &Stream,
+        denied: Option<(&Denial, u32)>,
+        backend_fingerprint: Option<&str>,
+    ) {
+        if !self.policy.audit_log {
+            return;
+        }
+        let now = now_ms();
+        let route = self.policy.routes.get(stream.route);
+        let principal = stream.principal.as_deref();
+        let token_label = principal
+            .and_then(|p| p.jti.clone())
+            .map(|j| sanitize(&j))
+            .unwrap_or_else(|| fingerprint(&token_digest(&stream.token)));
+        let sub = principal.map(|p| sanitize(&p.sub));
+        let client_id = principal.and_then(|p| p.client_id.as_deref()).map(sanitize);
+        let record = AuditRecord {
+            time_ms: now,
+            allowed: denied.is_none(),
+            reason: denied.map_or("exchanged", |(d, _)| d.reason()),
+            status: denied.map(|(_, s)| s),
+            sub: sub.as_deref(),
+            client_id: client_id.as_deref(),
+            token: Some(token_label),
+            route: route.map(|r| r.name.as_str()),
+            tool: stream.tool_label.as_deref(),
+            target_audience: stream.target.as_ref().and_then(|t| t.audience.as_deref()),
+            target_scope: stream.target.as_ref().and_then(|t| t.scope.as_deref()),
+            exchanged: backend_fingerprint,
+            cache: Some(stream.cache),
+            latency_ms: now.saturating_sub(stream.started_ms),
+        };
+        info!("{}", record.to_json());
     }
 }
 
@@ -795,12 +1224,65 @@ enum PrincipalWait {
     Park,
 }
 
-/// Replaces every `Authorization` header with the backend token: the inbound token must not
-/// reach the upstream.
-fn set_authorization(backend_token: &str) -> Result<(), proxy_wasm::types::Status> {
-    hostcalls::set_map_value(
-        MapType::HttpRequestHeaders,
-        "authorization",
-        Some(&format!("Bearer {backend_token}")),
-    )
+fn identity_value(p: &Principal, claim: IdentityClaim) -> Option<String> {
+    let v = match claim {
+        IdentityClaim::Sub => Some(p.sub.clone()),
+        IdentityClaim::ClientId => p.client_id.clone(),
+        IdentityClaim::Email => p.email.clone(),
+        IdentityClaim::Jti => p.jti.clone(),
+        IdentityClaim::Scope => Some(p.scopes.join(" ")),
+        IdentityClaim::Iss => None,
+    }?;
+    // Header values must not carry control characters; a claim that has them is not forwarded.
+    (!v.chars().any(|c| c.is_control())).then_some(v)
+}
+
+fn read_request_body(body_size: usize) -> Result<Vec<Call>, BodyError> {
+    if body_size == 0 {
+        return Ok(Vec::new());
+    }
+    let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    mcp::calls_in_body(&body)
+}
+
+fn send_reply(reply: &crate::reply::Reply) {
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    let _ = hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+}
+
+/// RFC 9728 metadata, readable by browser-based MCP clients (CORS).
+fn serve_metadata(method: &[u8], document: &str) -> Action {
+    let cors = [
+        ("access-control-allow-origin", "*"),
+        ("access-control-allow-methods", "GET, HEAD, OPTIONS"),
+        ("access-control-allow-headers", "*"),
+        ("access-control-max-age", "86400"),
+    ];
+    match method {
+        b"OPTIONS" => {
+            let _ = hostcalls::send_http_response(204, cors.to_vec(), None);
+        }
+        b"GET" | b"HEAD" => {
+            let mut headers = cors.to_vec();
+            headers.push(("content-type", "application/json"));
+            headers.push(("cache-control", "public, max-age=300"));
+            let body = (method == b"GET").then_some(document.as_bytes());
+            let _ = hostcalls::send_http_response(200, headers, body);
+        }
+        _ => {
+            let _ = hostcalls::send_http_response(
+                405,
+                vec![("allow", "GET, HEAD, OPTIONS"), ("content-type", "application/json")],
+                Some(br#"{"error":"invalid_request","error_description":"metadata is read with GET"}"#),
+            );
+        }
+    }
+    Action::Pause
 }

@@ -4,18 +4,16 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use log::{error, info};
+use log::error;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
-use crate::cache::Digest32;
 use crate::gateway::Gateway;
 
 pub struct RequestContext {
     context_id: u32,
     gateway: Option<Rc<RefCell<Gateway>>>,
-    exchange_key: Option<Digest32>,
 }
 
 impl RequestContext {
@@ -23,7 +21,6 @@ impl RequestContext {
         Self {
             context_id,
             gateway,
-            exchange_key: None,
         }
     }
 }
@@ -59,35 +56,43 @@ impl Context for RequestContext {
 }
 
 impl HttpContext for RequestContext {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(gw) = &self.gateway else {
             return refuse();
         };
         let Ok(mut gw) = gw.try_borrow_mut() else {
             return refuse();
         };
-        let (action, key) = gw.on_request_headers(self.context_id);
-        self.exchange_key = key;
-        action
+        gw.on_request_headers(self.context_id, end_of_stream)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(gw) = &self.gateway else {
+            return refuse();
+        };
+        let Ok(mut gw) = gw.try_borrow_mut() else {
+            return refuse();
+        };
+        gw.on_request_body(self.context_id, body_size, end_of_stream)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        // Only upstream answers matter; our own local replies carry no exchanged token.
-        let Some(key) = self.exchange_key.take() else {
-            return Action::Continue;
-        };
         let status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
             .ok()
             .flatten();
-        if status.as_deref() == Some(b"401") {
-            if let Some(gw) = &self.gateway {
-                if let Ok(mut gw) = gw.try_borrow_mut() {
-                    if gw.invalidate(&key) {
-                        info!("upstream answered 401; dropped the cached exchanged token");
-                    }
-                }
+        if let Some(gw) = &self.gateway {
+            if let Ok(mut gw) = gw.try_borrow_mut() {
+                gw.on_upstream_status(self.context_id, status.as_deref());
             }
         }
         Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if let Some(gw) = &self.gateway {
+            if let Ok(mut gw) = gw.try_borrow_mut() {
+                gw.forget(self.context_id);
+            }
+        }
     }
 }

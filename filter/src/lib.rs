@@ -5,10 +5,13 @@
 //! Protocol logic lives in host-independent modules that unit-test natively; `gateway`, `root`
 //! and `http` wire it to proxy-wasm.
 
+pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod exchange;
 pub mod jwks;
+pub mod mcp;
+pub mod policy;
 pub mod reply;
 pub mod token;
 pub mod verify;
@@ -16,6 +19,7 @@ pub mod verify;
 mod gateway;
 mod host;
 mod http;
+mod metrics;
 mod root;
 
 #[cfg(test)]

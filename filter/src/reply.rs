@@ -1,11 +1,12 @@
 //! Every way a request is refused, mapped in one place to its HTTP status, RFC 6750
 //! `WWW-Authenticate` challenge and JSON body.
 //!
-//! Descriptions are fixed strings chosen here: nothing from the token, the IdP's answer or the
-//! request is echoed back to the client.
+//! Descriptions are fixed strings chosen here (or scope names from the configuration): nothing
+//! from the token, the IdP's answer or the request is echoed back to the client.
 
 use crate::config::ChallengeConfig;
 use crate::exchange::ExchangeError;
+use crate::mcp::BodyError;
 use crate::token::ExtractError;
 use crate::verify::TokenError;
 
@@ -14,10 +15,18 @@ use crate::verify::TokenError;
 pub enum Denial {
     Extract(ExtractError),
     Token(TokenError),
+    /// A valid token issued for another resource than this route's.
+    WrongAudience,
     /// A valid token that lacks these scopes.
     InsufficientScope {
         missing: Vec<String>,
     },
+    /// A `tools/call` of a tool the route does not list (with `deny_unlisted_tools`).
+    ToolNotAllowed,
+    /// The MCP request body could not be inspected.
+    McpBody(BodyError),
+    /// No route matches the path and unmatched requests are denied.
+    NoRoute,
     Exchange(ExchangeError),
     /// The issuer's keys could not be loaded in time.
     KeysUnavailable,
@@ -33,23 +42,27 @@ pub struct Reply {
     pub body: String,
 }
 
+/// The RFC 6750 challenge a denial carries, if any.
 enum Challenge {
-    /// RFC 6750 §3: no error code when the client sent no credentials.
+    /// No error code: the client sent no bearer credentials (RFC 6750 §3.1).
     Bare,
-    Error {
-        code: &'static str,
-        description: &'static str,
-    },
+    /// `error="…"` with the same code and description as the body.
+    WithError,
+    /// Not an authentication problem: no `WWW-Authenticate`.
+    None,
 }
 
 impl Denial {
-    /// A short machine-readable reason, for logs and metrics.
+    /// A short machine-readable reason, for logs, audit and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Extract(ExtractError::Missing) => "missing_token",
             Self::Extract(_) => "invalid_request",
-            Self::Token(_) => "invalid_token",
+            Self::Token(_) | Self::WrongAudience => "invalid_token",
             Self::InsufficientScope { .. } => "insufficient_scope",
+            Self::ToolNotAllowed => "tool_not_allowed",
+            Self::McpBody(_) => "invalid_mcp_request",
+            Self::NoRoute => "no_route",
             Self::Exchange(ExchangeError::SubjectRejected { .. }) => "exchange_subject_rejected",
             Self::Exchange(ExchangeError::TargetRefused { .. }) => "exchange_target_refused",
             Self::Exchange(ExchangeError::GatewayMisconfigured { .. }) => {
@@ -63,134 +76,150 @@ impl Denial {
         }
     }
 
-    pub fn reply(&self, challenge: &ChallengeConfig, required_scopes: &[String]) -> Reply {
-        let scope_list = required_scopes.join(" ");
-        let (status, auth, code, description): (u32, Option<Challenge>, &str, &str) = match self {
+    /// The one table: status, challenge, OAuth error code, description.
+    fn table(&self) -> (u32, Challenge, &'static str, String) {
+        use Challenge::{Bare, None as NoChallenge, WithError};
+        let fixed = |s: &str| s.to_string();
+        match self {
             Self::Extract(ExtractError::Missing) => (
                 401,
-                Some(Challenge::Bare),
+                Bare,
                 "invalid_request",
-                "a bearer access token is required",
+                fixed("a bearer access token is required"),
             ),
-            Self::Extract(e) => {
-                let (code, description) = match e {
-                    ExtractError::Duplicate => {
-                        ("invalid_request", "more than one Authorization header")
-                    }
-                    ExtractError::EmptyBearer => {
-                        ("invalid_request", "the Bearer credentials are empty")
-                    }
-                    ExtractError::TokenInQuery => (
-                        "invalid_request",
-                        "access tokens are accepted only in the Authorization header",
-                    ),
-                    ExtractError::MalformedToken => {
-                        ("invalid_token", "the access token is malformed")
-                    }
-                    ExtractError::TooLarge => ("invalid_token", "the access token is too large"),
-                    ExtractError::Missing => {
-                        ("invalid_request", "a bearer access token is required")
-                    }
-                };
-                let status = if code == "invalid_request" { 400 } else { 401 };
-                (
-                    status,
-                    Some(Challenge::Error { code, description }),
-                    code,
-                    description,
-                )
-            }
-            Self::Token(e) => {
-                let d = e.description();
-                (
-                    401,
-                    Some(Challenge::Error {
-                        code: "invalid_token",
-                        description: d,
-                    }),
-                    "invalid_token",
-                    d,
-                )
-            }
-            Self::InsufficientScope { .. } => {
-                let d = "the access token lacks a required scope";
-                (
-                    403,
-                    Some(Challenge::Error {
-                        code: "insufficient_scope",
-                        description: d,
-                    }),
-                    "insufficient_scope",
-                    d,
-                )
-            }
-            Self::Exchange(e) => match e {
-                ExchangeError::SubjectRejected { .. } => {
-                    let d = "the authorization server no longer accepts this access token";
-                    (
-                        401,
-                        Some(Challenge::Error {
-                            code: "invalid_token",
-                            description: d,
-                        }),
-                        "invalid_token",
-                        d,
-                    )
-                }
-                ExchangeError::TargetRefused { .. } => {
-                    let d = "the authorization server refused a token for the upstream service";
-                    (
-                        403,
-                        Some(Challenge::Error {
-                            code: "insufficient_scope",
-                            description: d,
-                        }),
-                        "insufficient_scope",
-                        d,
-                    )
-                }
-                ExchangeError::GatewayMisconfigured { .. } => (
-                    502,
-                    None,
-                    "server_error",
-                    "the gateway could not authenticate to the authorization server",
+            Self::Extract(ExtractError::Duplicate) => (
+                400,
+                WithError,
+                "invalid_request",
+                fixed("more than one Authorization header"),
+            ),
+            Self::Extract(ExtractError::EmptyBearer) => (
+                400,
+                WithError,
+                "invalid_request",
+                fixed("the Bearer credentials are empty"),
+            ),
+            Self::Extract(ExtractError::TokenInQuery) => (
+                400,
+                WithError,
+                "invalid_request",
+                fixed("access tokens are accepted only in the Authorization header"),
+            ),
+            Self::Extract(ExtractError::MalformedToken) => (
+                401,
+                WithError,
+                "invalid_token",
+                fixed("the access token is malformed"),
+            ),
+            Self::Extract(ExtractError::TooLarge) => (
+                401,
+                WithError,
+                "invalid_token",
+                fixed("the access token is too large"),
+            ),
+            Self::Token(e) => (401, WithError, "invalid_token", fixed(e.description())),
+            Self::WrongAudience => (
+                401,
+                WithError,
+                "invalid_token",
+                fixed(TokenError::WrongAudience.description()),
+            ),
+            // Scope names come from the configuration (validated scope tokens), not the client.
+            Self::InsufficientScope { missing } => (
+                403,
+                WithError,
+                "insufficient_scope",
+                format!(
+                    "the access token lacks required scope(s): {}",
+                    missing.join(" ")
                 ),
-                ExchangeError::Unavailable { .. } => (
-                    503,
-                    None,
-                    "temporarily_unavailable",
-                    "the authorization server is unavailable",
-                ),
-                ExchangeError::Timeout => (
-                    504,
-                    None,
-                    "temporarily_unavailable",
-                    "the authorization server did not answer in time",
-                ),
-                ExchangeError::BadResponse { .. } => (
-                    502,
-                    None,
-                    "server_error",
-                    "the authorization server gave an unusable answer",
-                ),
-            },
+            ),
+            Self::ToolNotAllowed => (
+                403,
+                WithError,
+                "insufficient_scope",
+                fixed("this tool is not available through the gateway"),
+            ),
+            Self::McpBody(e) => (
+                e.status(),
+                NoChallenge,
+                "invalid_request",
+                fixed("malformed MCP request"),
+            ),
+            Self::NoRoute => (
+                404,
+                NoChallenge,
+                "not_found",
+                fixed("no MCP route is configured for this path"),
+            ),
+            Self::Exchange(ExchangeError::SubjectRejected { .. }) => (
+                401,
+                WithError,
+                "invalid_token",
+                fixed("the authorization server no longer accepts this access token"),
+            ),
+            Self::Exchange(ExchangeError::TargetRefused { .. }) => (
+                403,
+                WithError,
+                "insufficient_scope",
+                fixed("the authorization server refused a token for the upstream service"),
+            ),
+            Self::Exchange(ExchangeError::GatewayMisconfigured { .. }) => (
+                502,
+                NoChallenge,
+                "server_error",
+                fixed("the gateway could not authenticate to the authorization server"),
+            ),
+            Self::Exchange(ExchangeError::Unavailable { .. }) => (
+                503,
+                NoChallenge,
+                "temporarily_unavailable",
+                fixed("the authorization server is unavailable"),
+            ),
+            Self::Exchange(ExchangeError::Timeout) => (
+                504,
+                NoChallenge,
+                "temporarily_unavailable",
+                fixed("the authorization server did not answer in time"),
+            ),
+            Self::Exchange(ExchangeError::BadResponse { .. }) => (
+                502,
+                NoChallenge,
+                "server_error",
+                fixed("the authorization server gave an unusable answer"),
+            ),
             Self::KeysUnavailable => (
                 503,
-                None,
+                NoChallenge,
                 "temporarily_unavailable",
-                "the issuer's signing keys are not available yet",
+                fixed("the issuer's signing keys are not available yet"),
             ),
-            Self::Internal => (500, None, "server_error", "internal error"),
-        };
+            Self::Internal => (500, NoChallenge, "server_error", fixed("internal error")),
+        }
+    }
 
+    /// The response for this denial. `required_scopes`: every scope this request needs (route
+    /// and tools), for the challenge's `scope` parameter.
+    pub fn reply(&self, challenge: &ChallengeConfig, required_scopes: &[String]) -> Reply {
+        let (status, kind, code, description) = self.table();
         let mut headers = vec![
             ("content-type", "application/json".to_string()),
             ("cache-control", "no-store".to_string()),
         ];
-        if let Some(c) = auth {
+        let body = match self {
+            // A JSON-RPC error, so MCP clients can show it.
+            Self::McpBody(e) => e.jsonrpc_body(),
+            _ => serde_json::json!({"error": code, "error_description": description}).to_string(),
+        };
+        let error = match kind {
+            Challenge::None => None,
+            Challenge::Bare => Some(None),
+            Challenge::WithError => Some(Some((code, description.as_str()))),
+        };
+        if let Some(error) = error {
             headers.push((
                 "www-authenticate",
-                challenge_header(challenge, c, &scope_list, self),
+                challenge_header(challenge, error, &required_scopes.join(" ")),
             ));
         }
         if status == 503 {
@@ -203,7 +232,6 @@ impl Denial {
             };
             headers.push(("retry-after", retry.to_string()));
         }
-        let body = serde_json::json!({"error": code, "error_description": description}).to_string();
         Reply {
             status,
             headers,
@@ -212,30 +240,19 @@ impl Denial {
     }
 }
 
-fn challenge_header(
-    cfg: &ChallengeConfig,
-    challenge: Challenge,
-    scope_list: &str,
-    denial: &Denial,
-) -> String {
-    // Values are either fixed strings or validated config (no quotes or backslashes), so plain
+fn challenge_header(cfg: &ChallengeConfig, error: Option<(&str, &str)>, scope: &str) -> String {
+    // Values are fixed strings or validated configuration (no quotes or backslashes), so plain
     // quoting is safe.
     let mut params: Vec<String> = Vec::new();
     if let Some(realm) = &cfg.realm {
         params.push(format!("realm=\"{realm}\""));
     }
-    if let Challenge::Error { code, description } = challenge {
+    if let Some((code, description)) = error {
         params.push(format!("error=\"{code}\""));
         params.push(format!("error_description=\"{description}\""));
     }
-    // RFC 6750 §3: for insufficient_scope, `scope` names the scopes needed. MCP (2025-11-25)
-    // also puts it on 401s so clients know what to request.
-    let scope = match denial {
-        Denial::InsufficientScope { missing } if !missing.is_empty() && scope_list.is_empty() => {
-            missing.join(" ")
-        }
-        _ => scope_list.to_string(),
-    };
+    // RFC 6750 §3: `scope` names the scopes needed. MCP (2025-11-25) puts it on 401s too, so a
+    // client knows what to ask for.
     if !scope.is_empty() {
         params.push(format!("scope=\"{scope}\""));
     }
@@ -320,6 +337,10 @@ mod tests {
             missing: vec!["mcp:tools:call".into()],
         }
         .reply(&cfg(), &scopes());
+        assert!(body(&r)["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("mcp:tools:call"));
         assert_eq!(r.status, 403);
         let h = header(&r, "www-authenticate").unwrap();
         assert!(h.contains("error=\"insufficient_scope\""));
@@ -377,5 +398,25 @@ mod tests {
         .reply(&cfg(), &scopes());
         assert!(!r.body.contains("secret-detail"));
         assert!(!r.headers.iter().any(|(_, v)| v.contains("secret-detail")));
+    }
+
+    #[test]
+    fn mcp_body_errors_are_jsonrpc_shaped_without_challenge() {
+        let r = Denial::McpBody(BodyError::Parse).reply(&cfg(), &scopes());
+        assert_eq!(r.status, 400);
+        assert_eq!(body(&r)["error"]["code"], -32700);
+        assert_eq!(header(&r, "www-authenticate"), None);
+        assert_eq!(
+            Denial::McpBody(BodyError::TooLarge)
+                .reply(&cfg(), &scopes())
+                .status,
+            413
+        );
+        let r = Denial::NoRoute.reply(&cfg(), &scopes());
+        assert_eq!((r.status, header(&r, "www-authenticate")), (404, None));
+        let r = Denial::WrongAudience.reply(&cfg(), &scopes());
+        assert!(header(&r, "www-authenticate")
+            .unwrap()
+            .contains("invalid_token"));
     }
 }

@@ -52,12 +52,24 @@ impl RootContext for Root {
         let raw = self.get_plugin_configuration().unwrap_or_default();
         match parse_policy(&raw, &|name| std::env::var(name).ok()) {
             Ok(policy) => {
+                let routes: Vec<String> = policy
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        if r.public {
+                            format!("{} (public)", r.path_prefix)
+                        } else {
+                            format!(
+                                "{} → {:?}/{:?}",
+                                r.path_prefix, r.target.audience, r.target.scope
+                            )
+                        }
+                    })
+                    .collect();
                 info!(
-                    "configured: issuer {}, audiences {:?}, exchange via cluster {} for audience {:?}",
+                    "configured: issuer {}, routes: {}",
                     policy.inbound.issuer,
-                    policy.inbound.audiences,
-                    policy.exchange.cluster,
-                    policy.exchange.audience
+                    routes.join("; ")
                 );
                 // Shared data is keyed by a digest of the configuration, so VMs with another
                 // configuration (or another plugin in an Istio-style empty vm_id) never mix entries.

@@ -76,6 +76,19 @@ pub struct StackOptions {
     pub idp_unreachable: bool,
     /// Start Envoy before the IdP serves (for "JWKS unreachable at start").
     pub wait_for_keys: bool,
+    /// More MCP upstreams behind the same listener, each on its own path prefix.
+    pub extra_upstreams: Vec<ExtraUpstream>,
+}
+
+/// A second (third, …) MCP server, reached through Envoy at `{prefix}mcp`.
+#[derive(Clone, Debug)]
+pub struct ExtraUpstream {
+    /// Envoy route prefix, e.g. `/crm/` (rewritten to `/` for the upstream).
+    pub prefix: String,
+    /// The IdP authorization server whose tokens this upstream accepts.
+    pub as_id: String,
+    pub audience: String,
+    pub required_scopes: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -87,6 +100,7 @@ impl Default for StackOptions {
             secret: CLIENT_SECRET.to_string(),
             idp_unreachable: false,
             wait_for_keys: true,
+            extra_upstreams: Vec::new(),
         }
     }
 }
@@ -94,6 +108,8 @@ impl Default for StackOptions {
 pub struct Stack {
     pub idp: IdpHandle,
     pub upstream: UpstreamHandle,
+    /// The `extra_upstreams`, in order.
+    pub extra: Vec<UpstreamHandle>,
     pub envoy: Envoy,
 }
 
@@ -114,6 +130,22 @@ impl Stack {
             },
         )
         .await?;
+        let mut extra = Vec::new();
+        let mut extra_routes = Vec::new();
+        for x in &opts.extra_upstreams {
+            let handle = mcp::start_upstream(
+                loopback(0),
+                UpstreamConfig {
+                    issuer: idp.issuer(&x.as_id),
+                    jwks_url: idp.jwks_uri(&x.as_id),
+                    audience: x.audience.clone(),
+                    required_scopes: x.required_scopes.clone(),
+                },
+            )
+            .await?;
+            extra_routes.push((x.prefix.clone(), handle.port()));
+            extra.push(handle);
+        }
         let idp_port = if opts.idp_unreachable {
             free_port()?
         } else {
@@ -125,10 +157,12 @@ impl Stack {
             plugin_patch: &opts.plugin_patch,
             concurrency: opts.concurrency,
             secret: &opts.secret,
+            extra_routes: &extra_routes,
         })?;
         let stack = Stack {
             idp,
             upstream,
+            extra,
             envoy,
         };
         if opts.wait_for_keys && !opts.idp_unreachable {
@@ -179,6 +213,8 @@ struct EnvoyParams<'a> {
     plugin_patch: &'a Value,
     concurrency: u32,
     secret: &'a str,
+    /// (route prefix, upstream port) for extra MCP upstreams.
+    extra_routes: &'a [(String, u16)],
 }
 
 /// A running Envoy, killed on drop.
@@ -285,12 +321,41 @@ fn set_cluster_port(bootstrap: &mut Value, cluster: &str, port: u16) -> anyhow::
 
 /// Rewrites `127.0.0.1:9400` (the demo IdP) to the test IdP's port in every string.
 fn retarget_idp(value: &mut Value, port: u16) {
+    replace_in_strings(value, "127.0.0.1:9400", &format!("127.0.0.1:{port}"));
+}
+
+fn replace_in_strings(value: &mut Value, from: &str, to: &str) {
     match value {
-        Value::String(s) => *s = s.replace("127.0.0.1:9400", &format!("127.0.0.1:{port}")),
-        Value::Array(a) => a.iter_mut().for_each(|v| retarget_idp(v, port)),
-        Value::Object(o) => o.values_mut().for_each(|v| retarget_idp(v, port)),
+        Value::String(s) => *s = s.replace(from, to),
+        Value::Array(a) => a.iter_mut().for_each(|v| replace_in_strings(v, from, to)),
+        Value::Object(o) => o.values_mut().for_each(|v| replace_in_strings(v, from, to)),
         _ => {}
     }
+}
+
+/// One cluster and one route (before the catch-all) per extra upstream.
+fn add_extra_routes(bootstrap: &mut Value, extra: &[(String, u16)]) -> anyhow::Result<()> {
+    for (i, (prefix, port)) in extra.iter().enumerate() {
+        let name = format!("mcp_extra_{i}");
+        let clusters = bootstrap
+            .pointer_mut("/static_resources/clusters")
+            .and_then(Value::as_array_mut)
+            .ok_or_else(|| anyhow!("no clusters"))?;
+        clusters.push(serde_json::json!({
+            "name": name, "type": "STATIC", "connect_timeout": "2s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
+        }));
+        let routes = bootstrap
+            .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/route_config/virtual_hosts/0/routes")
+            .and_then(Value::as_array_mut)
+            .ok_or_else(|| anyhow!("no routes"))?;
+        routes.insert(
+            0,
+            serde_json::json!({"match": {"prefix": prefix}, "route": {"cluster": name, "prefix_rewrite": "/", "timeout": "0s"}}),
+        );
+    }
+    Ok(())
 }
 
 impl Envoy {
@@ -304,11 +369,15 @@ impl Envoy {
             port.into();
         set_cluster_port(&mut bootstrap, "mcp_upstream", p.upstream_port)?;
         set_cluster_port(&mut bootstrap, "okta", p.idp_port)?;
+        add_extra_routes(&mut bootstrap, p.extra_routes)?;
 
         let mut plugin = plugin_config(&mut bootstrap)?;
         retarget_idp(&mut plugin, p.idp_port);
         if !p.plugin_patch.is_null() {
-            merge_patch(&mut plugin, p.plugin_patch);
+            // `{gateway}` in the patch stands for this Envoy's own URL (e.g. in `resource`).
+            let mut patch = p.plugin_patch.clone();
+            replace_in_strings(&mut patch, "{gateway}", &format!("http://127.0.0.1:{port}"));
+            merge_patch(&mut plugin, &patch);
         }
         let wasm = filter_wasm()?;
         let filter = wasm_filter_config(&mut bootstrap)?;
@@ -326,7 +395,8 @@ impl Envoy {
             .arg(&config_path)
             .args(["--disable-hot-restart", "--concurrency"])
             .arg(p.concurrency.to_string())
-            .args(["-l", "info"])
+            .arg("-l")
+            .arg(std::env::var("E2E_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
             .env(SECRET_ENV, p.secret)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,525 @@
+//! The MCP-native gateway through a real Envoy: protected resource metadata and discovery,
+//! several upstreams with their own backend audiences, per-tool scopes and downscoping, identity
+//! headers, audit lines and Envoy stats.
+
+use std::time::Duration;
+
+use gateway_tests::harness::{ExtraUpstream, Stack, StackOptions, CLIENT_ID, CLIENT_SECRET};
+use gateway_tests::idp::{
+    AuthServerConfig, Endpoint, ExchangePolicy, Fault, IdpConfig, MintRequest,
+};
+use gateway_tests::mcp;
+use serde_json::{json, Value};
+
+type Result<T = ()> = anyhow::Result<T>;
+
+/// The reference IdP plus a `crm` authorization server (audience `crm`) that also trusts `mcp`.
+fn idp_with_crm() -> IdpConfig {
+    let mut idp = IdpConfig::reference(CLIENT_ID, CLIENT_SECRET);
+    idp.authorization_servers.push(AuthServerConfig {
+        id: "crm".into(),
+        audience: "crm".into(),
+        scopes: vec!["crm:read".into()],
+        trusted_servers: vec!["mcp".into()],
+        exchange_policies: vec![ExchangePolicy {
+            client_id: CLIENT_ID.into(),
+            scopes: vec!["crm:read".into()],
+        }],
+    });
+    idp
+}
+
+/// Two MCP routes on one listener: `/mcp` (backend) with per-tool policy, `/crm/mcp` (crm), plus
+/// a public `/healthz`.
+fn two_routes() -> StackOptions {
+    StackOptions {
+        idp: idp_with_crm(),
+        extra_upstreams: vec![ExtraUpstream {
+            prefix: "/crm/".into(),
+            as_id: "crm".into(),
+            audience: "crm".into(),
+            required_scopes: vec!["crm:read".into()],
+        }],
+        plugin_patch: json!({
+            "resource_name": "Demo MCP gateway",
+            "identity_headers": {"x-mcp-user": "sub", "x-mcp-client-id": "client_id"},
+            "routes": [
+                {
+                    "name": "backend",
+                    "path_prefix": "/mcp",
+                    "resource": "{gateway}/mcp",
+                    "exchange": {"scope": "backend-api:read backend-api:write"},
+                    "tools": {
+                        "read_data": {"exchange_scope": "backend-api:read"},
+                        "write_data": {"required_scopes": ["mcp:tools:admin"]}
+                    }
+                },
+                {
+                    "name": "crm",
+                    "path_prefix": "/crm/mcp",
+                    "resource": "{gateway}/crm/mcp",
+                    "exchange": {"audience": "crm", "scope": "crm:read", "path": "/oauth2/crm/v1/token"}
+                },
+                {"path_prefix": "/healthz", "public": true}
+            ]
+        }),
+        ..StackOptions::default()
+    }
+}
+
+async fn post_jsonrpc(
+    stack: &Stack,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> Result<(u16, Option<String>, Value)> {
+    let resp = reqwest::Client::new()
+        .post(stack.envoy.url(path))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(body.to_string())
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    let challenge = resp
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = resp.text().await?;
+    Ok((
+        status,
+        challenge,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
+}
+
+fn call_tool_body(tool: &str) -> String {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": {}}}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_token_discovers_the_authorization_server() -> Result {
+    let stack = Stack::start_with(two_routes()).await?;
+    let http = reqwest::Client::new();
+
+    // 1. No token: the challenge points at this route's metadata.
+    let resp = http
+        .post(stack.envoy.url("/crm/mcp"))
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 401);
+    let challenge = resp.headers()["www-authenticate"].to_str()?.to_string();
+    let metadata_url = challenge
+        .split("resource_metadata=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("resource_metadata in the challenge");
+    assert_eq!(
+        metadata_url,
+        stack
+            .envoy
+            .url("/.well-known/oauth-protected-resource/crm/mcp")
+    );
+
+    // 2. The metadata, without authentication.
+    let resp = http.get(metadata_url).send().await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+    let doc: Value = resp.json().await?;
+    assert_eq!(doc["resource"], stack.envoy.url("/crm/mcp"));
+    assert_eq!(doc["bearer_methods_supported"], json!(["header"]));
+    assert_eq!(doc["resource_name"], "Demo MCP gateway");
+    let issuer = doc["authorization_servers"][0]
+        .as_str()
+        .expect("an authorization server");
+    assert_eq!(issuer, stack.idp.issuer("mcp"));
+
+    // 3. The authorization server's own metadata (RFC 8414), where a client finds its endpoints.
+    let as_meta: Value = http
+        .get(format!("{issuer}/.well-known/oauth-authorization-server"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(as_meta["issuer"], issuer);
+
+    // Per-route documents, the bare well-known path, and a CORS preflight for browsers.
+    let main: Value = http
+        .get(stack.envoy.url("/.well-known/oauth-protected-resource/mcp"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(main["resource"], stack.envoy.url("/mcp"));
+    assert_eq!(
+        main["scopes_supported"],
+        json!(["mcp:tools:call", "mcp:tools:admin"])
+    );
+    let bare = http
+        .get(stack.envoy.url("/.well-known/oauth-protected-resource"))
+        .send()
+        .await?;
+    assert_eq!(bare.status(), 200);
+    let preflight = http
+        .request(
+            reqwest::Method::OPTIONS,
+            stack.envoy.url("/.well-known/oauth-protected-resource/mcp"),
+        )
+        .header("origin", "https://vscode.dev")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await?;
+    assert_eq!(preflight.status(), 204);
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "*");
+    assert!(
+        stack.upstream.seen_requests().is_empty(),
+        "metadata is answered by the gateway"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_upstreams_get_tokens_for_their_own_audiences() -> Result {
+    let stack = Stack::start_with(two_routes()).await?;
+    let token = stack.user_token();
+    let backend = mcp::whoami(&stack.envoy.url("/mcp"), &token).await?;
+    assert_eq!(backend.aud, vec!["backend"]);
+    assert_eq!(
+        backend.scopes,
+        vec!["backend-api:read", "backend-api:write"]
+    );
+    let crm = mcp::whoami(&stack.envoy.url("/crm/mcp"), &token).await?;
+    assert_eq!(crm.aud, vec!["crm"]);
+    assert_eq!(crm.scopes, vec!["crm:read"]);
+    assert_eq!(crm.iss, stack.idp.issuer("crm"));
+    assert_eq!(crm.sub, backend.sub);
+    // Each upstream saw only its own requests.
+    assert!(!stack.extra[0].seen_requests().is_empty());
+    assert!(stack
+        .upstream
+        .seen_requests()
+        .iter()
+        .all(|r| r.path == "/mcp"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_need_their_scopes_and_get_narrower_tokens() -> Result {
+    let stack = Stack::start_with(two_routes()).await?;
+    let user = stack.user_token();
+
+    // write_data needs mcp:tools:admin, which this user lacks: 403 naming it, nothing upstream.
+    let (status, challenge, body) =
+        post_jsonrpc(&stack, "/mcp", &user, &call_tool_body("write_data")).await?;
+    assert_eq!(status, 403, "{body}");
+    let challenge = challenge.unwrap_or_default();
+    assert!(
+        challenge.contains("error=\"insufficient_scope\""),
+        "{challenge}"
+    );
+    assert!(
+        challenge.contains("scope=\"mcp:tools:call mcp:tools:admin\""),
+        "{challenge}"
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap_or("")
+            .contains("mcp:tools:admin"),
+        "{body}"
+    );
+    // The same through the real MCP client.
+    let err = mcp::call_tool(&stack.envoy.url("/mcp"), &user, "write_data", json!({}))
+        .await
+        .expect_err("write_data must be refused");
+    assert_eq!(mcp::error_status(&err), Some(403), "{err:#}");
+    assert!(!stack
+        .upstream
+        .seen_requests()
+        .iter()
+        .any(|r| String::from_utf8_lossy(&r.body).contains("write_data")));
+
+    // A batch is refused when any call in it needs a scope the user lacks.
+    let batch = format!(
+        "[{},{}]",
+        call_tool_body("read_data"),
+        call_tool_body("write_data")
+    );
+    assert_eq!(post_jsonrpc(&stack, "/mcp", &user, &batch).await?.0, 403);
+
+    // An admin may call it.
+    let admin = stack.mint(&MintRequest {
+        sub: "admin@example.com".into(),
+        scopes: vec!["mcp:tools:call".into(), "mcp:tools:admin".into()],
+        ..MintRequest::default()
+    });
+    let written = mcp::call_tool(&stack.envoy.url("/mcp"), &admin, "write_data", json!({})).await?;
+    assert_eq!(written["sub"], "admin@example.com");
+
+    // Without MCP 2026-07-28 headers the token is chosen before the body is seen (Envoy hands
+    // a Wasm filter the body only after the headers go on): the route's token.
+    let read = mcp::call_tool(&stack.envoy.url("/mcp"), &user, "read_data", json!({})).await?;
+    assert_eq!(
+        read["scopes"],
+        json!(["backend-api:read", "backend-api:write"]),
+        "{read}"
+    );
+
+    // Downscoping: with `Mcp-Method`/`Mcp-Name`, read_data gets a read-only backend token.
+    stack.upstream.clear();
+    let body = call_tool_body("read_data");
+    let resp = reqwest::Client::new()
+        .post(stack.envoy.url("/mcp"))
+        .header("authorization", format!("Bearer {user}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "read_data")
+        .body(body.clone())
+        .send()
+        .await?;
+    let _ = resp.status();
+    let seen = stack.upstream.seen_requests();
+    assert_eq!(seen.len(), 1, "the call reached the upstream");
+    assert_eq!(seen[0].body, body.as_bytes());
+    let backend = seen[0].bearer().expect("a backend token upstream");
+    assert_eq!(jwt_claims(backend)["scp"], json!(["backend-api:read"]));
+    assert_eq!(jwt_claims(backend)["aud"], "backend");
+
+    // Headers that name one tool while the body calls another are refused.
+    let resp = reqwest::Client::new()
+        .post(stack.envoy.url("/mcp"))
+        .header("authorization", format!("Bearer {user}"))
+        .header("content-type", "application/json")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "read_data")
+        .body(call_tool_body("write_data"))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await?;
+    assert_eq!(err["error"]["code"], -32600);
+    // The write call never reached the upstream complete.
+    assert!(!stack
+        .upstream
+        .seen_requests()
+        .iter()
+        .any(|r| String::from_utf8_lossy(&r.body).contains("write_data")));
+
+    // An admin's write_data by header gets the route's token (no narrower scope configured).
+    let who = mcp::whoami(&stack.envoy.url("/mcp"), &user).await?;
+    assert_eq!(who.scopes, vec!["backend-api:read", "backend-api:write"]);
+    Ok(())
+}
+
+fn jwt_claims(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap_or_default();
+    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_bodies_are_inspected_but_reach_the_upstream_unchanged() -> Result {
+    let stack = Stack::start_with(two_routes()).await?;
+    let user = stack.user_token();
+
+    let (status, challenge, body) = post_jsonrpc(&stack, "/mcp", &user, "{not json").await?;
+    assert_eq!(status, 400);
+    assert!(challenge.is_none());
+    assert_eq!(body["jsonrpc"], "2.0");
+    assert_eq!(body["error"]["code"], -32700);
+    let (status, _, body) = post_jsonrpc(
+        &stack,
+        "/mcp",
+        &user,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (400, json!(-32600))
+    );
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{}"}}}}}}"#,
+        "x".repeat(70 * 1024)
+    );
+    assert_eq!(post_jsonrpc(&stack, "/mcp", &user, &big).await?.0, 413);
+    // The headers of these requests went upstream before their bodies were checked (see
+    // on_request_body); the bodies never did, so the upstream recorded no complete request.
+    assert!(stack.upstream.seen_requests().is_empty());
+
+    // A tool call with an odd but valid body passes byte for byte (the upstream answers it; the
+    // session error is the upstream's business, not the gateway's).
+    let body = "{ \"jsonrpc\" : \"2.0\", \"id\" : 9, \"method\" : \"tools/call\", \"params\" : {\"name\":\"echo\",\"arguments\":{\"text\":\"h\\u00e9\"}} }";
+    post_jsonrpc(&stack, "/mcp", &user, body).await?;
+    let seen = stack.upstream.seen_requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, body.as_bytes());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_exchange_never_lets_the_body_run_ahead_of_the_token_swap() -> Result {
+    let stack = Stack::start().await?;
+    stack
+        .idp
+        .set_fault(Endpoint::Token, Fault::Delay(Duration::from_millis(600)));
+    let token = stack.user_token();
+    let body = call_tool_body("whoami");
+    let (status, _, _) = post_jsonrpc(&stack, "/mcp", &token, &body).await?;
+    assert_ne!(status, 401, "the upstream accepted what it got");
+    let seen = stack.upstream.seen_requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, body.as_bytes(), "the body arrived intact");
+    assert_ne!(
+        seen[0].bearer(),
+        Some(token.as_str()),
+        "the inbound token never reached the upstream"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_headers_come_from_the_token_not_the_client() -> Result {
+    let stack = Stack::start_with(two_routes()).await?;
+    let token = stack.mint(&MintRequest {
+        sub: "carol@example.com".into(),
+        ..MintRequest::default()
+    });
+    let resp = reqwest::Client::new()
+        .post(stack.envoy.url("/mcp"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-mcp-user", "root@evil.example")
+        .header("x-mcp-client-id", "spoofed")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#)
+        .send()
+        .await?;
+    let _ = resp.status();
+    let seen = stack.upstream.seen_requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].header_values("x-mcp-user"),
+        vec!["carol@example.com"]
+    );
+    assert_eq!(seen[0].header_values("x-mcp-client-id"), vec!["mcp-client"]);
+
+    // A public route: no authentication, and neither credentials nor claimed identity pass.
+    let resp = reqwest::Client::new()
+        .get(stack.envoy.url("/healthz"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-mcp-user", "root@evil.example")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let seen = stack.upstream.seen_requests();
+    let health = seen.last().expect("healthz reached the upstream");
+    assert_eq!(health.path, "/healthz");
+    assert!(health.header("authorization").is_none());
+    assert!(health.header("x-mcp-user").is_none());
+
+    // A path no route describes is refused by the gateway.
+    let resp = reqwest::Client::new()
+        .get(stack.envoy.url("/admin"))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(stack.upstream.seen_requests().len(), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_decision_is_audited_and_counted() -> Result {
+    let stack = Stack::start_with(two_routes()).await?;
+    let user = stack.mint(&MintRequest {
+        sub: "dave@example.com".into(),
+        extra: serde_json::from_value(json!({"jti": "jti-dave-1"}))?,
+        ..MintRequest::default()
+    });
+    mcp::call_tool(&stack.envoy.url("/mcp"), &user, "read_data", json!({})).await?;
+    post_jsonrpc(&stack, "/mcp", &user, &call_tool_body("write_data")).await?;
+    reqwest::Client::new()
+        .post(stack.envoy.url("/mcp"))
+        .body("{}")
+        .send()
+        .await?;
+
+    stack
+        .wait_for_log("\"reason\":\"missing_token\"", Duration::from_secs(5))
+        .await?;
+    let log = stack.envoy.log();
+    let audits: Vec<Value> = log
+        .lines()
+        .filter_map(|l| l.find("{\"audit\"").map(|i| &l[i..]))
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect();
+    let allowed = audits
+        .iter()
+        .find(|a| a["decision"] == "allow" && a["tool"] == "read_data")
+        .expect("an audit line for the allowed read_data call");
+    assert_eq!(allowed["sub"], "dave@example.com");
+    assert_eq!(allowed["token"], "jti-dave-1");
+    assert_eq!(allowed["route"], "backend");
+    assert_eq!(
+        allowed["target_scope"],
+        "backend-api:read backend-api:write"
+    );
+    assert!(allowed["exchanged_token"]
+        .as_str()
+        .is_some_and(|f| f.len() == 8));
+    assert!(matches!(
+        allowed["cache"].as_str(),
+        Some("hit" | "miss" | "coalesced")
+    ));
+    let denied = audits
+        .iter()
+        .find(|a| a["decision"] == "deny" && a["tool"] == "write_data")
+        .expect("an audit line for the denied write_data call");
+    assert_eq!(denied["reason"], "insufficient_scope");
+    assert_eq!(denied["status"], 403);
+    assert!(audits
+        .iter()
+        .any(|a| a["reason"] == "missing_token" && a["status"] == 401));
+    assert!(!log.contains(&user), "no token in the log");
+
+    // Counters in Envoy's stats.
+    let stats = reqwest::get(stack.envoy.admin_url("/stats?filter=mcp_token_exchange"))
+        .await?
+        .text()
+        .await?;
+    let counter = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find(|l| l.contains(&format!("mcp_token_exchange.{name}:")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(counter("requests.allowed") >= 3, "{stats}");
+    assert_eq!(counter("requests.denied.insufficient_scope"), 1, "{stats}");
+    assert_eq!(counter("requests.denied.missing_token"), 1, "{stats}");
+    assert_eq!(
+        counter("exchanges.ok"),
+        1,
+        "one user, one target: one exchange; {stats}"
+    );
+    assert!(counter("cache.hits") >= 1, "{stats}");
+    assert!(counter("jwks.fetch_ok") >= 1, "{stats}");
+    let prometheus = reqwest::get(stack.envoy.admin_url("/stats/prometheus"))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        prometheus.contains("mcp_token_exchange"),
+        "metrics are exported to Prometheus"
+    );
+    Ok(())
+}
