@@ -10,17 +10,24 @@ VENV         := .venv
 ENVOY        := $(VENV)/bin/envoy
 WASM         := target/wasm32-wasip1/release/mcp_token_exchange.wasm
 GIT_COMMIT   := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+VERSION      := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n1)
+IMAGE_DIR    := target/oci/mcp-token-exchange-$(VERSION)
+IMAGE_VARIANT ?= oci
+DIST         := dist/mcp-token-exchange-$(VERSION)
 
 export ENVOY_BIN   := $(abspath $(ENVOY))
 export FILTER_WASM := $(abspath $(WASM))
 
-.PHONY: help toolchain envoy wasm services build run test unit e2e lint fmt clean
+.PHONY: help toolchain envoy wasm services build run test unit e2e lint fmt clean image dist
 
 help:
 	@echo "make run    - build everything, start IdP + MCP server + Envoy, show a token exchange"
 	@echo "make test   - lint, unit tests, end-to-end suite through a real Envoy"
 	@echo "make wasm   - build the filter ($(WASM))"
 	@echo "make envoy  - install Envoy $(ENVOY_VERSION) into $(VENV)"
+	@echo "make fuzz   - property-based fuzzing of parsers and verifier (PROPTEST_CASES=50000)"
+	@echo "make image  - OCI image of the module for Istio / Envoy Gateway ($(IMAGE_DIR))"
+	@echo "make dist   - release folder $(DIST): .wasm, sha256, OCI image, example configs"
 
 toolchain:
 	rustup target add wasm32-wasip1
@@ -36,6 +43,30 @@ envoy: $(ENVOY)
 wasm: toolchain
 	GIT_COMMIT=$(GIT_COMMIT) $(CARGO) build -p mcp-token-exchange --target wasm32-wasip1 --release
 	@ls -l $(WASM)
+
+# The module as an OCI image (layout dir + tarball), no container engine needed. Prints the
+# manifest digest for WasmPlugin.sha256 / EnvoyExtensionPolicy. IMAGE_VARIANT=compat for the
+# single tar+gzip layer holding plugin.wasm.
+image: wasm
+	rm -rf $(IMAGE_DIR) $(IMAGE_DIR).oci.tar
+	$(CARGO) run --quiet -p gateway-tests --bin oci-image -- --wasm $(WASM) --variant $(IMAGE_VARIANT) \
+	  --version $(VERSION) --revision $(GIT_COMMIT) --out $(IMAGE_DIR) --tar $(IMAGE_DIR).oci.tar
+
+# One self-contained release folder. Its example configs load the module from the folder itself
+# and carry the image's real manifest digest.
+dist: wasm
+	rm -rf $(DIST) && mkdir -p $(DIST)
+	cp $(WASM) $(DIST)/
+	cd $(DIST) && sha256sum mcp_token_exchange.wasm > mcp_token_exchange.wasm.sha256
+	echo "mcp-token-exchange $(VERSION) ($(GIT_COMMIT))" > $(DIST)/VERSION
+	$(CARGO) run --quiet -p gateway-tests --bin oci-image -- --wasm $(WASM) --version $(VERSION) \
+	  --revision $(GIT_COMMIT) --out $(DIST)/oci --tar $(DIST)/mcp-token-exchange-$(VERSION).oci.tar \
+	  | tee $(DIST)/IMAGE.txt
+	cp -R envoy $(DIST)/envoy && rm -f $(DIST)/envoy/demo.yaml
+	digest=$$(awk '$$1 == "manifest-sha256:" {print $$2}' $(DIST)/IMAGE.txt) && test -n "$$digest" && \
+	  sed -i "s/0\{64\}/$$digest/" $(DIST)/envoy/istio/wasmplugin.yaml $(DIST)/envoy/envoy-gateway/extension-policy.yaml
+	sed -i 's#target/wasm32-wasip1/release/mcp_token_exchange.wasm#mcp_token_exchange.wasm#' $(DIST)/envoy/*.yaml
+	@echo && ls -l $(DIST)
 
 services:
 	$(CARGO) build -p gateway-tests --bins
@@ -54,11 +85,26 @@ unit:
 	$(CARGO) test -p mcp-token-exchange
 	$(CARGO) test -p gateway-tests --lib
 
+# The property-based fuzz harness (filter/tests/fuzz.rs) run long: `make unit` runs it with 256
+# cases per property; this runs FUZZ_CASES (default 50000) per property, a few minutes.
+FUZZ_CASES ?= 50000
+.PHONY: fuzz
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p mcp-token-exchange --test fuzz
+
 e2e: wasm envoy
 	$(CARGO) test -p gateway-tests --test '*'
 
 test: lint unit e2e
 	DEMO_EXIT=1 tests/demo/run.sh
+
+# The measuring harness (bench/bench.py, ~10 min on 2 cores); not part of `make test` or CI.
+.PHONY: bench
+bench: toolchain envoy
+	@command -v wrk >/dev/null || apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }
+	GIT_COMMIT=$(GIT_COMMIT) $(CARGO) build -p mcp-token-exchange -p noop-filter --target wasm32-wasip1 --release
+	$(CARGO) build -p gateway-tests --bins
+	$(PYTHON) bench/bench.py
 
 fmt:
 	$(CARGO) fmt --all

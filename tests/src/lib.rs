@@ -8,3 +8,4 @@
 pub mod harness;
 pub mod idp;
 pub mod mcp;
+pub mod oci;

@@ -10,6 +10,9 @@
 //!   `jti`, `iss`, `aud` (string), `iat`, `exp`, `cid`, `uid`, `scp` (array), `sub`;
 //! - the token-exchange grant with Okta's rules (trusted servers, exact `audience`, custom scopes
 //!   only, per-client exchange policy) and its error codes, as RFC 6749 §5.2 JSON;
+//! - client authentication with a secret (`client_secret_basic`, `client_secret_post`) or a
+//!   signed client assertion (`private_key_jwt`, RFC 7523: RS256 or ES256, Okta's claim rules,
+//!   `jti` replay refused), and optionally RFC 8693 actor tokens (off by default, as in Okta);
 //! - fault injection per endpoint (delay, status, connection reset, malformed body, verbatim
 //!   answer), request counters, and the last token request as received, for tests;
 //! - a test-only admin API under `/__admin/` (mint, stats, faults, key rotation).
@@ -17,6 +20,7 @@
 //! Tests use it in-process through [`start`] and [`IdpHandle`]; the `okta-idp` binary serves the
 //! same thing for `make run` and humans.
 
+mod client_jwt;
 mod keys;
 mod server;
 mod token;
@@ -34,7 +38,13 @@ use anyhow::{anyhow, bail, Context as _};
 use rsa::sha2::{Digest as _, Sha256};
 use serde_json::{Map, Value};
 
+use client_jwt::ClientKeys;
 use keys::SigningKey;
+
+pub use client_jwt::{
+    client_jwt_claims, ClientKeyAlg, ClientSigningKey, CLIENT_ASSERTION_TYPE, JWT_TOKEN_TYPE,
+    MAX_ASSERTION_LIFETIME_SECS,
+};
 
 /// `grant_type` of RFC 8693 token exchange.
 pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -66,13 +76,19 @@ pub struct ExchangePolicy {
     pub scopes: Vec<String>,
 }
 
-/// A confidential client (an Okta "API Services" app) authenticating with id + secret.
+/// A confidential client (an Okta "API Services" app) authenticating with id + secret, or with
+/// a client assertion signed by one of its registered keys (`private_key_jwt`).
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub client_id: String,
+    /// Empty = the client has no secret: secret authentication is refused.
     pub client_secret: String,
     /// Whether the Token Exchange grant is enabled for the app (else `unauthorized_client`).
     pub token_exchange_enabled: bool,
+    /// Public keys (a JWK Set, `{"keys": [...]}`: RSA ≥ 2048 bits for RS256, EC P-256 for ES256)
+    /// that verify the client's `private_key_jwt` assertions and actor tokens. `None` = the client
+    /// cannot use them. Checked when the IdP starts.
+    pub jwks: Option<Value>,
 }
 
 /// Everything the IdP serves. [`Default`] is the reference setup: ASes `mcp` and `backend`,
@@ -92,6 +108,11 @@ pub struct IdpConfig {
     pub public_base_url: Option<String>,
     /// `cid` of the user tokens [`IdpHandle::mint`] makes (the MCP client's app id).
     pub user_client_id: String,
+    /// Accept RFC 8693 `actor_token` (type `urn:ietf:params:oauth:token-type:jwt`, signed by the
+    /// authenticated client's registered key, `iss` = `sub` = client id, `aud` = the token
+    /// endpoint) and put `"act": {"sub": client_id}` in the issued token. Default `false`:
+    /// Okta's on-behalf-of exchange refuses actor tokens with `invalid_request`.
+    pub accept_actor_tokens: bool,
     /// One line per request on stderr (never tokens or secrets).
     pub log_requests: bool,
 }
@@ -133,12 +154,14 @@ impl IdpConfig {
                 client_id: client_id.into(),
                 client_secret: client_secret.into(),
                 token_exchange_enabled: true,
+                jwks: None,
             }],
             exchange_ttl_secs: 3600,
             omit_issued_token_type: false,
             keys_max_age_secs: 86400,
             public_base_url: None,
             user_client_id: "mcp-client".into(),
+            accept_actor_tokens: false,
             log_requests: true,
         }
     }
@@ -179,7 +202,21 @@ impl IdpConfig {
         if self.exchange_ttl_secs <= 0 {
             bail!("exchange_ttl_secs must be positive");
         }
+        self.client_keys()?;
         Ok(())
+    }
+
+    /// The parsed public keys of every client that registered some.
+    fn client_keys(&self) -> anyhow::Result<HashMap<String, ClientKeys>> {
+        let mut out = HashMap::new();
+        for c in &self.clients {
+            if let Some(jwks) = &c.jwks {
+                let keys = ClientKeys::parse(jwks)
+                    .with_context(|| format!("client {:?}: jwks", c.client_id))?;
+                out.insert(c.client_id.clone(), keys);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -307,6 +344,10 @@ pub(crate) struct State {
     pub(crate) config: IdpConfig,
     pub(crate) base_url: String,
     pub(crate) servers: HashMap<String, AsState>,
+    /// Registered public keys per client id (`private_key_jwt`, actor tokens).
+    pub(crate) client_keys: HashMap<String, ClientKeys>,
+    /// `jti`s of accepted client assertions (key: client id, NUL, jti) until their `exp`.
+    used_assertions: Mutex<HashMap<String, i64>>,
     faults: Mutex<HashMap<Endpoint, Fault>>,
     token_requests: AtomicU64,
     last_exchange: Mutex<Option<RecordedExchange>>,
@@ -335,6 +376,20 @@ impl State {
 
     pub(crate) fn count_keys_request(&self, server: &AsState) {
         server.keys_requests.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Remembers an accepted client assertion's `jti` until `exp`; `false` if it was seen
+    /// before (a replay).
+    pub(crate) fn claim_assertion_id(&self, client_id: &str, jti: &str, exp: i64) -> bool {
+        let now = now_secs();
+        let mut used = lock(&self.used_assertions);
+        used.retain(|_, until| *until >= now);
+        let key = format!("{client_id}\u{0}{jti}");
+        if used.contains_key(&key) {
+            return false;
+        }
+        used.insert(key, exp);
+        true
     }
 
     pub(crate) fn record_exchange(&self, record: RecordedExchange) {
@@ -492,10 +547,13 @@ pub async fn start(listen: SocketAddr, config: IdpConfig) -> anyhow::Result<IdpH
         );
     }
 
+    let client_keys = config.client_keys()?;
     let state = Arc::new(State {
         config,
         base_url,
         servers,
+        client_keys,
+        used_assertions: Mutex::new(HashMap::new()),
         faults: Mutex::new(HashMap::new()),
         token_requests: AtomicU64::new(0),
         last_exchange: Mutex::new(None),

@@ -298,7 +298,8 @@ fn metadata_response(state: &State, server: &AsState, oidc: bool) -> Resp {
         "response_types_supported": [],
         "grant_types_supported": [TOKEN_EXCHANGE_GRANT],
         "scopes_supported": server.config.scopes,
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256"],
         "claims_supported": ["ver", "jti", "iss", "aud", "iat", "exp", "cid", "uid", "scp", "sub"],
     });
     if oidc {

@@ -1105,3 +1105,5 @@ async fn public_base_url_drives_issuers() {
         .claims;
     assert_eq!(claims["iss"], "http://idp.test:9400/oauth2/mcp");
 }
+
+mod client_auth;

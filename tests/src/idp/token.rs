@@ -1,9 +1,10 @@
 //! `POST /oauth2/{as}/v1/token`: Okta's On-Behalf-Of Token Exchange (RFC 8693).
 //!
-//! Checks, in order: method and content type, the form, client authentication, the grant,
-//! the request parameters (`subject_token_type`, `requested_token_type`, `audience`,
-//! `resource`, `scope`), the subject token (issuer known and trusted, signature, expiry,
-//! audience, subject), and finally the AS's exchange policy for the client.
+//! Checks, in order: method and content type, the form, client authentication (secret, or a
+//! `private_key_jwt` client assertion), the grant, the request parameters (`subject_token_type`,
+//! the actor token, `requested_token_type`, `audience`, `resource`, `scope`), the subject token
+//! (issuer known and trusted, signature, expiry, audience, subject), and finally the AS's
+//! exchange policy for the client.
 
 use std::collections::HashSet;
 
@@ -12,10 +13,11 @@ use base64::Engine as _;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::client_jwt::{check_client_jwt, JwtRules, MAX_ASSERTION_LIFETIME_SECS};
 use super::keys::parse_jws;
 use super::{
     access_token_claims, now_secs, AccessTokenClaims, AsState, RecordedExchange, State,
-    ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT,
+    ACCESS_TOKEN_TYPE, CLIENT_ASSERTION_TYPE, JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT,
 };
 
 /// What the HTTP layer hands over.
@@ -173,7 +175,7 @@ fn exchange(
     };
 
     // Client authentication.
-    let client = authenticate_client(state, req.authorization, &param, record)?;
+    let client = authenticate_client(state, server, req.authorization, &param, record)?;
 
     // The grant.
     match param("grant_type") {
@@ -224,11 +226,13 @@ fn exchange(
         }
         Some(t) => t,
     };
-    if param("actor_token").is_some() || param("actor_token_type").is_some() {
-        return Err(OAuthError::invalid_request(
-            "Actor tokens are not supported for this token exchange.",
-        ));
-    }
+    let actor = actor(
+        state,
+        server,
+        &client,
+        param("actor_token"),
+        param("actor_token_type"),
+    )?;
     if let Some(t) = param("requested_token_type") {
         if t != ACCESS_TOKEN_TYPE {
             return Err(OAuthError::invalid_request(format!(
@@ -319,7 +323,7 @@ fn exchange(
     // Issue.
     let now = now_secs();
     let ttl = state.config.exchange_ttl_secs;
-    let claims = access_token_claims(AccessTokenClaims {
+    let mut claims = access_token_claims(AccessTokenClaims {
         issuer: &server.issuer,
         audience,
         iat: now,
@@ -329,6 +333,10 @@ fn exchange(
         scopes: ("scp", Value::from(scopes.clone())),
         sub: &subject.sub,
     });
+    if let Some(actor) = actor {
+        // RFC 8693 §4.1: the party acting on behalf of the subject.
+        claims.insert("act".into(), serde_json::json!({ "sub": actor }));
+    }
     let token = server
         .signing_key()
         .sign_claims(&claims)
@@ -351,8 +359,166 @@ struct Client {
     token_exchange_enabled: bool,
 }
 
+/// `aud` values a client-signed JWT may carry at this AS: the token endpoint URL (what RFC 7523
+/// and Okta ask for) or the AS issuer (which Okta accepts too).
+fn client_jwt_audiences(server: &AsState) -> [String; 2] {
+    [format!("{}/v1/token", server.issuer), server.issuer.clone()]
+}
+
+/// The RFC 8693 actor token, if one was sent and is acceptable: the actor's id (the
+/// authenticated client's). Okta refuses actor tokens altogether; with
+/// [`super::IdpConfig::accept_actor_tokens`] the IdP accepts a JWT the client signed itself.
+fn actor(
+    state: &State,
+    server: &AsState,
+    client: &Client,
+    token: Option<&str>,
+    token_type: Option<&str>,
+) -> Result<Option<String>, OAuthError> {
+    if token.is_none() && token_type.is_none() {
+        return Ok(None);
+    }
+    if !state.config.accept_actor_tokens {
+        return Err(OAuthError::invalid_request(
+            "Actor tokens are not supported for this token exchange.",
+        ));
+    }
+    let token = match (token, token_type) {
+        (None | Some(""), _) => {
+            return Err(OAuthError::invalid_request(
+                "The 'actor_token_type' parameter must not be sent without an 'actor_token'.",
+            ))
+        }
+        (Some(_), None | Some("")) => {
+            return Err(OAuthError::invalid_request(
+                "The 'actor_token_type' parameter is required with an 'actor_token'.",
+            ))
+        }
+        (Some(t), Some(JWT_TOKEN_TYPE)) => t,
+        (Some(_), Some(_)) => {
+            return Err(OAuthError::invalid_request(format!(
+                "The 'actor_token_type' is not supported; it must be {JWT_TOKEN_TYPE}."
+            )))
+        }
+    };
+    let Some(keys) = state.client_keys.get(&client.client_id) else {
+        return Err(OAuthError::invalid_request(
+            "The 'actor_token' cannot be verified: the client has no registered keys.",
+        ));
+    };
+    let audiences = client_jwt_audiences(server);
+    check_client_jwt(
+        keys,
+        token,
+        &JwtRules {
+            client_id: &client.client_id,
+            audiences: &audiences,
+            now: now_secs(),
+            max_lifetime_secs: None,
+            require_jti: false,
+        },
+    )
+    .map_err(|why| OAuthError::invalid_request(format!("The 'actor_token' is invalid: {why}.")))?;
+    Ok(Some(client.client_id.clone()))
+}
+
+/// `private_key_jwt` (RFC 7523 §2.2): the client is whoever signed `assertion` with a key
+/// registered for it.
+fn authenticate_with_assertion<'f>(
+    state: &State,
+    server: &AsState,
+    assertion: &str,
+    param: &impl Fn(&str) -> Option<&'f str>,
+    record: &mut RecordedExchange,
+) -> Result<Client, OAuthError> {
+    let body_id = param("client_id");
+    record.client_id = body_id.map(str::to_string);
+    if param("client_secret").is_some() {
+        return Err(OAuthError::invalid_request(
+            "Cannot supply multiple client credentials. Use one of the following: credentials \
+             in the Authorization header, credentials in the post body, or a client_assertion \
+             in the post body.",
+        ));
+    }
+    match param("client_assertion_type") {
+        Some(CLIENT_ASSERTION_TYPE) => {}
+        None | Some("") => {
+            return Err(OAuthError::invalid_request(
+                "The 'client_assertion_type' parameter is required with a 'client_assertion'.",
+            ))
+        }
+        Some(_) => {
+            return Err(OAuthError::invalid_request(format!(
+                "The 'client_assertion_type' is invalid; it must be {CLIENT_ASSERTION_TYPE}."
+            )))
+        }
+    }
+    // The client is named by `client_id` in the body if present, else by the assertion's `sub`
+    // (checked against the signature below either way).
+    let claimed = match body_id {
+        Some(id) => Some(id.to_string()),
+        None => parse_jws(assertion).and_then(|j| {
+            j.claims
+                .get("sub")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }),
+    };
+    let Some(client_id) = claimed.filter(|id| !id.is_empty()) else {
+        return Err(OAuthError::invalid_client(
+            "The client_assertion is invalid: no client is named.",
+            false,
+        ));
+    };
+    record.client_id = Some(client_id.clone());
+    let Some(client) = state
+        .config
+        .clients
+        .iter()
+        .find(|c| c.client_id == client_id)
+    else {
+        return Err(OAuthError::invalid_client(
+            "Invalid value for 'client_id' parameter.",
+            false,
+        ));
+    };
+    let Some(keys) = state.client_keys.get(&client.client_id) else {
+        return Err(OAuthError::invalid_client(
+            "Client authentication with a client_assertion is not enabled for this client.",
+            false,
+        ));
+    };
+    let audiences = client_jwt_audiences(server);
+    let checked = check_client_jwt(
+        keys,
+        assertion,
+        &JwtRules {
+            client_id: &client.client_id,
+            audiences: &audiences,
+            now: now_secs(),
+            max_lifetime_secs: Some(MAX_ASSERTION_LIFETIME_SECS),
+            require_jti: true,
+        },
+    )
+    .map_err(|why| {
+        OAuthError::invalid_client(format!("The client_assertion is invalid: {why}."), false)
+    })?;
+    let jti = checked.jti.unwrap_or_default();
+    if !state.claim_assertion_id(&client.client_id, &jti, checked.exp) {
+        return Err(OAuthError::invalid_client(
+            "The client_assertion is invalid: its jti has already been used.",
+            false,
+        ));
+    }
+    Ok(Client {
+        client_id: client.client_id.clone(),
+        token_exchange_enabled: client.token_exchange_enabled,
+    })
+}
+
 fn authenticate_client<'f>(
     state: &State,
+    server: &AsState,
     authorization: Option<&str>,
     param: &impl Fn(&str) -> Option<&'f str>,
     record: &mut RecordedExchange,
@@ -386,13 +552,9 @@ fn authenticate_client<'f>(
             ));
         }
         (id, secret, true)
-    } else if param("client_assertion").is_some() {
+    } else if let Some(assertion) = param("client_assertion") {
         record.client_auth = "private_key_jwt".into();
-        record.client_id = body_id.map(str::to_string);
-        return Err(OAuthError::invalid_client(
-            "Client authentication with a client_assertion is not enabled for this client.",
-            false,
-        ));
+        return authenticate_with_assertion(state, server, assertion, param, record);
     } else if let Some(secret) = body_secret {
         record.client_auth = "client_secret_post".into();
         record.client_id = body_id.map(str::to_string);
@@ -426,6 +588,12 @@ fn authenticate_client<'f>(
             basic_used,
         ));
     };
+    if client.client_secret.is_empty() {
+        return Err(OAuthError::invalid_client(
+            "The client does not authenticate with a client secret.",
+            basic_used,
+        ));
+    }
     if !constant_time_eq(client.client_secret.as_bytes(), secret.as_bytes()) {
         return Err(OAuthError::invalid_client(
             "The client secret supplied for a confidential client is invalid.",

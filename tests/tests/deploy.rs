@@ -1,0 +1,1160 @@
+//! The deployment artifacts: every config under `envoy/` and the OCI image of the module.
+//!
+//! - Envoy bootstraps (`*.yaml` with `static_resources`) pass `envoy --mode validate`, which
+//!   loads the real module and runs its `on_configure` on the plugin configuration; their Wasm
+//!   filters and callout clusters are checked for what a deployment needs (fail closed, secret
+//!   from the environment, TLS to a real IdP).
+//! - Kubernetes manifests (everything else, multi-document YAML) are parsed and checked for the
+//!   fields Istio and Envoy Gateway need. Their plugin configurations go through the filter's
+//!   own parser, and then through `envoy --mode validate` inside a bootstrap built the way Istio
+//!   and Envoy Gateway would build it (same cluster names, same TLS settings).
+//! - The OCI image `oci-image` writes is checked independently of the code that built it:
+//!   layout files, media types, every blob's digest against its name, the Wasm layer against the
+//!   module, the tarball against the layout, and determinism.
+//!
+//! Needs `make wasm envoy` (like the rest of the e2e suite).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gateway_tests::harness::{envoy_bin, filter_wasm, workspace_root};
+use serde::Deserialize as _;
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+
+/// Where every bootstrap in `envoy/` loads the module from (relative to the repository root, as
+/// the Makefile builds it).
+const WASM_REL: &str = "target/wasm32-wasip1/release/mcp_token_exchange.wasm";
+const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+const TLS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+const ROOT_ID: &str = "mcp_token_exchange";
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------------
+
+fn envoy_dir() -> PathBuf {
+    workspace_root().join("envoy")
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            out.push(path);
+        }
+    }
+}
+
+/// Every YAML document under `envoy/`, as JSON values, by file.
+fn all_documents() -> Vec<(PathBuf, Vec<Value>)> {
+    let mut files = Vec::new();
+    yaml_files(&envoy_dir(), &mut files);
+    assert!(!files.is_empty(), "no YAML under envoy/");
+    files
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).expect("read yaml");
+            let mut docs = Vec::new();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value = serde_yaml::Value::deserialize(doc)
+                    .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
+                if value.is_null() {
+                    continue;
+                }
+                let json = serde_json::to_value(&value)
+                    .unwrap_or_else(|e| panic!("{}: not JSON-like: {e}", path.display()));
+                docs.push(json);
+            }
+            assert!(!docs.is_empty(), "{}: no documents", path.display());
+            (path, docs)
+        })
+        .collect()
+}
+
+fn is_bootstrap(docs: &[Value]) -> bool {
+    docs.len() == 1 && docs[0].get("static_resources").is_some()
+}
+
+fn rel(path: &Path) -> String {
+    path.strip_prefix(workspace_root())
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+fn manifests() -> Vec<(String, Value)> {
+    all_documents()
+        .into_iter()
+        .filter(|(_, docs)| !is_bootstrap(docs))
+        .flat_map(|(path, docs)| {
+            let name = rel(&path);
+            docs.into_iter().map(move |d| (name.clone(), d))
+        })
+        .collect()
+}
+
+fn of_kind<'a>(all: &'a [(String, Value)], kind: &str) -> Vec<&'a (String, Value)> {
+    all.iter().filter(|(_, d)| d["kind"] == kind).collect()
+}
+
+fn str_at<'a>(v: &'a Value, pointer: &str, what: &str) -> &'a str {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("{what}: {pointer} is missing or not a string"))
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mcp-deploy-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+// ---------------------------------------------------------------------------------------------
+// The filter configuration
+// ---------------------------------------------------------------------------------------------
+
+/// Parses a plugin configuration with the filter's own parser, the named secret variable set.
+fn parse_plugin_config(config: &Value, what: &str) -> mcp_token_exchange::config::Policy {
+    let secret_env = str_at(config, "/exchange/client_secret_env", what).to_string();
+    let raw = serde_json::to_vec(config).expect("json");
+    mcp_token_exchange::config::parse_policy(&raw, &|name: &str| {
+        (name == secret_env).then(|| "a-secret".to_string())
+    })
+    .unwrap_or_else(|e| panic!("{what}: the filter refuses its configuration: {e}"))
+}
+
+/// The clusters a plugin configuration calls out to (JWKS unless inline, and the exchange).
+fn callout_clusters(config: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if let Some(c) = config.pointer("/jwks/cluster").and_then(Value::as_str) {
+        out.insert(c.to_string());
+    }
+    if let Some(c) = config.pointer("/exchange/cluster").and_then(Value::as_str) {
+        out.insert(c.to_string());
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Envoy
+// ---------------------------------------------------------------------------------------------
+
+/// `envoy --mode validate -c config` in `cwd`, with every `env_keys` variable set. Validation
+/// creates the Wasm filter, so the module's `on_configure` runs on the plugin configuration and a
+/// refusal fails validation. Returns the output on success; panics with it otherwise. Deprecated
+/// fields fail too: they stop working in a later Envoy.
+fn envoy_validate(config: &Path, cwd: &Path, env_keys: &BTreeSet<String>, what: &str) -> String {
+    let envoy = envoy_bin().expect("envoy (make envoy)");
+    let mut cmd = Command::new(envoy);
+    cmd.current_dir(cwd)
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(config);
+    for key in env_keys {
+        cmd.env(key, "validate-only-secret");
+    }
+    let out = cmd.output().expect("run envoy");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("OK"),
+        "{what}: envoy --mode validate failed:\n{text}"
+    );
+    assert!(
+        !text.contains("Deprecated field"),
+        "{what}: uses a deprecated Envoy field:\n{text}"
+    );
+    text
+}
+
+/// Every Wasm HTTP filter (its `config`, the PluginConfig) anywhere in a bootstrap.
+fn wasm_plugin_configs(v: &Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Object(map) => {
+            if map.get("@type").and_then(Value::as_str) == Some(WASM_FILTER_TYPE) {
+                if let Some(c) = map.get("config") {
+                    out.push(c.clone());
+                }
+            }
+            map.values().for_each(|x| wasm_plugin_configs(x, out));
+        }
+        Value::Array(list) => list.iter().for_each(|x| wasm_plugin_configs(x, out)),
+        _ => {}
+    }
+}
+
+fn static_clusters(bootstrap: &Value) -> BTreeMap<String, Value> {
+    bootstrap
+        .pointer("/static_resources/clusters")
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .map(|c| (c["name"].as_str().unwrap_or("").to_string(), c.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn cluster_address(cluster: &Value) -> (String, u64) {
+    let addr = cluster
+        .pointer("/load_assignment/endpoints/0/lb_endpoints/0/endpoint/address/socket_address")
+        .expect("cluster has one socket address");
+    (
+        addr["address"].as_str().unwrap_or("").to_string(),
+        addr["port_value"].as_u64().unwrap_or(0),
+    )
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A cluster that reaches a real IdP must originate TLS with SNI, verify the chain against a
+/// CA bundle, and check the host name.
+fn assert_tls_to(cluster: &Value, host: &str, what: &str) {
+    let ts = cluster
+        .pointer("/transport_socket/typed_config")
+        .unwrap_or_else(|| panic!("{what}: no TLS transport socket"));
+    assert_eq!(ts["@type"], TLS_TYPE, "{what}");
+    assert_eq!(ts["sni"], host, "{what}: sni");
+    let vc = ts
+        .pointer("/common_tls_context/validation_context")
+        .unwrap_or_else(|| panic!("{what}: no validation_context (no certificate check)"));
+    let ca = str_at(vc, "/trusted_ca/filename", what);
+    assert!(ca.starts_with('/'), "{what}: trusted_ca {ca}");
+    let sans = vc["match_typed_subject_alt_names"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: no SAN check: any trusted certificate would do"));
+    assert!(
+        sans.iter()
+            .any(|s| s["san_type"] == "DNS" && s.pointer("/matcher/exact") == Some(&json!(host))),
+        "{what}: no DNS SAN matcher for {host}"
+    );
+}
+
+/// A minimal bootstrap: one listener with the Wasm filter (as Istio / Envoy Gateway would
+/// configure it: no vm_id, configuration as a JSON string) and the given clusters.
+fn synthetic_bootstrap(
+    plugin_config: &Value,
+    host_env_keys: &BTreeSet<String>,
+    clusters: Vec<Value>,
+) -> Value {
+    let wasm = filter_wasm().expect("filter module (make wasm)");
+    let hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "validate",
+        "route_config": {"name": "r", "virtual_hosts": [{"name": "v", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]},
+        "http_filters": [
+            {"name": ROOT_ID, "typed_config": {
+                "@type": WASM_FILTER_TYPE,
+                "config": {
+                    "name": ROOT_ID,
+                    "root_id": ROOT_ID,
+                    "failure_policy": "FAIL_CLOSED",
+                    "vm_config": {
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": wasm}},
+                        "environment_variables": {"host_env_keys": host_env_keys},
+                    },
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": plugin_config.to_string(),
+                    },
+                },
+            }},
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    });
+    json!({
+        "static_resources": {
+            "listeners": [{
+                "name": "validate",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm,
+                }]}],
+            }],
+            "clusters": clusters,
+        }
+    })
+}
+
+fn validate_synthetic(bootstrap: &Value, env_keys: &BTreeSet<String>, name: &str, what: &str) {
+    let dir = temp_dir(name);
+    let path = dir.join("bootstrap.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(bootstrap).expect("json")).expect("write");
+    envoy_validate(&path, &dir, env_keys, what);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Envoy bootstraps
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn every_envoy_bootstrap_validates() {
+    let root = workspace_root();
+    let mut seen = Vec::new();
+    for (path, docs) in all_documents() {
+        if !is_bootstrap(&docs) {
+            continue;
+        }
+        let what = rel(&path);
+        let bootstrap = &docs[0];
+        let clusters = static_clusters(bootstrap);
+        let mut plugins = Vec::new();
+        wasm_plugin_configs(bootstrap, &mut plugins);
+        assert!(!plugins.is_empty(), "{what}: no Wasm filter");
+        let mut env_keys = BTreeSet::new();
+        for plugin in &plugins {
+            assert_eq!(
+                str_at(plugin, "/vm_config/code/local/filename", &what),
+                WASM_REL,
+                "{what}: the module path (relative to the repository root, as `make wasm` builds it)"
+            );
+            assert_eq!(plugin["failure_policy"], "FAIL_CLOSED", "{what}");
+            assert_eq!(plugin["root_id"], ROOT_ID, "{what}");
+            let raw = str_at(plugin, "/configuration/value", &what);
+            let config: Value = serde_json::from_str(raw)
+                .unwrap_or_else(|e| panic!("{what}: configuration is not JSON: {e}"));
+            parse_plugin_config(&config, &what);
+            let secret_env = str_at(&config, "/exchange/client_secret_env", &what);
+            let keys: Vec<&str> = plugin
+                .pointer("/vm_config/environment_variables/host_env_keys")
+                .and_then(Value::as_array)
+                .map(|l| l.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            assert!(
+                keys.contains(&secret_env),
+                "{what}: host_env_keys must pass {secret_env} into the VM"
+            );
+            assert!(
+                plugin
+                    .pointer("/vm_config/environment_variables/key_values")
+                    .is_none(),
+                "{what}: no inline environment values (secrets come from the host)"
+            );
+            env_keys.extend(keys.iter().map(|k| k.to_string()));
+            for name in callout_clusters(&config) {
+                let cluster = clusters
+                    .get(&name)
+                    .unwrap_or_else(|| panic!("{what}: callout cluster {name:?} is not defined"));
+                let (host, _) = cluster_address(cluster);
+                if !is_loopback(&host) {
+                    assert_tls_to(cluster, &host, &format!("{what}: cluster {name}"));
+                    assert_eq!(
+                        str_at(&config, "/exchange/authority", &what),
+                        host,
+                        "{what}: exchange.authority must be the IdP host"
+                    );
+                }
+            }
+        }
+
+        // The module path is relative: validate from the repository root as is, or (when the
+        // module lives elsewhere, FILTER_WASM) a copy that points at it.
+        if root.join(WASM_REL).exists() {
+            envoy_validate(&path, &root, &env_keys, &what);
+        } else {
+            let wasm = filter_wasm().expect("filter module (make wasm)");
+            let text = std::fs::read_to_string(&path)
+                .expect("read")
+                .replace(WASM_REL, &wasm.display().to_string());
+            let dir = temp_dir("bootstrap");
+            let copy = dir.join(path.file_name().expect("name"));
+            std::fs::write(&copy, text).expect("write");
+            envoy_validate(&copy, &dir, &env_keys, &what);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        seen.push(what);
+    }
+    for expected in ["envoy/demo.yaml", "envoy/okta.yaml"] {
+        assert!(
+            seen.iter().any(|s| s == expected),
+            "{expected} not validated: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn okta_config_reaches_okta_over_tls() {
+    let docs: Vec<Value> = all_documents()
+        .into_iter()
+        .find(|(p, _)| p.ends_with("okta.yaml") && p.parent() == Some(envoy_dir().as_path()))
+        .map(|(_, d)| d)
+        .expect("envoy/okta.yaml");
+    let bootstrap = &docs[0];
+    let mut plugins = Vec::new();
+    wasm_plugin_configs(bootstrap, &mut plugins);
+    let config: Value =
+        serde_json::from_str(str_at(&plugins[0], "/configuration/value", "okta.yaml")).unwrap();
+    let okta = &static_clusters(bootstrap)["okta"];
+    let (host, port) = cluster_address(okta);
+    assert_eq!(port, 443);
+    assert!(host.ends_with(".okta.com"), "{host}");
+    assert_tls_to(okta, &host, "okta.yaml okta cluster");
+    // Okta's paths: keys of the MCP AS, token endpoint of the backend AS.
+    let issuer = str_at(&config, "/issuer", "okta.yaml");
+    assert!(
+        issuer.starts_with(&format!("https://{host}/oauth2/")),
+        "{issuer}"
+    );
+    let mcp_as = issuer.rsplit('/').next().unwrap();
+    assert_eq!(config["jwks"]["path"], format!("/oauth2/{mcp_as}/v1/keys"));
+    let token_path = str_at(&config, "/exchange/path", "okta.yaml");
+    assert!(
+        token_path.starts_with("/oauth2/") && token_path.ends_with("/v1/token"),
+        "{token_path}"
+    );
+    assert_ne!(
+        token_path,
+        format!("/oauth2/{mcp_as}/v1/token"),
+        "exchange at the backend AS"
+    );
+    assert_eq!(config["audiences"], json!(["mcpserver"]));
+    assert_eq!(config["exchange"]["audience"], "backend");
+    assert_eq!(config["exchange"]["scope"], "backend-api:read");
+}
+
+/// The deployment guide names configuration fields (`exchange.audience`, …): each must be one
+/// the filter's parser knows, or readers get "unknown field" from Envoy.
+#[test]
+fn guide_names_only_existing_config_fields() {
+    let guide = std::fs::read_to_string(envoy_dir().join("README.md")).expect("envoy/README.md");
+    let docs: Vec<Value> = all_documents()
+        .into_iter()
+        .find(|(p, _)| p.ends_with("okta.yaml"))
+        .map(|(_, d)| d)
+        .expect("okta.yaml");
+    let mut plugins = Vec::new();
+    wasm_plugin_configs(&docs[0], &mut plugins);
+    let base: Value =
+        serde_json::from_str(str_at(&plugins[0], "/configuration/value", "okta.yaml")).unwrap();
+    parse_plugin_config(&base, "okta.yaml");
+
+    let mut names = BTreeSet::new();
+    for prefix in ["`exchange.", "`jwks."] {
+        for (i, _) in guide.match_indices(prefix) {
+            let rest = &guide[i + 1..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_' || c == '.'))
+                .unwrap_or(rest.len());
+            names.insert(rest[..end].trim_end_matches('.').to_string());
+        }
+    }
+    for top in [
+        "issuer",
+        "audiences",
+        "required_scopes",
+        "resource_metadata_url",
+    ] {
+        assert!(
+            guide.contains(&format!("`{top}`")),
+            "the guide should map `{top}`"
+        );
+        names.insert(top.to_string());
+    }
+    assert!(names.len() > 10, "{names:?}");
+    for name in &names {
+        let mut config = base.clone();
+        let (section, field) = match name.split_once('.') {
+            Some((s, f)) => (Some(s), f),
+            None => (None, name.as_str()),
+        };
+        let slot = match section {
+            Some(s) => &mut config[s],
+            None => &mut config,
+        };
+        if slot.get(field).is_none() {
+            slot[field] = json!("probe");
+        }
+        let raw = serde_json::to_vec(&config).unwrap();
+        if let Err(e) = mcp_token_exchange::config::parse_policy(&raw, &|_| Some("s".into())) {
+            assert!(
+                !e.reason.contains("unknown field"),
+                "the guide names `{name}`, which the filter does not know: {e}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes manifests
+// ---------------------------------------------------------------------------------------------
+
+const KNOWN_KINDS: &[(&str, &str)] = &[
+    ("WasmPlugin", "extensions.istio.io/"),
+    ("ServiceEntry", "networking.istio.io/"),
+    ("DestinationRule", "networking.istio.io/"),
+    ("EnvoyExtensionPolicy", "gateway.envoyproxy.io/v1alpha1"),
+    ("EnvoyPatchPolicy", "gateway.envoyproxy.io/v1alpha1"),
+    ("EnvoyProxy", "gateway.envoyproxy.io/v1alpha1"),
+    ("HTTPRouteFilter", "gateway.envoyproxy.io/v1alpha1"),
+    ("Gateway", "gateway.networking.k8s.io/"),
+    ("HTTPRoute", "gateway.networking.k8s.io/"),
+];
+
+#[test]
+fn kubernetes_manifests_are_well_formed() {
+    let all = manifests();
+    assert!(!all.is_empty(), "no Kubernetes manifests under envoy/");
+    let mut names = BTreeSet::new();
+    for (file, doc) in &all {
+        let kind = str_at(doc, "/kind", file);
+        let api = str_at(doc, "/apiVersion", file);
+        let name = str_at(doc, "/metadata/name", file);
+        let ns = str_at(doc, "/metadata/namespace", file);
+        let (_, group) = KNOWN_KINDS
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .unwrap_or_else(|| panic!("{file}: unexpected kind {kind} (add its checks here)"));
+        assert!(
+            api.starts_with(group),
+            "{file}: {kind} has apiVersion {api}"
+        );
+        assert!(doc["spec"].is_object(), "{file}: {kind}/{name} has no spec");
+        assert!(
+            names.insert((kind.to_string(), ns.to_string(), name.to_string())),
+            "{file}: {kind} {ns}/{name} defined twice"
+        );
+    }
+    for kind in [
+        "WasmPlugin",
+        "ServiceEntry",
+        "DestinationRule",
+        "EnvoyExtensionPolicy",
+        "EnvoyPatchPolicy",
+    ] {
+        assert!(!of_kind(&all, kind).is_empty(), "no {kind} under envoy/");
+    }
+}
+
+/// The Istio outbound cluster name for a ServiceEntry host and port.
+fn istio_cluster(host: &str, port: u64) -> String {
+    format!("outbound|{port}||{host}")
+}
+
+#[test]
+fn istio_wasmplugin_is_complete_and_its_config_loads() {
+    let all = manifests();
+    let plugins = of_kind(&all, "WasmPlugin");
+    let entries = of_kind(&all, "ServiceEntry");
+    let rules = of_kind(&all, "DestinationRule");
+    for (file, wp) in plugins {
+        let what = format!("{file}: WasmPlugin {}", wp["metadata"]["name"]);
+        let spec = &wp["spec"];
+        assert_eq!(spec["phase"], "AUTHN", "{what}");
+        assert_eq!(spec["failStrategy"], "FAIL_CLOSE", "{what}");
+        let url = str_at(spec, "/url", &what);
+        assert!(url.starts_with("oci://"), "{what}: url {url}");
+        let sha = str_at(spec, "/sha256", &what);
+        assert!(
+            is_sha256_hex(sha),
+            "{what}: sha256 must be 64 lowercase hex: {sha:?}"
+        );
+        if let Some(policy) = spec.get("imagePullPolicy") {
+            assert!(
+                policy == "IfNotPresent" || policy == "Always",
+                "{what}: {policy}"
+            );
+        }
+        assert_eq!(
+            spec["pluginName"], ROOT_ID,
+            "{what}: pluginName is the root id"
+        );
+        if spec.get("selector").is_some() {
+            // On a sidecar, only inbound requests: the MCP server's own outbound calls must not
+            // be asked for an MCP token.
+            let modes: Vec<&str> = spec["match"]
+                .as_array()
+                .map(|m| m.iter().filter_map(|x| x["mode"].as_str()).collect())
+                .unwrap_or_default();
+            assert_eq!(modes, ["SERVER"], "{what}: match mode");
+        }
+
+        let config = &spec["pluginConfig"];
+        parse_plugin_config(config, &what);
+        let secret_env = str_at(config, "/exchange/client_secret_env", &what);
+        let env = spec
+            .pointer("/vmConfig/env")
+            .and_then(Value::as_array)
+            .unwrap_or_else(|| panic!("{what}: no vmConfig.env"));
+        let host_keys: BTreeSet<String> = env
+            .iter()
+            .filter(|e| e["valueFrom"] == "HOST")
+            .filter_map(|e| e["name"].as_str().map(str::to_string))
+            .collect();
+        assert!(
+            host_keys.contains(secret_env),
+            "{what}: vmConfig.env must take {secret_env} from the HOST"
+        );
+        assert!(
+            env.iter().all(|e| e.get("value").is_none()),
+            "{what}: no inline env values (secrets come from the proxy's environment)"
+        );
+
+        // Callout clusters: the ones Istio generates for a ServiceEntry port, TLS originated
+        // by a DestinationRule. Rebuild them as Istio would and validate the whole thing.
+        let mut clusters = Vec::new();
+        for name in callout_clusters(config) {
+            let parts: Vec<&str> = name.split('|').collect();
+            assert!(
+                parts.len() == 4 && parts[0] == "outbound" && parts[2].is_empty(),
+                "{what}: {name:?} is not an Istio outbound cluster name"
+            );
+            let port: u64 = parts[1].parse().expect("port");
+            let host = parts[3];
+            assert_eq!(istio_cluster(host, port), name);
+            assert!(
+                entries.iter().any(|(_, se)| {
+                    se["spec"]["hosts"]
+                        .as_array()
+                        .is_some_and(|h| h.contains(&json!(host)))
+                        && se["spec"]["ports"]
+                            .as_array()
+                            .is_some_and(|ps| ps.iter().any(|p| p["number"] == port))
+                        && se["spec"]["location"] == "MESH_EXTERNAL"
+                }),
+                "{what}: no MESH_EXTERNAL ServiceEntry for {host}:{port}"
+            );
+            for pointer in ["/jwks/authority", "/exchange/authority"] {
+                if config.pointer(pointer).is_some() {
+                    assert_eq!(str_at(config, pointer, &what), host, "{what}: {pointer}");
+                }
+            }
+            let tls = rules
+                .iter()
+                .filter(|(_, dr)| dr["spec"]["host"] == host)
+                .find_map(|(_, dr)| {
+                    let tp = &dr["spec"]["trafficPolicy"];
+                    tp["portLevelSettings"]
+                        .as_array()
+                        .and_then(|ps| {
+                            ps.iter()
+                                .find(|p| p["port"]["number"] == port)
+                                .map(|p| p["tls"].clone())
+                        })
+                        .or_else(|| tp.get("tls").cloned())
+                })
+                .unwrap_or_else(|| panic!("{what}: no DestinationRule TLS for {host}:{port}"));
+            assert_eq!(tls["mode"], "SIMPLE", "{what}: TLS origination");
+            assert_eq!(tls["sni"], host, "{what}: sni");
+            let sans = tls["subjectAltNames"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            assert!(sans.contains(&json!(host)), "{what}: subjectAltNames");
+            let ca = str_at(&tls, "/caCertificates", &what);
+            clusters.push(json!({
+                "name": name,
+                "type": "STRICT_DNS",
+                "connect_timeout": "5s",
+                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
+                "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                    "@type": TLS_TYPE,
+                    "sni": host,
+                    "common_tls_context": {"validation_context": {
+                        "trusted_ca": {"filename": ca},
+                        "match_typed_subject_alt_names": sans.iter().map(|s| json!({
+                            "san_type": "DNS", "matcher": {"exact": s}})).collect::<Vec<_>>(),
+                    }},
+                }},
+            }));
+        }
+        assert!(!clusters.is_empty(), "{what}: no callout clusters");
+        let bootstrap = synthetic_bootstrap(config, &host_keys, clusters);
+        validate_synthetic(&bootstrap, &host_keys, "istio", &what);
+    }
+}
+
+#[test]
+fn envoy_gateway_policy_is_complete_and_its_config_loads() {
+    let all = manifests();
+    let policies = of_kind(&all, "EnvoyExtensionPolicy");
+    let patches = of_kind(&all, "EnvoyPatchPolicy");
+    let routes: BTreeSet<(String, String)> = of_kind(&all, "HTTPRoute")
+        .iter()
+        .map(|(_, r)| {
+            (
+                r["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                r["metadata"]["name"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let gateways: BTreeSet<(String, String)> = of_kind(&all, "Gateway")
+        .iter()
+        .map(|(_, g)| {
+            (
+                g["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                g["metadata"]["name"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+
+    // Clusters added by EnvoyPatchPolicy (`op: add` with an empty path = a whole resource).
+    let mut added: BTreeMap<String, Value> = BTreeMap::new();
+    for (file, p) in &patches {
+        let what = format!("{file}: EnvoyPatchPolicy {}", p["metadata"]["name"]);
+        assert_eq!(p["spec"]["type"], "JSONPatch", "{what}");
+        let target = &p["spec"]["targetRef"];
+        assert_eq!(target["kind"], "Gateway", "{what}");
+        let ns = str_at(p, "/metadata/namespace", &what).to_string();
+        assert!(
+            gateways.contains(&(ns, str_at(target, "/name", &what).to_string())),
+            "{what}: targets a Gateway not defined here (same namespace)"
+        );
+        for patch in p["spec"]["jsonPatches"].as_array().expect("jsonPatches") {
+            if patch["type"] == "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+                && patch["operation"]["op"] == "add"
+                && patch["operation"]["path"] == ""
+            {
+                let cluster = patch["operation"]["value"].clone();
+                let name = str_at(&cluster, "/name", &what).to_string();
+                assert_eq!(patch["name"], name, "{what}");
+                let (host, port) = cluster_address(&cluster);
+                assert_eq!(port, 443, "{what}");
+                assert_tls_to(&cluster, &host, &format!("{what}: cluster {name}"));
+                added.insert(name, cluster);
+            }
+        }
+    }
+
+    // The secret reaches the Envoy container through EnvoyProxy.
+    let proxy_env: BTreeSet<String> = of_kind(&all, "EnvoyProxy")
+        .iter()
+        .flat_map(|(_, p)| {
+            p.pointer("/spec/provider/kubernetes/envoyDeployment/container/env")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|e| e.pointer("/valueFrom/secretKeyRef/name").is_some())
+        .filter_map(|e| e["name"].as_str().map(str::to_string))
+        .collect();
+
+    assert!(!policies.is_empty());
+    for (file, policy) in policies {
+        let what = format!(
+            "{file}: EnvoyExtensionPolicy {}",
+            policy["metadata"]["name"]
+        );
+        let ns = str_at(policy, "/metadata/namespace", &what).to_string();
+        for target in policy["spec"]["targetRefs"].as_array().expect("targetRefs") {
+            let name = str_at(target, "/name", &what).to_string();
+            match target["kind"].as_str() {
+                Some("HTTPRoute") => assert!(
+                    routes.contains(&(ns.clone(), name.clone())),
+                    "{what}: HTTPRoute {name} is not defined here"
+                ),
+                Some("Gateway") => assert!(gateways.contains(&(ns.clone(), name.clone()))),
+                other => panic!("{what}: unexpected target kind {other:?}"),
+            }
+        }
+        let wasm = policy["spec"]["wasm"].as_array().expect("spec.wasm");
+        assert_eq!(wasm.len(), 1, "{what}");
+        let w = &wasm[0];
+        assert_eq!(w["rootID"], ROOT_ID, "{what}");
+        assert_eq!(w["failOpen"], false, "{what}: must fail closed");
+        assert_eq!(w["code"]["type"], "Image", "{what}");
+        let url = str_at(w, "/code/image/url", &what);
+        assert!(
+            !url.contains("://"),
+            "{what}: image url is registry/repo:tag, got {url}"
+        );
+        assert!(
+            url.contains(':') || url.contains('@'),
+            "{what}: pin a tag or digest: {url}"
+        );
+        let sha = str_at(w, "/code/image/sha256", &what);
+        assert!(
+            is_sha256_hex(sha),
+            "{what}: sha256 must be 64 lowercase hex: {sha:?}"
+        );
+        let config = &w["config"];
+        parse_plugin_config(config, &what);
+        let secret_env = str_at(config, "/exchange/client_secret_env", &what);
+        let host_keys: BTreeSet<String> = w["env"]["hostKeys"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter_map(|k| k.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            host_keys.contains(secret_env),
+            "{what}: env.hostKeys must pass {secret_env}"
+        );
+        assert!(
+            proxy_env.contains(secret_env),
+            "{what}: no EnvoyProxy puts {secret_env} into the Envoy container from a Secret"
+        );
+        let mut clusters = Vec::new();
+        for name in callout_clusters(config) {
+            let cluster = added.get(&name).unwrap_or_else(|| {
+                panic!("{what}: callout cluster {name:?} is not added by an EnvoyPatchPolicy")
+            });
+            let (host, _) = cluster_address(cluster);
+            assert_eq!(config["exchange"]["authority"], host, "{what}: authority");
+            clusters.push(cluster.clone());
+        }
+        let bootstrap = synthetic_bootstrap(config, &host_keys, clusters);
+        validate_synthetic(&bootstrap, &host_keys, "envoy-gateway", &what);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The OCI image
+// ---------------------------------------------------------------------------------------------
+
+struct Built {
+    stdout: String,
+    manifest_sha256: String,
+    module_sha256: String,
+}
+
+fn run_oci_image(args: &[&str]) -> Built {
+    let out = Command::new(env!("CARGO_BIN_EXE_oci-image"))
+        .args(args)
+        .output()
+        .expect("run oci-image");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "oci-image failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {key} in:\n{stdout}"))
+            .to_string()
+    };
+    Built {
+        manifest_sha256: field("manifest-sha256:"),
+        module_sha256: field("module-sha256:"),
+        stdout,
+    }
+}
+
+/// Every regular file under `dir`, by relative path.
+fn files_under(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                walk(base, &path, out);
+            } else {
+                let rel = path.strip_prefix(base).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(&path).expect("read"));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn tar_files(bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
+    let mut archive = tar::Archive::new(bytes);
+    let mut out = BTreeMap::new();
+    for entry in archive.entries().expect("tar entries") {
+        let mut entry = entry.expect("tar entry");
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let name = entry.path().expect("path").display().to_string();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).expect("read entry");
+        out.insert(name, data);
+    }
+    out
+}
+
+/// A descriptor's blob, checked: the file exists, its digest is its name and its size is the
+/// descriptor's.
+fn blob<'a>(files: &'a BTreeMap<String, Vec<u8>>, descriptor: &Value) -> &'a [u8] {
+    let digest = str_at(descriptor, "/digest", "descriptor");
+    let hex = digest
+        .strip_prefix("sha256:")
+        .unwrap_or_else(|| panic!("digest {digest} is not sha256"));
+    let bytes = files
+        .get(&format!("blobs/sha256/{hex}"))
+        .unwrap_or_else(|| panic!("blob {digest} missing"));
+    assert_eq!(descriptor["size"], bytes.len(), "size of {digest}");
+    bytes
+}
+
+/// What Istio's (and Envoy Gateway's) image fetcher does with a manifest: the docker and
+/// compat variants want a tar+gzip last layer; the oci variant wants exactly two layers, one of
+/// them the raw module. Returns the module bytes it would load.
+fn fetcher_would_load(manifest: &Value, files: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
+    let layers = manifest["layers"].as_array().expect("layers");
+    let last = layers.last().expect("at least one layer");
+    if last["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip" {
+        let gz = blob(files, last);
+        let mut tar = Vec::new();
+        flate2::read::GzDecoder::new(gz)
+            .read_to_end(&mut tar)
+            .expect("gunzip");
+        return tar_files(&tar)
+            .into_iter()
+            .find(|(name, _)| name.rsplit('/').next() == Some("plugin.wasm"))
+            .map(|(_, data)| data)
+            .expect("plugin.wasm in the layer");
+    }
+    assert_eq!(layers.len(), 2, "oci variant: number of layers must be 2");
+    let wasm = layers
+        .iter()
+        .find(|l| l["mediaType"] == "application/vnd.module.wasm.content.layer.v1+wasm")
+        .expect("a layer of type application/vnd.module.wasm.content.layer.v1+wasm");
+    blob(files, wasm).to_vec()
+}
+
+/// Checks an image layout on disk (and its tarball) without the code that wrote it. Returns
+/// the manifest.
+fn check_layout(dir: &Path, tarball: &Path, tag: &str, built: &Built, wasm: &[u8]) -> Value {
+    let files = files_under(dir);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&files["oci-layout"]).expect("oci-layout json"),
+        json!({"imageLayoutVersion": "1.0.0"})
+    );
+    for (name, bytes) in &files {
+        match name.strip_prefix("blobs/sha256/") {
+            Some(hex) => assert_eq!(sha256_hex(bytes), hex, "blob {name}: digest != name"),
+            None => assert!(
+                name == "oci-layout" || name == "index.json",
+                "stray file {name}"
+            ),
+        }
+    }
+
+    let index: Value = serde_json::from_slice(&files["index.json"]).expect("index.json");
+    assert_eq!(index["schemaVersion"], 2);
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let manifests = index["manifests"].as_array().expect("manifests");
+    assert_eq!(manifests.len(), 1);
+    let desc = &manifests[0];
+    assert_eq!(
+        desc["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(
+        desc["digest"],
+        format!("sha256:{}", built.manifest_sha256),
+        "index points at the printed manifest digest"
+    );
+    assert_eq!(
+        desc["annotations"]["org.opencontainers.image.ref.name"],
+        tag
+    );
+    let manifest: Value = serde_json::from_slice(blob(&files, desc)).expect("manifest json");
+    assert_eq!(manifest["schemaVersion"], 2);
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    blob(&files, &manifest["config"]);
+    for layer in manifest["layers"].as_array().expect("layers") {
+        blob(&files, layer);
+    }
+
+    assert!(is_sha256_hex(&built.manifest_sha256));
+    assert_eq!(
+        built.module_sha256,
+        sha256_hex(wasm),
+        "printed module digest"
+    );
+    assert_eq!(
+        fetcher_would_load(&manifest, &files),
+        wasm,
+        "the module Envoy would run"
+    );
+
+    let tarred = tar_files(&std::fs::read(tarball).expect("tarball"));
+    assert_eq!(
+        tarred.keys().collect::<Vec<_>>(),
+        files.keys().collect::<Vec<_>>(),
+        "tarball holds the layout"
+    );
+    assert!(tarred == files, "tarball bytes equal the layout's");
+    manifest
+}
+
+#[test]
+fn oci_image_layout_is_what_istio_accepts() {
+    let wasm_path = filter_wasm().expect("filter module (make wasm)");
+    let wasm = std::fs::read(&wasm_path).expect("read module");
+    let dir = temp_dir("oci");
+    let layout = dir.join("layout");
+    let tarball = dir.join("image.oci.tar");
+    let wasm_arg = wasm_path.display().to_string();
+    let args = |out: &Path, tar: &Path| {
+        vec![
+            "--wasm".to_string(),
+            wasm_arg.clone(),
+            "--out".into(),
+            out.display().to_string(),
+            "--tar".into(),
+            tar.display().to_string(),
+            "--version".into(),
+            "1.2.3".into(),
+            "--revision".into(),
+            "0123456789ab".into(),
+        ]
+    };
+    let a = args(&layout, &tarball);
+    let built = run_oci_image(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        built.stdout.contains("WasmPlugin.sha256"),
+        "{}",
+        built.stdout
+    );
+    let manifest = check_layout(&layout, &tarball, "1.2.3", &built, &wasm);
+
+    // The oci variant: config blob of the Wasm config type, also the first of exactly two
+    // layers; the second layer is the raw module.
+    let files = files_under(&layout);
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.module.wasm.config.v1+json"
+    );
+    let config: Value =
+        serde_json::from_slice(blob(&files, &manifest["config"])).expect("config json");
+    assert_eq!(config["type"], "envoy_proxy");
+    assert_eq!(config["config"]["rootIds"], json!([ROOT_ID]));
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    assert_eq!(layers[0]["digest"], manifest["config"]["digest"]);
+    assert_eq!(layers[0]["mediaType"], manifest["config"]["mediaType"]);
+    assert_eq!(
+        layers[1]["mediaType"],
+        "application/vnd.module.wasm.content.layer.v1+wasm"
+    );
+    assert_eq!(layers[1]["digest"], format!("sha256:{}", sha256_hex(&wasm)));
+    assert_eq!(layers[1]["size"], wasm.len());
+    let annotations = &manifest["annotations"];
+    assert_eq!(annotations["org.opencontainers.image.version"], "1.2.3");
+    assert_eq!(
+        annotations["org.opencontainers.image.revision"],
+        "0123456789ab"
+    );
+
+    // Deterministic: the same inputs give the same digest (so a rebuild can be checked against
+    // a published WasmPlugin.sha256).
+    let again = run_oci_image(
+        &args(&dir.join("again"), &dir.join("again.tar"))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(again.manifest_sha256, built.manifest_sha256);
+    assert_eq!(
+        std::fs::read(&tarball).unwrap(),
+        std::fs::read(dir.join("again.tar")).unwrap()
+    );
+
+    // An existing non-empty output directory is refused, not mixed into.
+    let out = Command::new(env!("CARGO_BIN_EXE_oci-image"))
+        .args(a.iter().map(String::as_str))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn oci_image_compat_variant_holds_plugin_wasm() {
+    let wasm_path = filter_wasm().expect("filter module (make wasm)");
+    let wasm = std::fs::read(&wasm_path).expect("read module");
+    let dir = temp_dir("oci-compat");
+    let layout = dir.join("layout");
+    let tarball = dir.join("image.tar");
+    let built = run_oci_image(&[
+        "--wasm",
+        &wasm_path.display().to_string(),
+        "--variant",
+        "compat",
+        "--out",
+        &layout.display().to_string(),
+        "--tar",
+        &tarball.display().to_string(),
+        "--tag",
+        "v9",
+    ]);
+    let manifest = check_layout(&layout, &tarball, "v9", &built, &wasm);
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1);
+    assert_eq!(
+        layers[0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    assert_eq!(
+        manifest["annotations"]["module.wasm.image/variant"],
+        "compat"
+    );
+    let files = files_under(&layout);
+    let config: Value =
+        serde_json::from_slice(blob(&files, &manifest["config"])).expect("config json");
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.oci.image.config.v1+json"
+    );
+    let mut tar = Vec::new();
+    flate2::read::GzDecoder::new(blob(&files, &layers[0]))
+        .read_to_end(&mut tar)
+        .unwrap();
+    assert_eq!(
+        config["rootfs"]["diff_ids"],
+        json!([format!("sha256:{}", sha256_hex(&tar))])
+    );
+    assert_eq!(tar_files(&tar).keys().collect::<Vec<_>>(), ["plugin.wasm"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
