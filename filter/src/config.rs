@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::client_key::ClientKey;
 use crate::jwks::KeySet;
 
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
@@ -151,7 +152,18 @@ pub struct ExchangeConfig {
     pub path: String,
     pub authority: String,
     pub client_id: String,
-    pub client_secret_env: String,
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// Name of the environment variable holding the gateway's private JWK (`private_key_jwt`,
+    /// actor tokens).
+    #[serde(default)]
+    pub client_private_key_env: Option<String>,
+    /// `aud` of client assertions and actor tokens; default `https://{authority}{path}`.
+    #[serde(default)]
+    pub client_assertion_audience: Option<String>,
+    /// Send an RFC 8693 actor token naming the gateway (signed with the client key).
+    #[serde(default)]
+    pub actor_token: bool,
     #[serde(default)]
     pub client_auth: ClientAuth,
     #[serde(default)]
@@ -178,6 +190,8 @@ pub enum ClientAuth {
     #[default]
     ClientSecretBasic,
     ClientSecretPost,
+    /// RFC 7523 client assertion signed with the gateway's key.
+    PrivateKeyJwt,
 }
 
 mod defaults {
@@ -302,7 +316,12 @@ pub struct ExchangeTarget {
     pub path: String,
     pub authority: String,
     pub client_id: String,
-    pub client_secret: Secret,
+    /// Present for the `client_secret_*` methods.
+    pub client_secret: Option<Secret>,
+    /// Present for `private_key_jwt` and actor tokens.
+    pub client_key: Option<Rc<ClientKey>>,
+    pub assertion_audience: String,
+    pub actor_token: bool,
     pub client_auth: ClientAuth,
     pub audience: Option<String>,
     pub scope: Option<String>,
@@ -981,22 +1000,59 @@ impl ExchangeConfig {
         require_header_value(&format!("{prefix}.authority"), &self.authority)?;
         require_non_empty(&format!("{prefix}.client_id"), &self.client_id)?;
         require_header_value(&format!("{prefix}.client_id"), &self.client_id)?;
-        require_non_empty(
-            &format!("{prefix}.client_secret_env"),
-            &self.client_secret_env,
-        )?;
-        let secret = match env(&self.client_secret_env) {
-            Some(v) if !v.is_empty() => Secret::new(v),
-            _ => {
-                return Err(ConfigError::new(
-                    &format!("{prefix}.client_secret_env"),
+        let read_env = |field: &str,
+                        name: &Option<String>|
+         -> Result<Option<String>, ConfigError> {
+            let Some(name) = name else { return Ok(None) };
+            require_non_empty(field, name)?;
+            match env(name) {
+                Some(v) if !v.is_empty() => Ok(Some(v)),
+                _ => Err(ConfigError::new(
+                    field,
                     format!(
-                        "environment variable {} is unset or empty in the Wasm VM (pass it with vm_config.environment_variables)",
-                        self.client_secret_env
+                        "environment variable {name} is unset or empty in the Wasm VM (pass it with vm_config.environment_variables)"
                     ),
-                ))
+                )),
             }
         };
+        let secret_field = format!("{prefix}.client_secret_env");
+        let key_field = format!("{prefix}.client_private_key_env");
+        let secret = read_env(&secret_field, &self.client_secret_env)?.map(Secret::new);
+        let client_key = match read_env(&key_field, &self.client_private_key_env)? {
+            Some(jwk) => Some(Rc::new(
+                ClientKey::from_jwk(&jwk).map_err(|e| ConfigError::new(&key_field, e))?,
+            )),
+            None => None,
+        };
+        match self.client_auth {
+            ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost if secret.is_none() => {
+                return Err(ConfigError::new(
+                    &secret_field,
+                    "is required for client_secret_basic and client_secret_post",
+                ))
+            }
+            ClientAuth::PrivateKeyJwt if client_key.is_none() => {
+                return Err(ConfigError::new(
+                    &key_field,
+                    "is required for private_key_jwt",
+                ))
+            }
+            _ => {}
+        }
+        if self.actor_token && client_key.is_none() {
+            return Err(ConfigError::new(
+                &key_field,
+                "is required to sign actor tokens (`actor_token: true`)",
+            ));
+        }
+        let assertion_audience = self
+            .client_assertion_audience
+            .clone()
+            .unwrap_or_else(|| format!("https://{}{}", self.authority, self.path));
+        require_quotable(
+            &format!("{prefix}.client_assertion_audience"),
+            &assertion_audience,
+        )?;
         if self.audience.is_none() && self.resource.is_none() {
             return Err(ConfigError::new(
                 &format!("{prefix}.audience"),
@@ -1046,6 +1102,9 @@ impl ExchangeConfig {
             authority: self.authority,
             client_id: self.client_id,
             client_secret: secret,
+            client_key,
+            assertion_audience,
+            actor_token: self.actor_token,
             client_auth: self.client_auth,
             audience: self.audience,
             scope: self.scope,
@@ -1101,7 +1160,10 @@ mod tests {
         );
         assert_eq!(p.routes[0].target.timeout, Duration::from_secs(5));
         assert_eq!(p.routes[0].target.cache_margin_seconds, 30);
-        assert_eq!(p.routes[0].target.client_secret.expose(), "s3cret");
+        assert_eq!(
+            p.routes[0].target.client_secret.as_ref().unwrap().expose(),
+            "s3cret"
+        );
         match p.keys {
             KeySource::Remote(r) => {
                 assert_eq!(r.refresh_interval, Duration::from_secs(600));
@@ -1401,5 +1463,49 @@ mod tests {
             v["identity_headers"] = json!({ header: claim });
             assert_eq!(parse(&v).unwrap_err().field, field);
         }
+    }
+
+    #[test]
+    fn private_key_jwt_needs_a_usable_key() {
+        let jwk = json!({"kty": "EC", "crv": "P-256", "d": "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc"}).to_string();
+        let env = move |name: &str| match name {
+            "KEY" => Some(jwk.clone()),
+            "BAD" => Some("{}".to_string()),
+            _ => None,
+        };
+        let mut v = base();
+        v["exchange"]["client_auth"] = json!("private_key_jwt");
+        v["exchange"]
+            .as_object_mut()
+            .unwrap()
+            .remove("client_secret_env");
+        v["exchange"]["client_private_key_env"] = json!("KEY");
+        v["exchange"]["actor_token"] = json!(true);
+        let p = parse_policy(v.to_string().as_bytes(), &env).unwrap();
+        let t = &p.routes[0].target;
+        assert_eq!(t.client_auth, ClientAuth::PrivateKeyJwt);
+        assert!(t.client_secret.is_none());
+        assert_eq!(
+            t.assertion_audience,
+            "https://idp.example.com/oauth2/backend/v1/token"
+        );
+        assert!(t.actor_token);
+
+        v["exchange"]["client_private_key_env"] = json!("BAD");
+        let e = parse_policy(v.to_string().as_bytes(), &env).unwrap_err();
+        assert_eq!(e.field, "exchange.client_private_key_env");
+        v["exchange"]
+            .as_object_mut()
+            .unwrap()
+            .remove("client_private_key_env");
+        let e = parse_policy(v.to_string().as_bytes(), &env).unwrap_err();
+        assert_eq!(e.field, "exchange.client_private_key_env");
+        // Secret methods still need their secret.
+        let mut v = base();
+        v["exchange"]
+            .as_object_mut()
+            .unwrap()
+            .remove("client_secret_env");
+        assert_eq!(parse(&v).unwrap_err().field, "exchange.client_secret_env");
     }
 }

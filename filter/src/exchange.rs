@@ -52,9 +52,18 @@ fn push_field(body: &mut String, name: &str, value: &str) {
     form_urlencode(value, body);
 }
 
+pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
 impl ExchangeRequest {
-    pub fn build(target: &ExchangeTarget, subject_token: &str) -> ExchangeRequest {
-        let mut body = String::with_capacity(subject_token.len() + 512);
+    /// The token request for `subject_token`. `now` (Unix seconds) and `nonce` (unique per call)
+    /// go into the client assertion and actor token, when the target uses them.
+    pub fn build(
+        target: &ExchangeTarget,
+        subject_token: &str,
+        now: i64,
+        nonce: &str,
+    ) -> Result<ExchangeRequest, String> {
+        let mut body = String::with_capacity(subject_token.len() + 1024);
         push_field(&mut body, "grant_type", GRANT_TYPE_TOKEN_EXCHANGE);
         push_field(&mut body, "subject_token", subject_token);
         push_field(&mut body, "subject_token_type", &target.subject_token_type);
@@ -70,6 +79,22 @@ impl ExchangeRequest {
         if let Some(v) = &target.scope {
             push_field(&mut body, "scope", v);
         }
+        let key = || {
+            target
+                .client_key
+                .as_deref()
+                .ok_or_else(|| "no client key configured".to_string())
+        };
+        if target.actor_token {
+            let actor = key()?.self_signed(
+                &target.client_id,
+                &target.assertion_audience,
+                now,
+                &format!("{nonce}-act"),
+            )?;
+            push_field(&mut body, "actor_token", &actor);
+            push_field(&mut body, "actor_token_type", TOKEN_TYPE_JWT);
+        }
         let mut headers = vec![
             (":method", "POST".to_string()),
             (":path", target.path.clone()),
@@ -80,25 +105,44 @@ impl ExchangeRequest {
             ),
             ("accept", "application/json".to_string()),
         ];
+        let secret = || {
+            target
+                .client_secret
+                .as_ref()
+                .map(|s| s.expose())
+                .ok_or_else(|| "no client secret configured".to_string())
+        };
         match target.client_auth {
             // RFC 6749 §2.3.1: id and secret are form-urlencoded before being joined and encoded.
             ClientAuth::ClientSecretBasic => {
                 let mut pair = String::new();
                 form_urlencode(&target.client_id, &mut pair);
                 pair.push(':');
-                form_urlencode(target.client_secret.expose(), &mut pair);
+                form_urlencode(secret()?, &mut pair);
                 headers.push(("authorization", format!("Basic {}", STANDARD.encode(pair))));
             }
             ClientAuth::ClientSecretPost => {
                 push_field(&mut body, "client_id", &target.client_id);
-                push_field(&mut body, "client_secret", target.client_secret.expose());
+                push_field(&mut body, "client_secret", secret()?);
+            }
+            // RFC 7523 §2.2: the assertion alone authenticates the client.
+            ClientAuth::PrivateKeyJwt => {
+                let assertion = key()?.self_signed(
+                    &target.client_id,
+                    &target.assertion_audience,
+                    now,
+                    &format!("{nonce}-ca"),
+                )?;
+                push_field(&mut body, "client_id", &target.client_id);
+                push_field(&mut body, "client_assertion_type", CLIENT_ASSERTION_TYPE);
+                push_field(&mut body, "client_assertion", &assertion);
             }
         }
         headers.push(("content-length", body.len().to_string()));
-        ExchangeRequest {
+        Ok(ExchangeRequest {
             headers,
             body: body.into_bytes(),
-        }
+        })
     }
 }
 
@@ -339,7 +383,10 @@ mod tests {
             path: "/oauth2/backend/v1/token".into(),
             authority: "idp.example.com".into(),
             client_id: "gw client".into(),
-            client_secret: Secret::new("p&ss:w=rd+".into()),
+            client_secret: Some(Secret::new("p&ss:w=rd+".into())),
+            client_key: None,
+            assertion_audience: "https://idp.example.com/oauth2/backend/v1/token".into(),
+            actor_token: false,
             client_auth: auth,
             audience: Some("backend".into()),
             scope: Some("backend-api:read backend-api:write".into()),
@@ -387,7 +434,8 @@ mod tests {
 
     #[test]
     fn basic_auth_request() {
-        let r = ExchangeRequest::build(&target(ClientAuth::ClientSecretBasic), "a.b-c_d");
+        let r = ExchangeRequest::build(&target(ClientAuth::ClientSecretBasic), "a.b-c_d", 0, "n")
+            .unwrap();
         assert_eq!(header(&r, ":method"), "POST");
         assert_eq!(header(&r, ":path"), "/oauth2/backend/v1/token");
         assert_eq!(
@@ -415,7 +463,7 @@ mod tests {
 
     #[test]
     fn post_auth_request_puts_credentials_in_body() {
-        let r = ExchangeRequest::build(&target(ClientAuth::ClientSecretPost), "t");
+        let r = ExchangeRequest::build(&target(ClientAuth::ClientSecretPost), "t", 0, "n").unwrap();
         assert!(r.headers.iter().all(|(k, _)| *k != "authorization"));
         let f = form(&r.body);
         assert!(f.contains(&("client_id".into(), "gw client".into())));
@@ -590,5 +638,52 @@ mod tests {
             Some(now + 270)
         );
         assert_eq!(reusable_until(&ex(Some(20)), now + 7200, now, 30), None);
+    }
+
+    #[test]
+    fn private_key_jwt_and_actor_token() {
+        let mut t = target(ClientAuth::PrivateKeyJwt);
+        t.client_secret = None;
+        t.actor_token = true;
+        let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k", "d": "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc"});
+        t.client_key = Some(std::rc::Rc::new(
+            crate::client_key::ClientKey::from_jwk(&jwk.to_string()).unwrap(),
+        ));
+        let r = ExchangeRequest::build(&t, "subj", 1000, "nonce1").unwrap();
+        assert!(r.headers.iter().all(|(k, _)| *k != "authorization"));
+        let f = form(&r.body);
+        let field = |n: &str| {
+            f.iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(field("client_assertion_type"), CLIENT_ASSERTION_TYPE);
+        assert_eq!(field("client_id"), "gw client");
+        assert_eq!(
+            field("actor_token_type"),
+            "urn:ietf:params:oauth:token-type:jwt"
+        );
+        let claims = |jwt: &str| -> serde_json::Value {
+            use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            serde_json::from_slice(
+                &URL_SAFE_NO_PAD
+                    .decode(jwt.split('.').nth(1).unwrap())
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let assertion = claims(&field("client_assertion"));
+        let actor = claims(&field("actor_token"));
+        assert_eq!(
+            assertion["aud"],
+            "https://idp.example.com/oauth2/backend/v1/token"
+        );
+        assert_eq!(assertion["sub"], "gw client");
+        assert_ne!(assertion["jti"], actor["jti"], "each JWT has its own jti");
+        assert!(!f.iter().any(|(k, _)| k == "client_secret"));
+        // Without a key configured, nothing is sent.
+        t.client_key = None;
+        assert!(ExchangeRequest::build(&t, "subj", 1000, "n").is_err());
     }
 }

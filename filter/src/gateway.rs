@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
+use sha2::Digest as _;
+
 use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{Action, BufferType, MapType};
@@ -151,6 +153,8 @@ pub struct Gateway {
     body_checks: HashMap<u32, BodyCheck>,
     remote_waiters: Vec<RemoteWaiter>,
     metrics: Metrics,
+    nonce_seed: u64,
+    nonce_counter: u64,
     fast_tick: bool,
     last_sweep_ms: u64,
 }
@@ -179,6 +183,12 @@ impl Gateway {
             body_checks: HashMap::new(),
             remote_waiters: Vec::new(),
             metrics: Metrics::default(),
+            // std seeds RandomState from the host's random source (WASI random_get).
+            nonce_seed: {
+                use std::hash::BuildHasher;
+                std::collections::hash_map::RandomState::new().hash_one(worker_id)
+            },
+            nonce_counter: 0,
             fast_tick: false,
             last_sweep_ms: 0,
         }
@@ -542,7 +552,22 @@ impl Gateway {
         waiters: Vec<u32>,
         now_ms: u64,
     ) -> Step {
-        let request = ExchangeRequest::build(&target, token);
+        let nonce = self.nonce(now_ms);
+        let request = match ExchangeRequest::build(&target, token, secs(now_ms), &nonce) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("token exchange request could not be built: {e}");
+                self.store.release(
+                    &HostStore,
+                    &subject.key,
+                    self.worker_id,
+                    None,
+                    now_ms,
+                    FAILURE_TTL_MS,
+                );
+                return Step::Deny(Denial::Internal);
+            }
+        };
         let headers: Vec<(&str, &str)> = request
             .headers
             .iter()
@@ -589,6 +614,22 @@ impl Gateway {
                 Step::Deny(Denial::Exchange(e))
             }
         }
+    }
+
+    /// A value unique to this call (for the `jti` of client assertions and actor tokens): a hash
+    /// of a per-VM random seed, the worker, a counter and the time.
+    fn nonce(&mut self, now_ms: u64) -> String {
+        self.nonce_counter = self.nonce_counter.wrapping_add(1);
+        let mut h = sha2::Sha256::new();
+        h.update(self.nonce_seed.to_le_bytes());
+        h.update(self.worker_id.to_le_bytes());
+        h.update(self.nonce_counter.to_le_bytes());
+        h.update(now_ms.to_le_bytes());
+        h.finalize()
+            .iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     fn set_fast_tick(&mut self, fast: bool) {

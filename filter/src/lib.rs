@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod cache;
+pub mod client_key;
 pub mod config;
 pub mod exchange;
 pub mod jwks;

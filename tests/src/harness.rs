@@ -78,6 +78,8 @@ pub struct StackOptions {
     pub wait_for_keys: bool,
     /// More MCP upstreams behind the same listener, each on its own path prefix.
     pub extra_upstreams: Vec<ExtraUpstream>,
+    /// More environment variables for Envoy, passed into the Wasm VM (`host_env_keys`).
+    pub extra_env: Vec<(String, String)>,
 }
 
 /// A second (third, …) MCP server, reached through Envoy at `{prefix}mcp`.
@@ -101,6 +103,7 @@ impl Default for StackOptions {
             idp_unreachable: false,
             wait_for_keys: true,
             extra_upstreams: Vec::new(),
+            extra_env: Vec::new(),
         }
     }
 }
@@ -158,6 +161,7 @@ impl Stack {
             concurrency: opts.concurrency,
             secret: &opts.secret,
             extra_routes: &extra_routes,
+            extra_env: &opts.extra_env,
         })?;
         let stack = Stack {
             idp,
@@ -215,6 +219,7 @@ struct EnvoyParams<'a> {
     secret: &'a str,
     /// (route prefix, upstream port) for extra MCP upstreams.
     extra_routes: &'a [(String, u16)],
+    extra_env: &'a [(String, String)],
 }
 
 /// A running Envoy, killed on drop.
@@ -374,9 +379,15 @@ impl Envoy {
         let mut plugin = plugin_config(&mut bootstrap)?;
         retarget_idp(&mut plugin, p.idp_port);
         if !p.plugin_patch.is_null() {
-            // `{gateway}` in the patch stands for this Envoy's own URL (e.g. in `resource`).
+            // `{gateway}` in the patch stands for this Envoy's own URL (e.g. in `resource`),
+            // `{idp}` for the IdP's.
             let mut patch = p.plugin_patch.clone();
             replace_in_strings(&mut patch, "{gateway}", &format!("http://127.0.0.1:{port}"));
+            replace_in_strings(
+                &mut patch,
+                "{idp}",
+                &format!("http://127.0.0.1:{}", p.idp_port),
+            );
             merge_patch(&mut plugin, &patch);
         }
         let wasm = filter_wasm()?;
@@ -384,6 +395,11 @@ impl Envoy {
         filter["configuration"]["value"] = Value::String(plugin.to_string());
         filter["vm_config"]["code"]["local"]["filename"] =
             Value::String(wasm.display().to_string());
+        if let Some(keys) =
+            filter["vm_config"]["environment_variables"]["host_env_keys"].as_array_mut()
+        {
+            keys.extend(p.extra_env.iter().map(|(k, _)| Value::String(k.clone())));
+        }
 
         let config_path = dir.0.join("envoy.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&bootstrap)?)?;
@@ -398,6 +414,7 @@ impl Envoy {
             .arg("-l")
             .arg(std::env::var("E2E_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
             .env(SECRET_ENV, p.secret)
+            .envs(p.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
