@@ -481,7 +481,7 @@ fn guide_names_only_existing_config_fields() {
         "issuer",
         "audiences",
         "required_scopes",
-        "resource_metadata_url",
+        "resource",
     ] {
         assert!(
             guide.contains(&format!("`{top}`")),
