@@ -38,6 +38,9 @@ pub fn extract_bearer<'a>(
         _ => return Err(ExtractError::Duplicate),
     };
     let value = trim_ows(value);
+    if is_combined_bearer(value) {
+        return Err(ExtractError::Duplicate);
+    }
     let (scheme, rest) = match value.iter().position(|b| *b == b' ') {
         Some(i) => (&value[..i], &value[i..]),
         None => (value, &value[value.len()..]),
@@ -58,6 +61,24 @@ pub fn extract_bearer<'a>(
     }
     // b64token bytes are ASCII, so this cannot fail; no panic path either way.
     std::str::from_utf8(token).map_err(|_| ExtractError::MalformedToken)
+}
+
+/// Envoy joins repeated request headers into one value separated by commas, so two
+/// `Authorization` headers arrive as `Bearer a,Bearer b` (or `Basic x, Bearer y`). A bearer
+/// token never contains a comma, so a comma in a Bearer credential, or a Bearer credential after
+/// a comma, means more than one credential was sent. (A lone `Digest …` header has commas of its
+/// own and is simply not bearer authentication.)
+fn is_combined_bearer(value: &[u8]) -> bool {
+    let starts_bearer = |v: &[u8]| {
+        v.len() >= 7 && v[..7].eq_ignore_ascii_case(b"bearer ") || v.eq_ignore_ascii_case(b"bearer")
+    };
+    if starts_bearer(value) && value.contains(&b',') {
+        return true;
+    }
+    value
+        .split(|b| *b == b',')
+        .skip(1)
+        .any(|part| starts_bearer(trim_ows(part)))
 }
 
 /// b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
@@ -131,7 +152,6 @@ mod tests {
     fn malformed_tokens() {
         for v in [
             "Bearer a.b c",
-            "Bearer a,b",
             "Bearer \"a.b.c\"",
             "Bearer a\tb",
             "Bearer a.b.c;",
@@ -141,6 +161,24 @@ mod tests {
         assert_eq!(
             extract_bearer(&[b"Bearer a.\xff.c"], b"/", MAX),
             Err(ExtractError::MalformedToken)
+        );
+    }
+
+    #[test]
+    fn headers_envoy_joined_with_commas_are_duplicates() {
+        for v in [
+            "Bearer a.b.c,Bearer a.b.c",
+            "Bearer a.b.c, Bearer x",
+            "Basic dXNlcjpw, Bearer a.b.c",
+            "bearer a,b",
+            "Bearer ,",
+        ] {
+            assert_eq!(one(v), Err(ExtractError::Duplicate), "{v:?}");
+        }
+        // One Digest header has commas of its own: not bearer, not a duplicate.
+        assert_eq!(
+            one("Digest username=\"u\", realm=\"r\""),
+            Err(ExtractError::Missing)
         );
     }
 
