@@ -477,12 +477,7 @@ fn guide_names_only_existing_config_fields() {
             names.insert(rest[..end].trim_end_matches('.').to_string());
         }
     }
-    for top in [
-        "issuer",
-        "audiences",
-        "required_scopes",
-        "resource",
-    ] {
+    for top in ["issuer", "audiences", "required_scopes", "resource"] {
         assert!(
             guide.contains(&format!("`{top}`")),
             "the guide should map `{top}`"
