@@ -79,6 +79,9 @@ pub enum LeaseOutcome {
 
 const ENTRY_HEADER: usize = 32 + 8;
 const LEASE_LEN: usize = 32 + 8 + 4 + 1;
+/// Leases live for one exchange; a few thousand slots cover any burst of distinct fresh tokens
+/// (a collision only costs a missed coalescing, never a wrong token).
+const LEASE_SLOTS: u64 = 4096;
 
 pub struct ExchangeStore {
     prefix: String,
@@ -99,6 +102,20 @@ impl ExchangeStore {
 
     pub fn enabled(&self) -> bool {
         self.slots > 0
+    }
+
+    /// Writes every lease slot that was never written (see `try_lease`).
+    pub fn prepare_leases(&self, store: &dyn SharedStore) {
+        for slot in 0..self.slots.min(LEASE_SLOTS) {
+            let key = self.lease_key(slot);
+            if store.get(&key).1 == 0 {
+                let _ = store.set(&key, &[], None);
+            }
+        }
+    }
+
+    fn lease_slot(&self, key: &Digest32) -> u64 {
+        self.slot(key) % LEASE_SLOTS.max(1)
     }
 
     fn slot(&self, key: &Digest32) -> u64 {
@@ -186,7 +203,7 @@ impl ExchangeStore {
         key: &Digest32,
         now_ms: u64,
     ) -> (Option<(u32, u8)>, u32) {
-        let (value, cas) = store.get(&self.lease_key(self.slot(key)));
+        let (value, cas) = store.get(&self.lease_key(self.lease_slot(key)));
         let live = value
             .filter(|v| v.len() == LEASE_LEN && v[..32] == key[..])
             .and_then(|v| {
@@ -211,7 +228,7 @@ impl ExchangeStore {
         v.extend_from_slice(&deadline_ms.to_le_bytes());
         v.extend_from_slice(&owner.to_le_bytes());
         v.push(state);
-        store.set(&self.lease_key(self.slot(key)), &v, Some(cas))
+        store.set(&self.lease_key(self.lease_slot(key)), &v, Some(cas))
     }
 
     pub fn lease_status(
@@ -248,7 +265,7 @@ impl ExchangeStore {
         if cas == 0 {
             // Envoy ignores a CAS of 0 (never written), so two workers could both "win" a fresh
             // slot. Materialise the slot first; the CAS write below then picks one winner.
-            let _ = store.set(&self.lease_key(self.slot(key)), &[], None);
+            let _ = store.set(&self.lease_key(self.lease_slot(key)), &[], None);
             (live, cas) = self.read_lease(store, key, now_ms);
         }
         match live {
@@ -284,7 +301,7 @@ impl ExchangeStore {
         }
         let _ = match failure.map(encode_failure) {
             Some(state) => self.write_lease(store, key, now_ms + failure_ttl_ms, owner, state, cas),
-            None => store.set(&self.lease_key(self.slot(key)), &[], Some(cas)),
+            None => store.set(&self.lease_key(self.lease_slot(key)), &[], Some(cas)),
         };
     }
 }

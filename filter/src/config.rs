@@ -331,9 +331,17 @@ pub struct ExchangeTarget {
     pub timeout: Duration,
     pub cache_margin_seconds: i64,
     pub cache_max_entries: usize,
+    /// `identity()` of the fields above, computed once (it is part of every cache key).
+    pub identity: String,
 }
 
 impl ExchangeTarget {
+    /// Computes `identity` after the fields are set or changed.
+    pub fn with_identity(mut self) -> Self {
+        self.identity = self.cache_identity();
+        self
+    }
+
     /// A stable description of what is asked for, so the exchange cache never hands a token
     /// obtained for one target to a request for another.
     pub fn cache_identity(&self) -> String {
@@ -854,7 +862,7 @@ impl FilterConfig {
                             }
                             let mut t = (*target).clone();
                             t.scope = Some(scope);
-                            Some(Rc::new(t))
+                            Some(Rc::new(t.with_identity()))
                         }
                     };
                     tools.insert(
@@ -1114,7 +1122,9 @@ impl ExchangeConfig {
             timeout: Duration::from_millis(self.timeout_ms),
             cache_margin_seconds: self.cache_margin_seconds as i64,
             cache_max_entries: self.cache_max_entries,
-        })
+            identity: String::new(),
+        }
+        .with_identity())
     }
 }
 

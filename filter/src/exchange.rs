@@ -396,7 +396,9 @@ mod tests {
             timeout: Duration::from_secs(5),
             cache_margin_seconds: 30,
             cache_max_entries: 100,
+            identity: String::new(),
         }
+        .with_identity()
     }
 
     fn form(body: &[u8]) -> Vec<(String, String)> {

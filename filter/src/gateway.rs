@@ -108,6 +108,8 @@ struct Stream {
     started_ms: u64,
     route: usize,
     token: String,
+    /// SHA-256 of `token`: computed once, keys both caches and labels the token in logs.
+    digest: Digest32,
     principal: Option<Rc<Principal>>,
     body: Body,
     /// The call named by the MCP 2026-07-28 `Mcp-Method`/`Mcp-Name` headers, on routes with
@@ -194,6 +196,12 @@ impl Gateway {
         }
     }
 
+    /// Envoy ignores a CAS of 0 (a key never written), so two workers racing for a fresh lease
+    /// slot could both win. Writing every lease slot once, before traffic, closes that race.
+    pub fn prepare_shared_slots(&self) {
+        self.store.prepare_leases(&HostStore);
+    }
+
     /// The upstream answered a forwarded request. A 401 means it rejected the backend token:
     /// drop it from the cache so the next request exchanges afresh.
     pub fn on_upstream_status(&mut self, context_id: u32, status: Option<&[u8]>) {
@@ -269,6 +277,7 @@ impl Gateway {
             Stream {
                 started_ms: now,
                 route: route_index,
+                digest: token_digest(&token),
                 token,
                 principal: None,
                 body: if end_of_stream {
@@ -380,12 +389,12 @@ impl Gateway {
     /// Verify → audience → scopes → tools → cached token or exchange.
     fn advance(&mut self, context_id: u32, now: u64) -> Step {
         let policy = Rc::clone(&self.policy);
-        let (token, route_index) = match self.streams.get(&context_id) {
-            Some(s) => (s.token.clone(), s.route),
+        let (token, digest, route_index) = match self.streams.get(&context_id) {
+            Some(s) => (s.token.clone(), s.digest, s.route),
             None => return Step::Deny(Denial::Internal),
         };
         let route = &policy.routes[route_index];
-        let principal = match self.principal(&token, now, false) {
+        let principal = match self.principal(&token, &digest, now, false) {
             Ok(p) => p,
             Err(PrincipalWait::Deny(d)) => return Step::Deny(d),
             Err(PrincipalWait::Park) => return self.park(context_id, now),
@@ -425,7 +434,7 @@ impl Gateway {
             .clone()
             .unwrap_or_else(|| Rc::clone(&route.target));
         stream.target = Some(Rc::clone(&target));
-        self.exchange(context_id, &token, &principal, target, now)
+        self.exchange(context_id, &token, &digest, &principal, target, now)
     }
 
     /// The verified principal for `token`: from the verified-token cache, or by verifying.
@@ -433,11 +442,12 @@ impl Gateway {
     fn principal(
         &mut self,
         token: &str,
+        digest: &Digest32,
         now_ms: u64,
         after_fetch: bool,
     ) -> Result<Rc<Principal>, PrincipalWait> {
         let now = secs(now_ms);
-        let digest = token_digest(token);
+        let digest = *digest;
         let skew = self.policy.inbound.clock_skew_seconds;
         if let Some(p) = self.verified.get(&digest, now, skew) {
             return Ok(Rc::clone(p));
@@ -480,15 +490,15 @@ impl Gateway {
         &mut self,
         context_id: u32,
         token: &str,
+        digest: &Digest32,
         principal: &Principal,
         target: Rc<ExchangeTarget>,
         now_ms: u64,
     ) -> Step {
-        let digest = token_digest(token);
         let subject = Subject {
-            key: exchange_key(&digest, &target.cache_identity()),
+            key: exchange_key(digest, &target.identity),
             expires_at: principal.expires_at,
-            fingerprint: fingerprint(&digest),
+            fingerprint: fingerprint(digest),
             sub: sanitize(&principal.sub),
         };
         if let Some(s) = self.streams.get_mut(&context_id) {
@@ -1062,12 +1072,11 @@ impl Gateway {
             .filter_map(|(id, s)| s.parked_since.take().map(|_| *id))
             .collect();
         for id in parked {
-            let token = self
-                .streams
-                .get(&id)
-                .map(|s| s.token.clone())
-                .unwrap_or_default();
-            let step = match self.principal(&token, now, true) {
+            let Some((token, digest)) = self.streams.get(&id).map(|s| (s.token.clone(), s.digest))
+            else {
+                continue;
+            };
+            let step = match self.principal(&token, &digest, now, true) {
                 Ok(_) => self.advance(id, now),
                 Err(PrincipalWait::Deny(d)) => Step::Deny(d),
                 Err(PrincipalWait::Park) => Step::Deny(Denial::KeysUnavailable),
@@ -1236,7 +1245,7 @@ impl Gateway {
         let token_label = principal
             .and_then(|p| p.jti.clone())
             .map(|j| sanitize(&j))
-            .unwrap_or_else(|| fingerprint(&token_digest(&stream.token)));
+            .unwrap_or_else(|| fingerprint(&stream.digest));
         let sub = principal.map(|p| sanitize(&p.sub));
         let client_id = principal.and_then(|p| p.client_id.as_deref()).map(sanitize);
         let record = AuditRecord {

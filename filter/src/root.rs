@@ -78,9 +78,9 @@ impl RootContext for Root {
                     &HostStore,
                     &format!("mcp_token_exchange/{namespace}/workers"),
                 );
-                self.gateway = Some(Rc::new(RefCell::new(Gateway::new(
-                    policy, &namespace, worker_id,
-                ))));
+                let gateway = Gateway::new(policy, &namespace, worker_id);
+                gateway.prepare_shared_slots();
+                self.gateway = Some(Rc::new(RefCell::new(gateway)));
                 self.set_tick_period(TICK);
                 true
             }

@@ -60,36 +60,43 @@ async fn one_exchange_serves_every_worker() -> Result {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_misses_for_one_token_cost_one_exchange() -> Result {
     let stack = two_workers(json!({}), idp()).await?;
-    // A slow token endpoint so that all 64 requests arrive while the first exchange is in flight.
+    // A slow token endpoint, so that the whole burst arrives while the first exchange is in
+    // flight; several bursts, each with a fresh token (fresh lease slots, both workers racing).
     stack
         .idp
-        .set_fault(Endpoint::Token, Fault::Delay(Duration::from_millis(400)));
-    let token = stack.user_token();
-    let mut tasks = Vec::new();
-    for _ in 0..64 {
-        let url = stack.envoy.url("/healthz");
-        let token = token.clone();
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(0)
-                .build()?;
-            let resp = client
-                .get(url)
-                .header("authorization", format!("Bearer {token}"))
-                .send()
-                .await?;
-            anyhow::Ok(resp.status().as_u16())
-        }));
+        .set_fault(Endpoint::Token, Fault::Delay(Duration::from_millis(150)));
+    for burst in 0..4u64 {
+        let before = stack.idp.exchange_count();
+        let token = stack.mint(&MintRequest {
+            sub: format!("burst-{burst}"),
+            ..MintRequest::default()
+        });
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let url = stack.envoy.url("/healthz");
+            let token = token.clone();
+            tasks.push(tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .build()?;
+                let resp = client
+                    .get(url)
+                    .header("authorization", format!("Bearer {token}"))
+                    .send()
+                    .await?;
+                anyhow::Ok(resp.status().as_u16())
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await??, 200);
+        }
+        assert_eq!(
+            stack.idp.exchange_count() - before,
+            1,
+            "burst {burst}: 64 concurrent requests, one exchange"
+        );
     }
-    for t in tasks {
-        assert_eq!(t.await??, 200);
-    }
-    assert_eq!(
-        stack.idp.exchange_count(),
-        1,
-        "64 concurrent requests, one exchange"
-    );
-    assert_eq!(stack.upstream.seen_requests().len(), 64);
+    assert_eq!(stack.upstream.seen_requests().len(), 4 * 64);
     Ok(())
 }
 
