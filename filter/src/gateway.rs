@@ -140,6 +140,26 @@ struct KeyState {
     last_attempt_ms: Option<u64>,
 }
 
+/// The per-VM gateway, shared by the root context and the HTTP contexts.
+pub type SharedGateway = Rc<std::cell::RefCell<Gateway>>;
+
+/// Runs `f` on the gateway. `None` when there is none (not configured) or it is borrowed: that
+/// cannot happen with Envoy deferring re-entrant calls, but is logged and failed closed, never a
+/// panic.
+pub fn with_gateway<R>(
+    gateway: &Option<SharedGateway>,
+    f: impl FnOnce(&mut Gateway) -> R,
+) -> Option<R> {
+    let gw = gateway.as_ref()?;
+    match gw.try_borrow_mut() {
+        Ok(mut gw) => Some(f(&mut gw)),
+        Err(_) => {
+            log::error!("gateway state busy; failing closed");
+            None
+        }
+    }
+}
+
 pub struct Gateway {
     pub policy: Rc<Policy>,
     worker_id: u32,

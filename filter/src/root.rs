@@ -10,7 +10,7 @@ use proxy_wasm::types::ContextType;
 
 use crate::cache::{fingerprint, token_digest};
 use crate::config::parse_policy;
-use crate::gateway::{Gateway, TICK};
+use crate::gateway::{with_gateway, Gateway, SharedGateway, TICK};
 use crate::host::{allocate_worker_id, HostStore};
 use crate::http::RequestContext;
 
@@ -22,7 +22,7 @@ pub const GIT_COMMIT: &str = match option_env!("GIT_COMMIT") {
 
 #[derive(Default)]
 pub struct Root {
-    gateway: Option<Rc<RefCell<Gateway>>>,
+    gateway: Option<SharedGateway>,
 }
 
 impl Context for Root {
@@ -33,12 +33,9 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        if let Some(gw) = &self.gateway {
-            match gw.try_borrow_mut() {
-                Ok(mut gw) => gw.on_http_call_response(token_id, body_size),
-                Err(_) => error!("gateway state busy in root callout response; dropped"),
-            }
-        }
+        with_gateway(&self.gateway, |gw| {
+            gw.on_http_call_response(token_id, body_size)
+        });
     }
 }
 
@@ -92,11 +89,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if let Some(gw) = &self.gateway {
-            if let Ok(mut gw) = gw.try_borrow_mut() {
-                gw.on_tick();
-            }
-        }
+        with_gateway(&self.gateway, Gateway::on_tick);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -25,6 +25,31 @@ async fn call(stack: &Stack, token: &str) -> Result<u16> {
     Ok(resp.status().as_u16())
 }
 
+/// `n` concurrent requests with `token`, each on its own connection; their statuses.
+async fn burst(stack: &Stack, token: &str, n: usize) -> Result<Vec<u16>> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let url = stack.envoy.url("/healthz");
+        let token = token.to_string();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()?;
+            let resp = client
+                .get(url)
+                .header("authorization", format!("Bearer {token}"))
+                .send()
+                .await?;
+            anyhow::Ok(resp.status().as_u16())
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await??);
+    }
+    Ok(statuses)
+}
+
 async fn two_workers(patch: serde_json::Value, idp: IdpConfig) -> Result<Stack> {
     Stack::start_with(StackOptions {
         concurrency: 2,
@@ -65,35 +90,19 @@ async fn concurrent_misses_for_one_token_cost_one_exchange() -> Result {
     stack
         .idp
         .set_fault(Endpoint::Token, Fault::Delay(Duration::from_millis(150)));
-    for burst in 0..4u64 {
+    for round in 0..4u64 {
         let before = stack.idp.exchange_count();
         let token = stack.mint(&MintRequest {
-            sub: format!("burst-{burst}"),
+            sub: format!("burst-{round}"),
             ..MintRequest::default()
         });
-        let mut tasks = Vec::new();
-        for _ in 0..64 {
-            let url = stack.envoy.url("/healthz");
-            let token = token.clone();
-            tasks.push(tokio::spawn(async move {
-                let client = reqwest::Client::builder()
-                    .pool_max_idle_per_host(0)
-                    .build()?;
-                let resp = client
-                    .get(url)
-                    .header("authorization", format!("Bearer {token}"))
-                    .send()
-                    .await?;
-                anyhow::Ok(resp.status().as_u16())
-            }));
-        }
-        for t in tasks {
-            assert_eq!(t.await??, 200);
+        for status in burst(&stack, &token, 64).await? {
+            assert_eq!(status, 200);
         }
         assert_eq!(
             stack.idp.exchange_count() - before,
             1,
-            "burst {burst}: 64 concurrent requests, one exchange"
+            "burst {round}: 64 concurrent requests, one exchange"
         );
     }
     assert_eq!(stack.upstream.seen_requests().len(), 4 * 64);
@@ -112,26 +121,9 @@ async fn a_failed_exchange_is_not_retried_by_every_waiting_request() -> Result {
         },
     );
     let token = stack.user_token();
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let url = stack.envoy.url("/healthz");
-        let token = token.clone();
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(0)
-                .build()?;
-            let resp = client
-                .get(url)
-                .header("authorization", format!("Bearer {token}"))
-                .send()
-                .await?;
-            anyhow::Ok(resp.status().as_u16())
-        }));
-    }
-    for t in tasks {
+    for status in burst(&stack, &token, 16).await? {
         assert_eq!(
-            t.await??,
-            401,
+            status, 401,
             "invalid_grant → 401 invalid_token for every waiter"
         );
     }
