@@ -28,6 +28,7 @@ pub enum JwsAlgorithm {
     Ps256,
     Ps384,
     Ps512,
+    Es256,
 }
 
 impl JwsAlgorithm {
@@ -39,6 +40,7 @@ impl JwsAlgorithm {
             "PS256" => Self::Ps256,
             "PS384" => Self::Ps384,
             "PS512" => Self::Ps512,
+            "ES256" => Self::Es256,
             _ => return None,
         })
     }
@@ -51,6 +53,7 @@ impl JwsAlgorithm {
             Self::Ps256 => "PS256",
             Self::Ps384 => "PS384",
             Self::Ps512 => "PS512",
+            Self::Es256 => "ES256",
         }
     }
 }
@@ -60,7 +63,14 @@ impl JwsAlgorithm {
 pub struct VerifyingKey {
     pub kid: Option<String>,
     pub alg: JwsAlgorithm,
-    pub key: PublicKey,
+    pub key: PublicKeyMaterial,
+}
+
+/// The public key itself: RSA for RS*/PS*, P-256 for ES256.
+#[derive(Clone)]
+pub enum PublicKeyMaterial {
+    Rsa(PublicKey),
+    P256(p256::ecdsa::VerifyingKey),
 }
 
 impl fmt::Debug for VerifyingKey {
@@ -125,6 +135,12 @@ struct RawJwk {
     n: Option<String>,
     #[serde(default)]
     e: Option<String>,
+    #[serde(default)]
+    crv: Option<String>,
+    #[serde(default)]
+    x: Option<String>,
+    #[serde(default)]
+    y: Option<String>,
 }
 
 impl KeySet {
@@ -192,13 +208,17 @@ fn parse_key(entry: serde_json::Value) -> Result<VerifyingKey, String> {
             return Err(format!("use {} is not \"sig\"", sanitize(u)));
         }
     }
+    if jwk.kty == "EC" {
+        return parse_ec_key(jwk);
+    }
     if jwk.kty != "RSA" {
         return Err(format!("unsupported kty {}", sanitize(&jwk.kty)));
     }
     let alg = match jwk.alg.as_deref() {
         None => JwsAlgorithm::Rs256,
         Some(name) => JwsAlgorithm::from_name(name)
-            .ok_or_else(|| format!("unsupported alg {}", sanitize(name)))?,
+            .filter(|a| *a != JwsAlgorithm::Es256)
+            .ok_or_else(|| format!("unsupported alg {} for an RSA key", sanitize(name)))?,
     };
     let n = decode_uint("n", jwk.n.as_deref())?;
     let e = decode_uint("e", jwk.e.as_deref())?;
@@ -219,7 +239,42 @@ fn parse_key(entry: serde_json::Value) -> Result<VerifyingKey, String> {
     Ok(VerifyingKey {
         kid: jwk.kid,
         alg,
-        key,
+        key: PublicKeyMaterial::Rsa(key),
+    })
+}
+
+/// An EC JWK: only P-256, only ES256 (an `alg`, if given, must say so).
+fn parse_ec_key(jwk: RawJwk) -> Result<VerifyingKey, String> {
+    if jwk.crv.as_deref() != Some("P-256") {
+        return Err(format!(
+            "unsupported curve {}",
+            sanitize(jwk.crv.as_deref().unwrap_or("(none)"))
+        ));
+    }
+    if !matches!(jwk.alg.as_deref(), None | Some("ES256")) {
+        return Err(format!(
+            "unsupported alg {} for a P-256 key",
+            sanitize(jwk.alg.as_deref().unwrap_or(""))
+        ));
+    }
+    let coordinate = |name: &str, v: &Option<String>| -> Result<Vec<u8>, String> {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(v.as_deref().ok_or_else(|| format!("missing `{name}`"))?)
+            .map_err(|_| format!("`{name}` is not base64url"))?;
+        if bytes.len() != 32 {
+            return Err(format!("`{name}` is not 32 bytes"));
+        }
+        Ok(bytes)
+    };
+    let mut sec1 = vec![0x04];
+    sec1.extend(coordinate("x", &jwk.x)?);
+    sec1.extend(coordinate("y", &jwk.y)?);
+    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
+        .map_err(|_| "the point is not on P-256".to_string())?;
+    Ok(VerifyingKey {
+        kid: jwk.kid,
+        alg: JwsAlgorithm::Es256,
+        key: PublicKeyMaterial::P256(key),
     })
 }
 
@@ -272,6 +327,23 @@ mod tests {
     }
 
     #[test]
+    fn p256_keys_are_bound_to_es256() {
+        let set = KeySet::parse(
+            json!({"keys": [crate::test_keys::es256_jwk("ec")]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(set.keys[0].alg, JwsAlgorithm::Es256);
+        let mut rs = crate::test_keys::es256_jwk("ec");
+        rs["alg"] = json!("RS256");
+        assert!(KeySet::parse(json!({"keys": [rs]}).to_string().as_bytes())
+            .unwrap()
+            .keys
+            .is_empty());
+    }
+
+    #[test]
     fn key_without_alg_is_bound_to_rs256() {
         let mut k = rsa_jwk("k");
         k.as_object_mut().unwrap().remove("alg");
@@ -286,6 +358,8 @@ mod tests {
             json!({"kty": "RSA", "kid": "bad-b64", "n": "***", "e": "AQAB"}),
             json!({"kty": "RSA", "kid": "short", "n": "AQAB", "e": "AQAB"}),
             json!({"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"}),
+            json!({"kty": "EC", "kid": "p384", "crv": "P-384", "x": "AA", "y": "AA"}),
+            json!({"kty": "EC", "kid": "off-curve", "crv": "P-256", "x": URL_SAFE_NO_PAD.encode([1u8; 32]), "y": URL_SAFE_NO_PAD.encode([2u8; 32])}),
             json!({"kty": "RSA", "kid": "enc", "use": "enc", "n": test_n(), "e": "AQAB"}),
             json!({"kty": "RSA", "kid": "hs", "alg": "HS256", "n": test_n(), "e": "AQAB"}),
             json!({"kty": "RSA", "kid": "none", "alg": "none", "n": test_n(), "e": "AQAB"}),
@@ -297,7 +371,7 @@ mod tests {
         let set = KeySet::parse(json!({ "keys": bad }).to_string().as_bytes()).unwrap();
         assert_eq!(set.keys.len(), 1);
         assert_eq!(set.keys[0].kid.as_deref(), Some("good"));
-        assert_eq!(set.skipped.len(), 10, "{:?}", set.skipped);
+        assert_eq!(set.skipped.len(), 12, "{:?}", set.skipped);
     }
 
     #[test]

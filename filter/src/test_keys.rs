@@ -90,3 +90,27 @@ pub fn sign_pss(header: &serde_json::Value, claims: &serde_json::Value) -> Strin
 pub fn k1_modulus() -> String {
     b64(&keys().k1.to_public_key().n().to_be_bytes())
 }
+
+fn p256_key() -> p256::ecdsa::SigningKey {
+    p256::ecdsa::SigningKey::from_slice(&[0x42; 32]).unwrap()
+}
+
+/// The public JWK of a fixed P-256 key, bound to ES256.
+pub fn es256_jwk(kid: &str) -> serde_json::Value {
+    let point = p256_key().verifying_key().to_sec1_point(false);
+    let bytes = point.as_bytes();
+    serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+        "x": b64(&bytes[1..33]), "y": b64(&bytes[33..65])})
+}
+
+/// Signs with that P-256 key (JWS r || s).
+pub fn sign_es256(header: &serde_json::Value, claims: &serde_json::Value) -> String {
+    use p256::ecdsa::signature::Signer;
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig: p256::ecdsa::Signature = p256_key().sign(input.as_bytes());
+    format!("{input}.{}", b64(&sig.to_bytes()))
+}

@@ -12,13 +12,14 @@ use std::fmt;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jwt_compact::{Algorithm, AlgorithmExt, AlgorithmSignature, UntrustedToken};
-use rsa::{Pkcs1v15Sign, Pss, PublicKey};
+use p256::ecdsa::signature::Verifier as _;
+use rsa::{Pkcs1v15Sign, Pss};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
 use crate::config::InboundPolicy;
-use crate::jwks::{JwsAlgorithm, KeySelection, KeySet};
+use crate::jwks::{JwsAlgorithm, KeySelection, KeySet, PublicKeyMaterial};
 
 /// Why a token was refused. Every variant maps to `401 invalid_token`; the descriptions are
 /// generic on purpose (they go to the client) and never echo token contents.
@@ -164,12 +165,13 @@ impl AlgorithmSignature for RawSignature {
     }
 }
 
-/// Verification-only RSA algorithms for `jwt-compact`. Signing is impossible by construction.
-pub struct RsaVerifier(pub JwsAlgorithm);
+/// Verification-only algorithms for `jwt-compact`, bound to the key's algorithm. Signing is
+/// impossible by construction.
+pub struct KeyVerifier(pub JwsAlgorithm);
 
-impl Algorithm for RsaVerifier {
+impl Algorithm for KeyVerifier {
     type SigningKey = Infallible;
-    type VerifyingKey = PublicKey;
+    type VerifyingKey = PublicKeyMaterial;
     type Signature = RawSignature;
 
     fn name(&self) -> Cow<'static, str> {
@@ -180,9 +182,24 @@ impl Algorithm for RsaVerifier {
         match *signing_key {}
     }
 
-    fn verify_signature(&self, sig: &RawSignature, key: &PublicKey, message: &[u8]) -> bool {
+    fn verify_signature(
+        &self,
+        sig: &RawSignature,
+        key: &PublicKeyMaterial,
+        message: &[u8],
+    ) -> bool {
         let sig = &sig.0;
+        let key = match (key, self.0) {
+            (PublicKeyMaterial::P256(key), JwsAlgorithm::Es256) => {
+                // JWS ES256 signatures are r || s, 64 bytes (RFC 7518 §3.4), not DER.
+                return p256::ecdsa::Signature::from_slice(sig)
+                    .is_ok_and(|s| key.verify(message, &s).is_ok());
+            }
+            (PublicKeyMaterial::Rsa(key), _) => key,
+            (PublicKeyMaterial::P256(_), _) => return false,
+        };
         let result = match self.0 {
+            JwsAlgorithm::Es256 => return false,
             JwsAlgorithm::Rs256 => {
                 key.verify(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(message), sig)
             }
@@ -236,7 +253,7 @@ pub fn verify(
     if untrusted.algorithm() != key.alg.name() {
         return Err(invalid(TokenError::AlgorithmNotAllowed));
     }
-    let algorithm = RsaVerifier(key.alg);
+    let algorithm = KeyVerifier(key.alg);
     algorithm
         .validator::<jwt_compact::Empty>(&key.key)
         .validate(&untrusted)
@@ -553,5 +570,46 @@ mod tests {
             let r = verify(&t, &test_keys::key_set(), &policy(), NOW);
             assert!(matches!(r, Err(VerifyError::Invalid(_))), "{t:?} -> {r:?}");
         }
+    }
+
+    #[test]
+    fn es256_keys_verify_es256_tokens_only() {
+        let mut doc: serde_json::Value = serde_json::from_str(&test_keys::jwks_json()).unwrap();
+        doc["keys"]
+            .as_array_mut()
+            .unwrap()
+            .push(test_keys::es256_jwk("ec"));
+        let keys = KeySet::parse(doc.to_string().as_bytes()).unwrap();
+        let token = test_keys::sign_es256(&json!({"alg": "ES256", "kid": "ec"}), &claims());
+        assert!(verify(&token, &keys, &policy(), NOW).is_ok());
+        // Tampered claims fail; an RSA-signed token naming the EC key fails; ES256 on an RSA key fails.
+        let other =
+            test_keys::sign_es256(&json!({"alg": "ES256", "kid": "ec"}), &json!({"iss": "x"}));
+        let forged = format!(
+            "{}.{}",
+            token
+                .rsplit_once('.')
+                .unwrap()
+                .0
+                .rsplit_once('.')
+                .unwrap()
+                .0,
+            other.split('.').skip(1).collect::<Vec<_>>().join(".")
+        );
+        assert!(verify(&forged, &keys, &policy(), NOW).is_err());
+        assert_eq!(
+            verify(
+                &sign(&json!({"alg": "RS256", "kid": "ec"}), &claims()),
+                &keys,
+                &policy(),
+                NOW
+            ),
+            invalid(TokenError::AlgorithmNotAllowed)
+        );
+        let es_on_rsa = test_keys::sign_es256(&json!({"alg": "ES256", "kid": "k1"}), &claims());
+        assert_eq!(
+            verify(&es_on_rsa, &keys, &policy(), NOW),
+            invalid(TokenError::AlgorithmNotAllowed)
+        );
     }
 }

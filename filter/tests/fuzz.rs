@@ -19,7 +19,7 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use base64::Engine;
 use mcp_token_exchange::config::{self, InboundPolicy};
 use mcp_token_exchange::exchange::{self, ExchangeError};
-use mcp_token_exchange::jwks::KeySet;
+use mcp_token_exchange::jwks::{KeySet, PublicKeyMaterial};
 use mcp_token_exchange::mcp as jsonrpc;
 use mcp_token_exchange::policy;
 use mcp_token_exchange::token::{self, ExtractError};
@@ -1085,7 +1085,10 @@ proptest! {
         prop_assert!(set.keys.len() <= entries.len());
         let mut kids = std::collections::HashSet::new();
         for k in &set.keys {
-            let bits = strip_zeros(&k.key.n().to_be_bytes()).len() * 8;
+            let PublicKeyMaterial::Rsa(rsa_key) = &k.key else {
+                continue; // the generator makes RSA keys; a P-256 key is bound to ES256
+            };
+            let bits = strip_zeros(&rsa_key.n().to_be_bytes()).len() * 8;
             prop_assert!((2041..=8192).contains(&bits), "{}-bit key kept", bits);
             if let Some(kid) = &k.kid {
                 prop_assert!(kids.insert(kid.clone()), "duplicate kid {}", kid);
@@ -1095,7 +1098,7 @@ proptest! {
             prop_assert_eq!(p.sub, "user@example.com");
             let real = modulus(&keys().k1);
             prop_assert!(set.keys.iter().any(|k| k.kid.as_deref().is_none_or(|kid| kid == "k1")
-                && strip_zeros(&k.key.n().to_be_bytes()) == real));
+                && matches!(&k.key, PublicKeyMaterial::Rsa(r) if strip_zeros(&r.n().to_be_bytes()) == real)));
         }
         // Every key, however odd, is safe to verify against.
         for t in donors() {
