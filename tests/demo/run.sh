@@ -56,7 +56,10 @@ step "1. No token: Envoy + filter answer as an OAuth resource server (RFC 6750)"
 curl -s -o /dev/null -D - -X POST "$GATEWAY/mcp" -H 'content-type: application/json' \
   -d '{"jsonrpc":"2.0","id":1,"method":"tools/list"}' | grep -iE '^(HTTP|www-authenticate)'
 
-step "2. The user signs in at the MCP authorization server (here: minted by the test IdP)"
+step "2. The challenge points MCP clients at the RFC 9728 metadata, served by the filter"
+curl -s "$GATEWAY/.well-known/oauth-protected-resource/mcp"; echo
+
+step "3. The user signs in at the MCP authorization server (here: minted by the test IdP)"
 TOKEN=$(curl -fsS -X POST "$IDP/__admin/mint" -H 'content-type: application/json' \
   -d '{"as_id":"mcp","sub":"user@example.com","scopes":["mcp:tools:call"]}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
@@ -67,11 +70,12 @@ claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)
 print("client's token:", json.dumps({k: claims[k] for k in ("iss", "aud", "scp", "sub")}))
 PY
 
-step "3. A real MCP client calls the MCP server through Envoy; the server reports the token it got"
+step "4. A real MCP client calls the MCP server through Envoy; the server reports the token it got"
 "$BIN/mcp-client" --url "$GATEWAY/mcp" --token "$TOKEN"
 
-step "4. What the gateway logged (token fingerprints, never tokens)"
+step "5. What the gateway logged (token fingerprints, never tokens) and its audit line"
 grep -o 'exchanged token.*' "$RUN/envoy.log" | head -3
+grep -o '{"audit".*' "$RUN/envoy.log" | tail -1
 
 if [ "${DEMO_EXIT:-0}" = 1 ]; then
   echo; echo "demo OK"

@@ -41,6 +41,7 @@ fn two_routes() -> StackOptions {
             required_scopes: vec!["crm:read".into()],
         }],
         plugin_patch: json!({
+            "resource": null,
             "resource_name": "Demo MCP gateway",
             "identity_headers": {"x-mcp-user": "sub", "x-mcp-client-id": "client_id"},
             "routes": [
