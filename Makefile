@@ -98,7 +98,7 @@ e2e: wasm envoy
 test: lint unit e2e
 	DEMO_EXIT=1 tests/demo/run.sh
 
-# The measuring harness (bench/bench.py, ~10 min on 2 cores); not part of `make test` or CI.
+# The measuring harness (bench/bench.py, ~10 min on 2 idle cores); not part of `make test` or CI.
 .PHONY: bench
 bench: toolchain envoy
 	@command -v wrk >/dev/null || apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }
