@@ -431,3 +431,51 @@ async fn secret_and_tokens_never_reach_the_log() -> Result {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_tokens_are_verified_in_envoy() -> Result {
+    use gateway_tests::idp::{ClientKeyAlg, ClientSigningKey};
+    // An issuer that signs ES256 (its key inline in the config). The test IdP only issues RS256,
+    // so it refuses the exchange: reaching it at all shows the filter accepted the signature.
+    let issuer_key = ClientSigningKey::generate(ClientKeyAlg::Es256)?;
+    let stack = Stack::start_with(StackOptions {
+        wait_for_keys: false,
+        plugin_patch: json!({"jwks": {"cluster": null, "path": null, "authority": null,
+                                      "inline": {"keys": [issuer_key.public_jwk()]}}}),
+        ..StackOptions::default()
+    })
+    .await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let claims = json!({"iss": stack.idp.issuer("mcp"), "aud": "mcpserver", "sub": "ec-user",
+                        "scp": ["mcp:tools:call"], "iat": now, "exp": now + 300});
+    let token = issuer_key.sign(&claims)?;
+    let a = with_bearer(&stack, &token).await?;
+    assert_eq!(
+        stack.idp.exchange_count(),
+        1,
+        "the ES256 token passed verification: {}",
+        a.body
+    );
+    assert_challenge(&a, 401, Some("invalid_token"));
+
+    // The same claims signed by another P-256 key, and a tampered signature: refused before any
+    // exchange.
+    let other = ClientSigningKey::generate(ClientKeyAlg::Es256)?;
+    let forged = format!(
+        "{}.{}",
+        token
+            .rsplit_once('.')
+            .map(|(head, _)| head)
+            .unwrap_or_default(),
+        other.sign(&claims)?.rsplit('.').next().unwrap_or_default()
+    );
+    assert_challenge(
+        &with_bearer(&stack, &forged).await?,
+        401,
+        Some("invalid_token"),
+    );
+    assert_eq!(stack.idp.exchange_count(), 1);
+    Ok(())
+}
