@@ -5,6 +5,7 @@
 //! - [`mcp`]: a real MCP server (Streamable HTTP) that validates the exchanged token itself, and
 //!   a real MCP client used by the tests and the demo.
 
+pub mod cli;
 pub mod harness;
 pub mod idp;
 pub mod mcp;

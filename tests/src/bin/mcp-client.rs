@@ -10,6 +10,7 @@
 //! (`POST {idp}/__admin/mint` with `{"as_id":"mcp","sub":…}`). Exit code 1 on failure, with the
 //! HTTP status when the gateway or server answered non-2xx.
 
+use gateway_tests::cli::Flags;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -32,21 +33,12 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut token = None;
     let mut mint_from = None;
     let mut sub = None;
-    let mut args = args.peekable();
-    while let Some(arg) = args.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
+    let mut flags = Flags::new(args);
+    while let Some(name) = flags.next_flag() {
         if name == "-h" || name == "--help" {
             return Err(USAGE.to_string());
         }
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
-        };
+        let mut value = || flags.value().map_err(|e| format!("{e}\n{USAGE}"));
         match name.as_str() {
             "--url" => url = Some(value()?),
             "--token" => token = Some(value()?),

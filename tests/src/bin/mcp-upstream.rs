@@ -6,6 +6,7 @@
 //!              [--audience backend] [--scope backend-api:read]...
 //! ```
 
+use gateway_tests::cli::Flags;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -25,21 +26,12 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut jwks_url = None;
     let mut audience = None;
     let mut scopes = Vec::new();
-    let mut args = args.peekable();
-    while let Some(arg) = args.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
+    let mut flags = Flags::new(args);
+    while let Some(name) = flags.next_flag() {
         if name == "-h" || name == "--help" {
             return Err(USAGE.to_string());
         }
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
-        };
+        let mut value = || flags.value().map_err(|e| format!("{e}\n{USAGE}"));
         match name.as_str() {
             "--listen" => {
                 let v = value()?;

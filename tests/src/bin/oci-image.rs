@@ -11,6 +11,7 @@
 //! Prints the manifest digest (for `WasmPlugin.sha256` / `code.image.sha256`) and the module's
 //! digest. See `gateway_tests::oci` for the layouts.
 
+use gateway_tests::cli::Flags;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,28 +56,19 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
         variant: Variant::Oci,
         root_id: "mcp_token_exchange".into(),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |name: &str| -> anyhow::Result<String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it.next().ok_or_else(|| anyhow!("{name} needs a value")),
-            }
-        };
+    let mut flags = Flags::new(std::env::args().skip(1));
+    while let Some(flag) = flags.next_flag() {
+        let mut value = || flags.value().map_err(|e| anyhow!(e));
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--wasm" => wasm = Some(PathBuf::from(value("--wasm")?)),
-            "--out" => args.out = Some(PathBuf::from(value("--out")?)),
-            "--tar" => args.tar = Some(PathBuf::from(value("--tar")?)),
-            "--version" => args.version = value("--version")?,
-            "--revision" => args.revision = Some(value("--revision")?),
-            "--tag" => args.tag = Some(value("--tag")?),
-            "--variant" => args.variant = Variant::parse(&value("--variant")?)?,
-            "--root-id" => args.root_id = value("--root-id")?,
+            "--wasm" => wasm = Some(PathBuf::from(value()?)),
+            "--out" => args.out = Some(PathBuf::from(value()?)),
+            "--tar" => args.tar = Some(PathBuf::from(value()?)),
+            "--version" => args.version = value()?,
+            "--revision" => args.revision = Some(value()?),
+            "--tag" => args.tag = Some(value()?),
+            "--variant" => args.variant = Variant::parse(&value()?)?,
+            "--root-id" => args.root_id = value()?,
             other => bail!("unknown argument {other:?}\n\n{USAGE}"),
         }
     }

@@ -8,6 +8,7 @@
 //!
 //! The client secret is read from the named environment variable (never from the command line).
 
+use gateway_tests::cli::Flags;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -51,32 +52,22 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
         omit_issued_token_type: false,
         quiet: false,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        // Accept both `--flag value` and `--flag=value`.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |name: &str| -> anyhow::Result<String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it.next().ok_or_else(|| anyhow!("{name} needs a value")),
-            }
-        };
+    let mut flags = Flags::new(std::env::args().skip(1));
+    while let Some(flag) = flags.next_flag() {
+        let mut value = || flags.value().map_err(|e| anyhow!(e));
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
             "--listen" => {
-                let v = value("--listen")?;
+                let v = value()?;
                 args.listen = v.parse().with_context(|| {
                     format!("--listen {v:?} is not an address like 127.0.0.1:9400")
                 })?;
             }
-            "--client-id" => args.client_id = value("--client-id")?,
-            "--client-secret-env" => args.secret_env = value("--client-secret-env")?,
-            "--public-url" => args.public_url = Some(value("--public-url")?),
+            "--client-id" => args.client_id = value()?,
+            "--client-secret-env" => args.secret_env = value()?,
+            "--public-url" => args.public_url = Some(value()?),
             "--exchange-ttl-secs" => {
-                let v = value("--exchange-ttl-secs")?;
+                let v = value()?;
                 args.exchange_ttl_secs = v
                     .parse()
                     .with_context(|| format!("--exchange-ttl-secs {v:?} is not a number"))?;
