@@ -9,13 +9,10 @@ use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use rsa::{BoxedUint, PublicKey};
 use serde::Deserialize;
 
-/// Smallest RSA modulus accepted. 2048 bits is the floor of every current guideline and what
-/// Okta issues.
-const MIN_RSA_BITS: usize = 2048;
-const MAX_RSA_BITS: usize = 8192;
+use crate::rsa_public::RsaVerifyingKey;
+
 /// A key set larger than this is not a plausible JWKS; refuse to parse it.
 pub const MAX_JWKS_BYTES: usize = 256 * 1024;
 const MAX_KEYS: usize = 64;
@@ -69,7 +66,7 @@ pub struct VerifyingKey {
 /// The public key itself: RSA for RS*/PS*, P-256 for ES256.
 #[derive(Clone)]
 pub enum PublicKeyMaterial {
-    Rsa(PublicKey),
+    Rsa(RsaVerifyingKey),
     P256(p256::ecdsa::VerifyingKey),
 }
 
@@ -222,20 +219,8 @@ fn parse_key(entry: serde_json::Value) -> Result<VerifyingKey, String> {
     };
     let n = decode_uint("n", jwk.n.as_deref())?;
     let e = decode_uint("e", jwk.e.as_deref())?;
-    let bits = n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize);
-    if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) {
-        return Err(format!(
-            "RSA modulus of {bits} bits is outside {MIN_RSA_BITS}..={MAX_RSA_BITS}"
-        ));
-    }
-    if e.len() > 8 {
-        return Err("RSA exponent too large".to_string());
-    }
-    let key = PublicKey::new(
-        BoxedUint::from_be_slice_vartime(&n),
-        BoxedUint::from_be_slice_vartime(&e),
-    )
-    .map_err(|err| format!("invalid RSA key: {err}"))?;
+    // Size limits, odd modulus, 3 <= e <= 2^33 - 1, odd e: see `RsaVerifyingKey::from_components`.
+    let key = RsaVerifyingKey::from_components(&n, &e).map_err(|err| err.to_string())?;
     Ok(VerifyingKey {
         kid: jwk.kid,
         alg,

@@ -14,6 +14,7 @@ pub mod jwks;
 pub mod mcp;
 pub mod policy;
 pub mod reply;
+pub mod rsa_public;
 pub mod token;
 pub mod verify;
 

@@ -1,8 +1,8 @@
 //! Inbound JWT verification: structure, signature (algorithm bound to the key), then claims.
 //!
 //! `jwt-compact` parses the compact form and runs the signature check through its `Algorithm`
-//! trait, implemented here over `rsa` 0.10 (several times faster in Wasm than the `rsa` 0.9 that
-//! `jwt-compact`'s own RSA support uses). Claims are decoded with a strict struct of our own so
+//! trait, implemented here over our own public-key RSA (`rsa_public`, several times faster in
+//! Wasm than the `rsa` crates) and `p256`. Claims are decoded with a strict struct of our own so
 //! that duplicate claim names and wrongly typed registered claims are rejected, not coerced.
 
 use std::borrow::Cow;
@@ -13,13 +13,13 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jwt_compact::{Algorithm, AlgorithmExt, AlgorithmSignature, UntrustedToken};
 use p256::ecdsa::signature::Verifier as _;
-use rsa::{Pkcs1v15Sign, Pss};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
 use crate::config::InboundPolicy;
 use crate::jwks::{JwsAlgorithm, KeySelection, KeySet, PublicKeyMaterial};
+use crate::rsa_public::HashAlg;
 
 /// Why a token was refused. Every variant maps to `401 invalid_token`; the descriptions are
 /// generic on purpose (they go to the client) and never echo token contents.
@@ -198,22 +198,21 @@ impl Algorithm for KeyVerifier {
             (PublicKeyMaterial::Rsa(key), _) => key,
             (PublicKeyMaterial::P256(_), _) => return false,
         };
-        let result = match self.0 {
-            JwsAlgorithm::Es256 => return false,
+        match self.0 {
+            JwsAlgorithm::Es256 => false,
             JwsAlgorithm::Rs256 => {
-                key.verify(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(message), sig)
+                key.verify_pkcs1v15(HashAlg::Sha256, &Sha256::digest(message), sig)
             }
             JwsAlgorithm::Rs384 => {
-                key.verify(Pkcs1v15Sign::new::<Sha384>(), &Sha384::digest(message), sig)
+                key.verify_pkcs1v15(HashAlg::Sha384, &Sha384::digest(message), sig)
             }
             JwsAlgorithm::Rs512 => {
-                key.verify(Pkcs1v15Sign::new::<Sha512>(), &Sha512::digest(message), sig)
+                key.verify_pkcs1v15(HashAlg::Sha512, &Sha512::digest(message), sig)
             }
-            JwsAlgorithm::Ps256 => key.verify(Pss::<Sha256>::new(), &Sha256::digest(message), sig),
-            JwsAlgorithm::Ps384 => key.verify(Pss::<Sha384>::new(), &Sha384::digest(message), sig),
-            JwsAlgorithm::Ps512 => key.verify(Pss::<Sha512>::new(), &Sha512::digest(message), sig),
-        };
-        result.is_ok()
+            JwsAlgorithm::Ps256 => key.verify_pss(HashAlg::Sha256, &Sha256::digest(message), sig),
+            JwsAlgorithm::Ps384 => key.verify_pss(HashAlg::Sha384, &Sha384::digest(message), sig),
+            JwsAlgorithm::Ps512 => key.verify_pss(HashAlg::Sha512, &Sha512::digest(message), sig),
+        }
     }
 }
 

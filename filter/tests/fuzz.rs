@@ -22,6 +22,7 @@ use mcp_token_exchange::exchange::{self, ExchangeError};
 use mcp_token_exchange::jwks::{KeySet, PublicKeyMaterial};
 use mcp_token_exchange::mcp as jsonrpc;
 use mcp_token_exchange::policy;
+use mcp_token_exchange::rsa_public::{HashAlg, RsaVerifyingKey};
 use mcp_token_exchange::token::{self, ExtractError};
 use mcp_token_exchange::verify::{self, VerifyError};
 use proptest::prelude::*;
@@ -1088,7 +1089,7 @@ proptest! {
             let PublicKeyMaterial::Rsa(rsa_key) = &k.key else {
                 continue; // the generator makes RSA keys; a P-256 key is bound to ES256
             };
-            let bits = strip_zeros(&rsa_key.n().to_be_bytes()).len() * 8;
+            let bits = rsa_key.modulus_be().len() * 8;
             prop_assert!((2041..=8192).contains(&bits), "{}-bit key kept", bits);
             if let Some(kid) = &k.kid {
                 prop_assert!(kids.insert(kid.clone()), "duplicate kid {}", kid);
@@ -1098,12 +1099,68 @@ proptest! {
             prop_assert_eq!(p.sub, "user@example.com");
             let real = modulus(&keys().k1);
             prop_assert!(set.keys.iter().any(|k| k.kid.as_deref().is_none_or(|kid| kid == "k1")
-                && matches!(&k.key, PublicKeyMaterial::Rsa(r) if strip_zeros(&r.n().to_be_bytes()) == real)));
+                && matches!(&k.key, PublicKeyMaterial::Rsa(r) if r.modulus_be() == real)));
         }
         // Every key, however odd, is safe to verify against.
         for t in donors() {
             let _ = verify_with(t, &set);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rsa_public: the hand-written RSA verifier on attacker bytes
+// ---------------------------------------------------------------------------------------------
+
+fn k1_verifier() -> &'static RsaVerifyingKey {
+    let PublicKeyMaterial::Rsa(key) = &key_set().keys[0].key else {
+        panic!("k1 is an RSA key");
+    };
+    key
+}
+
+fn hash_alg() -> impl Strategy<Value = HashAlg> {
+    prop::sample::select(vec![HashAlg::Sha256, HashAlg::Sha384, HashAlg::Sha512])
+}
+
+proptest! {
+    #![proptest_config(cfg(4))]
+
+    /// Arbitrary signature bytes, of any length or of exactly the modulus length (the ones that
+    /// reach the exponentiation), never panic and never verify, with either padding.
+    #[test]
+    fn arbitrary_rsa_signatures_never_verify(
+        sig in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..600),
+            prop::collection::vec(any::<u8>(), 256),
+            // Just below n: the largest values the exponentiation accepts.
+            (any::<Index>(), any::<u8>()).prop_map(|(i, b)| {
+                let mut s = modulus(&keys().k1);
+                let at = i.index(s.len());
+                s[at] = s[at].min(b);
+                s[255] = s[255].saturating_sub(1);
+                s
+            }),
+        ],
+        alg in hash_alg(),
+        digest in prop::collection::vec(any::<u8>(), 0..80),
+    ) {
+        let key = k1_verifier();
+        prop_assert!(!key.verify_pkcs1v15(alg, &digest, &sig));
+        prop_assert!(!key.verify_pss(alg, &digest, &sig));
+    }
+
+    /// A genuine RS256 signature with one bit flipped, or any prefix of it, fails.
+    #[test]
+    fn mutated_rsa_signatures_never_verify(bit in 0usize..2048, cut in 0usize..256) {
+        let digest = Sha256::digest(b"payload");
+        let sig = keys().k1.sign(Pkcs1v15Sign::new::<Sha256>(), &digest).expect("signing");
+        let key = k1_verifier();
+        prop_assert!(key.verify_pkcs1v15(HashAlg::Sha256, &digest, &sig));
+        let mut flipped = sig.clone();
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        prop_assert!(!key.verify_pkcs1v15(HashAlg::Sha256, &digest, &flipped));
+        prop_assert!(!key.verify_pkcs1v15(HashAlg::Sha256, &digest, &sig[..cut]));
     }
 }
 
