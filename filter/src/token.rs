@@ -38,6 +38,9 @@ pub fn extract_bearer<'a>(
         _ => return Err(ExtractError::Duplicate),
     };
     let value = trim_ows(value);
+    if let Some(token) = well_formed_bearer(value, max_token_bytes) {
+        return Ok(token);
+    }
     if is_combined_bearer(value) {
         return Err(ExtractError::Duplicate);
     }
@@ -63,6 +66,45 @@ pub fn extract_bearer<'a>(
     std::str::from_utf8(token).map_err(|_| ExtractError::MalformedToken)
 }
 
+/// The credential of a `Bearer` authorization value, unchecked: for matching against tokens
+/// that already passed [`extract_bearer`]. Anything it does not match goes through that.
+pub fn bearer_credential(value: &[u8]) -> Option<&[u8]> {
+    value
+        .get(..7)
+        .filter(|s| s.eq_ignore_ascii_case(b"bearer "))
+        .and_then(|_| value.get(7..))
+        .map(trim_ows)
+}
+
+/// The common case in one pass: `Bearer` (any case), spaces, a b64token within the size limit.
+/// Such a value has no comma, so it is not a joined duplicate either; anything else takes the
+/// checks below, which name the problem.
+fn well_formed_bearer(value: &[u8], max_token_bytes: usize) -> Option<&str> {
+    let rest = value
+        .get(..7)
+        .filter(|s| s.eq_ignore_ascii_case(b"bearer "))
+        .and_then(|_| value.get(7..))?;
+    let token = trim_ows(rest);
+    if token.is_empty()
+        || token.len() > max_token_bytes
+        || !token.iter().all(|b| B64TOKEN[usize::from(*b)])
+    {
+        return None;
+    }
+    std::str::from_utf8(token).ok()
+}
+
+/// [`is_b64token_byte`] as a table: the hot path checks every byte of every token.
+static B64TOKEN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = is_b64token_byte(i as u8);
+        i += 1;
+    }
+    table
+};
+
 /// Envoy joins repeated request headers into one value separated by commas, so two
 /// `Authorization` headers arrive as `Bearer a,Bearer b` (or `Basic x, Bearer y`). A bearer
 /// token never contains a comma, so a comma in a Bearer credential, or a Bearer credential after
@@ -84,7 +126,7 @@ fn is_combined_bearer(value: &[u8]) -> bool {
 /// b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 /// `+`, `/` and `=` are allowed by the grammar; a JWT never contains them, and the verifier
 /// rejects them as malformed base64url.
-fn is_b64token_byte(b: u8) -> bool {
+const fn is_b64token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=')
 }
 
@@ -98,7 +140,8 @@ fn trim_ows(mut v: &[u8]) -> &[u8] {
     v
 }
 
-fn query_has_access_token(path: &[u8]) -> bool {
+/// Whether the query string carries an `access_token` (RFC 6750 §2.3), which is refused.
+pub fn query_has_access_token(path: &[u8]) -> bool {
     let Some(q) = path.iter().position(|b| *b == b'?') else {
         return false;
     };
