@@ -20,6 +20,7 @@ use std::rc::Rc;
 
 use sha2::{Digest, Sha256};
 
+use crate::config::ExchangeTarget;
 use crate::exchange::ExchangeError;
 use crate::verify::Principal;
 
@@ -39,7 +40,25 @@ pub fn exchange_key(token_digest: &Digest32, target_identity: &str) -> Digest32 
 
 /// A short, non-reversible label for a token in logs: the first 8 hex digits of its SHA-256.
 pub fn fingerprint(digest: &Digest32) -> String {
-    digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(8);
+    for b in digest.iter().take(4) {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// Equality of two byte strings eight bytes at a time: Wasm's `memcmp` compares byte by byte,
+/// and the hot path compares a whole token on every request.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (a_words, b_words) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tails_equal = a_words.remainder() == b_words.remainder();
+    let word = |c: &[u8]| <[u8; 8]>::try_from(c).map(u64::from_ne_bytes).unwrap_or(0);
+    tails_equal && a_words.zip(b_words).all(|(x, y)| word(x) == word(y))
 }
 
 pub fn fingerprint_token(token: &str) -> String {
@@ -132,8 +151,9 @@ impl ExchangeStore {
         format!("{}l{slot}", self.prefix)
     }
 
-    /// The cached backend token for `key`, if still reusable at `now` (seconds).
-    pub fn get(&self, store: &dyn SharedStore, key: &Digest32, now: i64) -> Option<String> {
+    /// The cached backend token for `key` and the time (seconds) it is reusable until, if that
+    /// is after `now`.
+    pub fn get(&self, store: &dyn SharedStore, key: &Digest32, now: i64) -> Option<(String, i64)> {
         if !self.enabled() {
             return None;
         }
@@ -146,7 +166,8 @@ impl ExchangeStore {
         if until <= now {
             return None;
         }
-        String::from_utf8(value[ENTRY_HEADER..].to_vec()).ok()
+        let token = String::from_utf8(value[ENTRY_HEADER..].to_vec()).ok()?;
+        Some((token, until))
     }
 
     pub fn put(&self, store: &dyn SharedStore, key: &Digest32, token: &str, until: i64) {
@@ -167,12 +188,31 @@ impl ExchangeStore {
         }
         let slot_key = self.entry_key(self.slot(key));
         let (value, cas) = store.get(&slot_key);
-        match value {
+        let removed = match value {
             Some(v) if v.len() >= 32 && v[..32] == key[..] => {
                 store.set(&slot_key, &[], Some(cas)).is_ok()
             }
             _ => false,
+        };
+        if removed {
+            // Tell the other workers to drop the copies they keep in front of this store.
+            let _ = store.set(&self.generation_key(), &[], None);
         }
+        removed
+    }
+
+    /// Changes whenever an entry is removed: workers compare it on their tick to learn that a
+    /// backend token they keep in their own [`VerifiedTokens`] may be stale. (The CAS of a
+    /// shared-data key changes on every write, so the key's CAS is the generation.)
+    pub fn generation(&self, store: &dyn SharedStore) -> u32 {
+        if !self.enabled() {
+            return 0;
+        }
+        store.get(&self.generation_key()).1
+    }
+
+    fn generation_key(&self) -> String {
+        format!("{}generation", self.prefix)
     }
 
     /// Blanks expired entries among the next `count` slots.
@@ -335,9 +375,55 @@ fn decode_failure(state: u8) -> Option<ExchangeError> {
     })
 }
 
-/// Verified claims by token digest, per VM, until the token's `exp`.
+/// A backend token this worker already holds for one exchange target, so a repeated request
+/// rewrites `Authorization` without touching shared data.
+#[derive(Clone)]
+pub struct CachedBackend {
+    /// Compared by pointer: targets live as long as the policy and are never rebuilt.
+    pub target: Rc<ExchangeTarget>,
+    /// The whole header value, `Bearer <token>`, built once.
+    pub authorization: Rc<str>,
+    pub fingerprint: Rc<str>,
+    /// Reusable until this time (Unix seconds), as stored in the shared exchange cache.
+    pub until: i64,
+    /// The shared exchange cache key, to drop the entry when the upstream rejects the token.
+    pub key: Digest32,
+}
+
+/// One verified inbound token.
+pub struct VerifiedToken {
+    token: Box<str>,
+    pub digest: Digest32,
+    pub principal: Rc<Principal>,
+    backends: Vec<CachedBackend>,
+}
+
+impl VerifiedToken {
+    /// The backend token held for `target`, if still reusable at `now`.
+    pub fn backend(&self, target: &Rc<ExchangeTarget>, now: i64) -> Option<&CachedBackend> {
+        self.backends
+            .iter()
+            .find(|b| Rc::ptr_eq(&b.target, target) && b.until > now)
+    }
+}
+
+/// Verified tokens of this worker (one VM), until their `exp`: the front of the hot path.
+///
+/// A repeated request costs a lookup here instead of an RSA verification, a SHA-256 of the token
+/// and a shared-data read. Like `jwt_authn`'s `jwt_cache`, entries are found by the token itself:
+/// a map keyed by a random-keyed hash of the token's length and last 32 bytes (the signature,
+/// which differs between any two tokens an issuer signs), confirmed by comparing the whole token.
+/// Hashing all of a ~1 KB token, let alone SHA-256, would cost more than the rest of a hit.
+/// A hash collision (chance or crafted) only costs a miss: the comparison decides. Tokens stay in
+/// this VM's memory, as they do while their request is in flight; nothing here reaches shared
+/// data, logs or metrics (the shared exchange cache is keyed by SHA-256 digests only).
+///
+/// Bounded: at `max_entries` the oldest entry is evicted; expired ones are swept on the tick.
 pub struct VerifiedTokens {
-    entries: HashMap<Digest32, Rc<Principal>>,
+    entries: HashMap<u64, VerifiedToken>,
+    /// Insertion order for eviction; may name keys already replaced or swept.
+    order: std::collections::VecDeque<u64>,
+    hasher: std::collections::hash_map::RandomState,
     max_entries: usize,
 }
 
@@ -345,40 +431,103 @@ impl VerifiedTokens {
     pub fn new(max_entries: usize) -> Self {
         Self {
             entries: HashMap::new(),
+            order: std::collections::VecDeque::new(),
+            hasher: std::collections::hash_map::RandomState::new(),
             max_entries,
         }
     }
 
-    /// The cached principal, if its token has not expired at `now` (with `skew`).
-    pub fn get(&self, digest: &Digest32, now: i64, skew: i64) -> Option<&Rc<Principal>> {
-        self.entries
-            .get(digest)
-            .filter(|p| now.saturating_sub(skew) < p.expires_at)
+    fn slot(&self, bytes: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        let tail = bytes.get(bytes.len().saturating_sub(32)..).unwrap_or(bytes);
+        self.hasher.hash_one((bytes.len(), tail))
     }
 
-    pub fn put(&mut self, digest: Digest32, principal: Rc<Principal>, now: i64) {
+    /// The entry for `token`, if its token has not expired at `now` (with `skew`).
+    pub fn get(&self, token: &str, now: i64, skew: i64) -> Option<&VerifiedToken> {
+        self.get_bytes(token.as_bytes(), now, skew)
+    }
+
+    /// [`VerifiedTokens::get`] for a credential not yet checked to be text.
+    pub fn get_bytes(&self, token: &[u8], now: i64, skew: i64) -> Option<&VerifiedToken> {
+        self.entries.get(&self.slot(token)).filter(|e| {
+            same_bytes(e.token.as_bytes(), token)
+                && now.saturating_sub(skew) < e.principal.expires_at
+        })
+    }
+
+    pub fn put(&mut self, token: &str, digest: Digest32, principal: Rc<Principal>) {
         if self.max_entries == 0 {
             return;
         }
-        if self.entries.len() >= self.max_entries {
-            self.entries.retain(|_, p| p.expires_at > now);
-            if self.entries.len() >= self.max_entries {
-                if let Some(victim) = self
-                    .entries
-                    .iter()
-                    .min_by_key(|(_, p)| p.expires_at)
-                    .map(|(k, _)| *k)
-                {
-                    self.entries.remove(&victim);
-                }
+        let slot = self.slot(token.as_bytes());
+        if !self.entries.contains_key(&slot) {
+            while self.entries.len() >= self.max_entries {
+                let Some(oldest) = self.order.pop_front() else {
+                    break;
+                };
+                self.entries.remove(&oldest);
             }
+            self.order.push_back(slot);
         }
-        self.entries.insert(digest, principal);
+        self.entries.insert(
+            slot,
+            VerifiedToken {
+                token: token.into(),
+                digest,
+                principal,
+                backends: Vec::new(),
+            },
+        );
+        if self.order.len() > 2 * self.max_entries.max(16) {
+            self.order.retain(|k| self.entries.contains_key(k));
+        }
+    }
+
+    /// Remembers the backend token obtained for `token` and `backend.target`.
+    pub fn remember_backend(&mut self, token: &str, backend: CachedBackend) {
+        let slot = self.slot(token.as_bytes());
+        if let Some(entry) = self
+            .entries
+            .get_mut(&slot)
+            .filter(|e| same_bytes(e.token.as_bytes(), token.as_bytes()))
+        {
+            entry
+                .backends
+                .retain(|b| !Rc::ptr_eq(&b.target, &backend.target));
+            entry.backends.push(backend);
+        }
+    }
+
+    /// Forgets the backend token stored under the exchange cache `key`.
+    pub fn forget_backend(&mut self, key: &Digest32) {
+        for entry in self.entries.values_mut() {
+            entry.backends.retain(|b| b.key != *key);
+        }
+    }
+
+    /// Forgets every backend token (another worker invalidated one; we cannot tell which).
+    pub fn forget_backends(&mut self) {
+        for entry in self.entries.values_mut() {
+            entry.backends.clear();
+        }
+    }
+
+    /// Drops everything: the key set changed, so earlier verifications no longer count.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.order.clear();
     }
 
     pub fn sweep(&mut self, now: i64, skew: i64) {
         self.entries
-            .retain(|_, p| now.saturating_sub(skew) < p.expires_at);
+            .retain(|_, e| now.saturating_sub(skew) < e.principal.expires_at);
+        for entry in self.entries.values_mut() {
+            entry.backends.retain(|b| b.until > now);
+        }
+        if self.order.len() > self.entries.len() {
+            self.order.retain(|k| self.entries.contains_key(k));
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -442,8 +591,8 @@ mod tests {
         let worker_b = ExchangeStore::new("ns", 64);
         worker_a.put(&store, &key("t"), "backend", 100);
         assert_eq!(
-            worker_b.get(&store, &key("t"), 99).as_deref(),
-            Some("backend")
+            worker_b.get(&store, &key("t"), 99),
+            Some(("backend".to_string(), 100))
         );
         assert_eq!(worker_b.get(&store, &key("t"), 100), None);
         assert_eq!(worker_b.get(&store, &key("other"), 0), None);
@@ -462,7 +611,10 @@ mod tests {
         }
         assert!(store.map.borrow().len() <= 4);
         // Later entries replace colliding earlier ones, never the reverse.
-        assert_eq!(cache.get(&store, &key("t99"), 0).as_deref(), Some("x"));
+        assert_eq!(
+            cache.get(&store, &key("t99"), 0).map(|(t, _)| t).as_deref(),
+            Some("x")
+        );
     }
 
     #[test]
@@ -482,7 +634,13 @@ mod tests {
         cache.put(&store, &key("old"), "A", 10);
         cache.put(&store, &key("new"), "B", 1000);
         cache.sweep(&store, 500, 8);
-        assert_eq!(cache.get(&store, &key("new"), 500).as_deref(), Some("B"));
+        assert_eq!(
+            cache
+                .get(&store, &key("new"), 500)
+                .map(|(t, _)| t)
+                .as_deref(),
+            Some("B")
+        );
         let blank = store
             .map
             .borrow()
@@ -574,25 +732,139 @@ mod tests {
         })
     }
 
+    fn target(scope: &str) -> Rc<ExchangeTarget> {
+        let raw = serde_json::json!({
+            "issuer": "https://idp", "audiences": ["a"],
+            "jwks": {"cluster": "idp", "path": "/keys"},
+            "exchange": {"cluster": "idp", "path": "/token", "authority": "idp",
+                         "client_id": "c", "client_secret_env": "S", "audience": "b", "scope": scope},
+        });
+        let policy =
+            crate::config::parse_policy(raw.to_string().as_bytes(), &|_| Some("secret".into()))
+                .unwrap();
+        policy.routes[0].target.clone().unwrap()
+    }
+
+    fn backend(target: &Rc<ExchangeTarget>, token: &str, until: i64) -> CachedBackend {
+        CachedBackend {
+            target: Rc::clone(target),
+            authorization: format!("Bearer {token}").into(),
+            fingerprint: fingerprint_token(token).into(),
+            until,
+            key: exchange_key(&token_digest(token), &target.identity),
+        }
+    }
+
     #[test]
     fn verified_tokens_expire_and_are_bounded() {
         let mut v = VerifiedTokens::new(2);
-        v.put(token_digest("a"), principal(100), 0);
-        assert!(v.get(&token_digest("a"), 99, 0).is_some());
-        assert!(v.get(&token_digest("a"), 100, 0).is_none());
+        v.put("a", token_digest("a"), principal(100));
+        assert!(v.get("a", 99, 0).is_some());
+        assert!(v.get("a", 100, 0).is_none());
         assert!(
-            v.get(&token_digest("a"), 159, 60).is_some(),
+            v.get("a", 159, 60).is_some(),
             "skew applies as for a fresh verify"
         );
-        v.put(token_digest("b"), principal(300), 0);
-        v.put(token_digest("c"), principal(200), 0);
+        assert_eq!(v.get("a", 0, 0).map(|e| e.digest), Some(token_digest("a")));
+        v.put("b", token_digest("b"), principal(300));
+        v.put("c", token_digest("c"), principal(200));
         assert_eq!(v.len(), 2);
-        assert!(
-            v.get(&token_digest("a"), 0, 0).is_none(),
-            "soonest expiry evicted"
-        );
+        assert!(v.get("a", 0, 0).is_none(), "oldest evicted");
+        assert!(v.get("b", 0, 0).is_some() && v.get("c", 0, 0).is_some());
         v.sweep(250, 0);
         assert_eq!(v.len(), 1);
+        assert!(VerifiedTokens::new(0).get("a", 0, 0).is_none());
+        let mut off = VerifiedTokens::new(0);
+        off.put("a", token_digest("a"), principal(100));
+        assert!(off.is_empty(), "0 entries disables the cache");
+    }
+
+    #[test]
+    fn verified_tokens_match_the_whole_token_not_its_hash() {
+        let mut v = VerifiedTokens::new(8);
+        let sig = "S".repeat(40);
+        let a = format!("header.payloadA.{sig}");
+        let b = format!("header.payloadB.{sig}");
+        v.put(&a, token_digest(&a), principal(100));
+        // Same length and same last 32 bytes: same slot, different token.
+        assert!(v.get(&b, 0, 0).is_none());
+        assert!(v.get(&a[..a.len() - 1], 0, 0).is_none());
+        assert!(v.get(&a, 0, 0).is_some());
+        // Re-putting under a colliding slot replaces, never serves the other token's claims.
+        v.put(&b, token_digest(&b), principal(50));
+        assert!(v.get(&a, 0, 0).is_none());
+        assert_eq!(v.get(&b, 0, 0).map(|e| e.principal.expires_at), Some(50));
+        for i in 0..100 {
+            let t = format!("t{i}.{sig}");
+            v.put(&t, token_digest(&t), principal(100));
+        }
+        assert!(v.len() <= 8);
+    }
+
+    #[test]
+    fn backends_are_per_target_until_their_time_and_dropped_on_invalidation() {
+        let (t1, t2) = (target("x"), target("y"));
+        let mut v = VerifiedTokens::new(8);
+        v.put("tok", token_digest("tok"), principal(1000));
+        v.remember_backend("tok", backend(&t1, "B1", 100));
+        v.remember_backend("unknown", backend(&t1, "B9", 100));
+        let e = v.get("tok", 0, 0).unwrap();
+        assert_eq!(
+            e.backend(&t1, 99).map(|b| &*b.authorization),
+            Some("Bearer B1")
+        );
+        assert!(e.backend(&t1, 100).is_none(), "expired at `until`");
+        assert!(
+            e.backend(&t2, 0).is_none(),
+            "another target's token is never used"
+        );
+        v.remember_backend("tok", backend(&t1, "B2", 200));
+        let e = v.get("tok", 0, 0).unwrap();
+        assert_eq!(
+            e.backend(&t1, 150).map(|b| &*b.authorization),
+            Some("Bearer B2")
+        );
+        v.remember_backend("tok", backend(&t2, "C", 200));
+        let key = backend(&t1, "B2", 200).key;
+        v.forget_backend(&key);
+        let e = v.get("tok", 0, 0).unwrap();
+        assert!(e.backend(&t1, 0).is_none() && e.backend(&t2, 0).is_some());
+        v.forget_backends();
+        assert!(v.get("tok", 0, 0).unwrap().backend(&t2, 0).is_none());
+        v.clear();
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn removing_an_entry_moves_the_generation() {
+        let store = MemoryStore::default();
+        let cache = ExchangeStore::new("ns", 8);
+        let before = cache.generation(&store);
+        cache.put(&store, &key("t"), "x", 100);
+        assert_eq!(cache.generation(&store), before, "a put is no invalidation");
+        assert!(!cache.remove(&store, &key("other")));
+        assert_eq!(cache.generation(&store), before);
+        assert!(cache.remove(&store, &key("t")));
+        assert_ne!(cache.generation(&store), before);
+    }
+
+    #[test]
+    fn same_bytes_is_equality() {
+        let s = "0123456789abcdefghij";
+        for i in 0..=s.len() {
+            for j in 0..=s.len() {
+                assert_eq!(same_bytes(&s.as_bytes()[..i], &s.as_bytes()[..j]), i == j);
+            }
+            let mut changed = s.as_bytes()[..i].to_vec();
+            if let Some(last) = changed.last_mut() {
+                *last ^= 1;
+                assert!(!same_bytes(&changed, &s.as_bytes()[..i]));
+            }
+            if let Some(first) = changed.first_mut() {
+                *first ^= 2;
+                assert!(!same_bytes(&changed, &s.as_bytes()[..i]));
+            }
+        }
     }
 
     #[test]

@@ -46,8 +46,19 @@ pub struct FilterConfig {
     #[serde(default)]
     pub resource_documentation: Option<String>,
     pub jwks: JwksConfig,
-    /// Parsed into [`ExchangeConfig`]; kept raw so routes can override single fields.
-    pub exchange: Map<String, Value>,
+    /// `exchange` (the default): swap the token by RFC 8693. `validate_only`: validate and
+    /// forward without a backend token, like Envoy's `jwt_authn`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// `validate_only` mode: keep the client's `Authorization` header for the upstream instead
+    /// of removing it (`jwt_authn`'s `forward`). Only for upstreams that are the token's own
+    /// audience: MCP servers must not receive passed-through tokens.
+    #[serde(default)]
+    pub forward_token: bool,
+    /// Parsed into [`ExchangeConfig`]; kept raw so routes can override single fields. Required
+    /// in `exchange` mode, refused in `validate_only` mode.
+    #[serde(default)]
+    pub exchange: Option<Map<String, Value>>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
@@ -96,6 +107,14 @@ pub struct ToolConfig {
     /// A narrower `scope` to request for this tool's backend token.
     #[serde(default)]
     pub exchange_scope: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Exchange,
+    ValidateOnly,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -389,7 +408,8 @@ pub struct Route {
     pub public: bool,
     pub audiences: Vec<String>,
     pub required_scopes: Vec<String>,
-    pub target: Rc<ExchangeTarget>,
+    /// `None` in `validate_only` mode.
+    pub target: Option<Rc<ExchangeTarget>>,
     pub challenge: ChallengeConfig,
     pub metadata: Option<ResourceMetadata>,
     pub tools: HashMap<String, ToolPolicy>,
@@ -429,6 +449,8 @@ pub struct Policy {
     pub unmatched: Unmatched,
     pub identity_headers: Vec<(String, IdentityClaim)>,
     pub audit_log: bool,
+    /// `validate_only` mode with `forward_token`: the client's token goes upstream unchanged.
+    pub forward_token: bool,
     pub mcp: McpPolicy,
     /// Slots of the shared exchange cache (top-level `exchange.cache_max_entries`).
     pub exchange_cache_slots: usize,
@@ -771,8 +793,37 @@ impl FilterConfig {
         };
 
         let keys = self.jwks.validate()?;
-        let default_target = Rc::new(parse_exchange("exchange", self.exchange.clone(), env)?);
-        let exchange_cache_slots = default_target.cache_max_entries;
+        let raw_exchange = match (self.mode, &self.exchange) {
+            (Mode::Exchange, Some(raw)) => raw.clone(),
+            (Mode::Exchange, None) => {
+                return Err(ConfigError::new(
+                    "exchange",
+                    "is required (or set `mode: validate_only` to validate without exchanging)",
+                ))
+            }
+            (Mode::ValidateOnly, Some(_)) => {
+                return Err(ConfigError::new(
+                    "exchange",
+                    "must not be set with `mode: validate_only`",
+                ))
+            }
+            (Mode::ValidateOnly, None) => Map::new(),
+        };
+        if self.forward_token && self.mode != Mode::ValidateOnly {
+            return Err(ConfigError::new(
+                "forward_token",
+                "only applies to `mode: validate_only`; in exchange mode the client's token never goes upstream",
+            ));
+        }
+        let default_target = match self.mode {
+            Mode::Exchange => Some(Rc::new(parse_exchange(
+                "exchange",
+                raw_exchange.clone(),
+                env,
+            )?)),
+            Mode::ValidateOnly => None,
+        };
+        let exchange_cache_slots = default_target.as_ref().map_or(0, |t| t.cache_max_entries);
 
         let mut routes = Vec::new();
         let mut default_metadata = None;
@@ -798,7 +849,7 @@ impl FilterConfig {
                 public: false,
                 audiences: self.audiences.clone(),
                 required_scopes: self.required_scopes.clone(),
-                target: Rc::clone(&default_target),
+                target: default_target.clone(),
                 challenge: ChallengeConfig {
                     realm: self.realm.clone(),
                     resource_metadata_url: self.resource_metadata_url.clone().or(derived_url),
@@ -832,12 +883,18 @@ impl FilterConfig {
                     .required_scopes
                     .unwrap_or_else(|| self.required_scopes.clone());
                 require_scopes(&f("required_scopes"), &required_scopes)?;
-                let target = match rc.exchange {
-                    None => Rc::clone(&default_target),
-                    Some(overrides) => {
-                        let mut merged = self.exchange.clone();
+                let target = match (rc.exchange, &default_target) {
+                    (None, target) => target.clone(),
+                    (Some(_), None) => {
+                        return Err(ConfigError::new(
+                            &f("exchange"),
+                            "must not be set with `mode: validate_only`",
+                        ))
+                    }
+                    (Some(overrides), Some(_)) => {
+                        let mut merged = raw_exchange.clone();
                         merged.extend(overrides);
-                        Rc::new(parse_exchange(&f("exchange"), merged, env)?)
+                        Some(Rc::new(parse_exchange(&f("exchange"), merged, env)?))
                     }
                 };
                 let mut tools = HashMap::new();
@@ -851,16 +908,22 @@ impl FilterConfig {
                             all_scopes.push(s.clone());
                         }
                     }
-                    let tool_target = match tc.exchange_scope {
-                        None => None,
-                        Some(scope) => {
+                    let tool_target = match (tc.exchange_scope, &target) {
+                        (None, _) => None,
+                        (Some(_), None) => {
+                            return Err(ConfigError::new(
+                                &format!("{tf}.exchange_scope"),
+                                "must not be set with `mode: validate_only`",
+                            ))
+                        }
+                        (Some(scope), Some(target)) => {
                             if scope.split(' ').any(|s| !is_scope_token(s)) {
                                 return Err(ConfigError::new(
                                     &format!("{tf}.exchange_scope"),
                                     "must be scope tokens separated by single spaces",
                                 ));
                             }
-                            let mut t = (*target).clone();
+                            let mut t = (**target).clone();
                             t.scope = Some(scope);
                             Some(Rc::new(t.with_identity()))
                         }
@@ -923,6 +986,7 @@ impl FilterConfig {
             unmatched: self.unmatched,
             identity_headers,
             audit_log: self.audit_log,
+            forward_token: self.forward_token,
             mcp: McpPolicy {
                 max_body_bytes: self.mcp.max_body_bytes,
             },
@@ -1156,22 +1220,85 @@ mod tests {
     }
 
     #[test]
+    fn validate_only_mode_takes_no_exchange_and_refuses_exchange_settings() {
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("exchange");
+        let e = parse(&v).unwrap_err();
+        assert_eq!(e.field, "exchange");
+        assert!(e.reason.contains("validate_only"), "{e}");
+
+        v["mode"] = json!("validate_only");
+        let p = parse(&v).unwrap();
+        assert!(p.routes.iter().all(|r| r.target.is_none()));
+        assert!(!p.forward_token, "the client's token is removed by default");
+        assert_eq!(p.exchange_cache_slots, 0);
+        v["forward_token"] = json!(true);
+        assert!(parse(&v).unwrap().forward_token);
+
+        let mut both = base();
+        both["mode"] = json!("validate_only");
+        assert_eq!(parse(&both).unwrap_err().field, "exchange");
+
+        let mut forward_in_exchange_mode = base();
+        forward_in_exchange_mode["forward_token"] = json!(true);
+        assert_eq!(
+            parse(&forward_in_exchange_mode).unwrap_err().field,
+            "forward_token"
+        );
+
+        let mut route_override = v.clone();
+        route_override["routes"] = json!([{"path_prefix": "/mcp", "exchange": {"scope": "x"}}]);
+        assert_eq!(
+            parse(&route_override).unwrap_err().field,
+            "routes[0].exchange"
+        );
+        let mut tool_scope = v.clone();
+        tool_scope["routes"] = json!([{"path_prefix": "/mcp",
+            "tools": {"read": {"exchange_scope": "backend-api:read"}}}]);
+        assert_eq!(
+            parse(&tool_scope).unwrap_err().field,
+            "routes[0].tools.read.exchange_scope"
+        );
+        let mut tools_ok = v.clone();
+        tools_ok["routes"] = json!([{"path_prefix": "/mcp",
+            "tools": {"write": {"required_scopes": ["mcp:write"]}}}]);
+        assert!(parse(&tools_ok).is_ok(), "tool scopes still apply");
+
+        let mut unknown = v.clone();
+        unknown["mode"] = json!("passthrough");
+        assert_eq!(parse(&unknown).unwrap_err().field, "mode");
+    }
+
+    #[test]
     fn minimal_config_gets_documented_defaults() {
         let p = parse(&base()).unwrap();
         assert_eq!(p.inbound.clock_skew_seconds, 60);
         assert_eq!(p.inbound.max_token_bytes, 8192);
         assert_eq!(
-            p.routes[0].target.client_auth,
+            p.routes[0].target.as_ref().unwrap().client_auth,
             ClientAuth::ClientSecretBasic
         );
         assert_eq!(
-            p.routes[0].target.subject_token_type,
+            p.routes[0].target.as_ref().unwrap().subject_token_type,
             TOKEN_TYPE_ACCESS_TOKEN
         );
-        assert_eq!(p.routes[0].target.timeout, Duration::from_secs(5));
-        assert_eq!(p.routes[0].target.cache_margin_seconds, 30);
         assert_eq!(
-            p.routes[0].target.client_secret.as_ref().unwrap().expose(),
+            p.routes[0].target.as_ref().unwrap().timeout,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            p.routes[0].target.as_ref().unwrap().cache_margin_seconds,
+            30
+        );
+        assert_eq!(
+            p.routes[0]
+                .target
+                .as_ref()
+                .unwrap()
+                .client_secret
+                .as_ref()
+                .unwrap()
+                .expose(),
             "s3cret"
         );
         match p.keys {
@@ -1301,10 +1428,10 @@ mod tests {
 
     #[test]
     fn cache_identity_differs_per_target() {
-        let a = parse(&base()).unwrap().routes[0].target.clone();
+        let a = parse(&base()).unwrap().routes[0].target.clone().unwrap();
         let mut v = base();
         v["exchange"]["scope"] = json!("backend-api:write");
-        let b = parse(&v).unwrap().routes[0].target.clone();
+        let b = parse(&v).unwrap().routes[0].target.clone().unwrap();
         assert_ne!(a.cache_identity(), b.cache_identity());
     }
 
@@ -1338,9 +1465,15 @@ mod tests {
     fn route_exchange_overrides_merge_over_the_default() {
         let p = parse(&with_routes()).unwrap();
         let crm = &p.routes[p.route_index("/crm/mcp").unwrap()];
-        assert_eq!(crm.target.audience.as_deref(), Some("crm"));
-        assert_eq!(crm.target.client_id, "gw");
-        assert_eq!(crm.target.scope.as_deref(), Some("backend-api:read"));
+        assert_eq!(
+            crm.target.as_ref().unwrap().audience.as_deref(),
+            Some("crm")
+        );
+        assert_eq!(crm.target.as_ref().unwrap().client_id, "gw");
+        assert_eq!(
+            crm.target.as_ref().unwrap().scope.as_deref(),
+            Some("backend-api:read")
+        );
         let read = crm.tools["read_data"].target.as_ref().unwrap();
         assert_eq!(read.scope.as_deref(), Some("backend-api:read"));
         assert_ne!(
@@ -1492,7 +1625,7 @@ mod tests {
         v["exchange"]["client_private_key_env"] = json!("KEY");
         v["exchange"]["actor_token"] = json!(true);
         let p = parse_policy(v.to_string().as_bytes(), &env).unwrap();
-        let t = &p.routes[0].target;
+        let t = p.routes[0].target.as_deref().unwrap();
         assert_eq!(t.client_auth, ClientAuth::PrivateKeyJwt);
         assert!(t.client_secret.is_none());
         assert_eq!(

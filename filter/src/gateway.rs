@@ -22,8 +22,8 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 
 use crate::audit::{AuditRecord, CacheUse};
 use crate::cache::{
-    exchange_key, fingerprint, token_digest, Digest32, ExchangeStore, LeaseOutcome, LeaseStatus,
-    VerifiedTokens,
+    exchange_key, fingerprint, token_digest, CachedBackend, Digest32, ExchangeStore, LeaseOutcome,
+    LeaseStatus, VerifiedTokens,
 };
 use crate::config::{ExchangeTarget, IdentityClaim, KeySource, Policy, RemoteJwks, Unmatched};
 use crate::exchange::{
@@ -32,10 +32,10 @@ use crate::exchange::{
 use crate::host::{now_ms, HostStore};
 use crate::jwks::{sanitize, KeySet, MAX_JWKS_BYTES};
 use crate::mcp::{self, BodyError, Call};
-use crate::metrics::Metrics;
+use crate::metrics::{CounterId, Metrics};
 use crate::policy::{audience_allowed, missing_scopes, tool_requirements};
 use crate::reply::Denial;
-use crate::token::extract_bearer;
+use crate::token::{bearer_credential, extract_bearer, query_has_access_token};
 use crate::verify::{self, Principal, TokenError, VerifyError};
 
 /// Requests parked for a key set, at most. Beyond this, new ones are answered 503 at once so a
@@ -56,11 +56,20 @@ fn secs(ms: u64) -> i64 {
     (ms / 1000) as i64
 }
 
+/// What goes upstream in place of the client's credentials.
+#[derive(Clone)]
+enum Upstream {
+    /// This backend token; `until`: how long it may be reused (`None`: not at all).
+    Exchanged { token: Rc<str>, until: Option<i64> },
+    /// `validate_only` mode: no backend token.
+    Validated,
+}
+
 /// What the flow decided for one request.
 #[derive(Clone)]
 enum Step {
-    /// Forward upstream with this backend token.
-    Forward(String),
+    /// Forward upstream.
+    Forward(Upstream),
     /// Answer the client now.
     Deny(Denial),
     /// Stay paused: a callout, the request body or another worker will finish the request.
@@ -128,7 +137,7 @@ struct Stream {
 /// A forwarded request whose body still has to pass the route's tool policy.
 struct BodyCheck {
     stream: Stream,
-    backend_fingerprint: String,
+    backend_fingerprint: Option<Rc<str>>,
 }
 
 #[derive(Default)]
@@ -138,6 +147,29 @@ struct KeyState {
     /// Callout token and start time of the fetch in flight.
     in_flight: Option<(u32, u64)>,
     last_attempt_ms: Option<u64>,
+}
+
+/// Maps keyed by the ids Envoy gives contexts and callouts. Those are host-assigned counters,
+/// not client input, so a multiplicative hash is safe and spares the hot path SipHash's cost
+/// (several lookups per request).
+type ContextMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<ContextIdHasher>>;
+
+#[derive(Default)]
+struct ContextIdHasher(u64);
+
+impl std::hash::Hasher for ContextIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, id: u32) {
+        // Fibonacci hashing: spreads consecutive ids over the high bits hashbrown uses.
+        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// The per-VM gateway, shared by the root context and the HTTP contexts.
@@ -166,19 +198,24 @@ pub struct Gateway {
     keys: KeyState,
     verified: VerifiedTokens,
     store: ExchangeStore,
-    callouts: HashMap<u32, Callout>,
+    callouts: ContextMap<Callout>,
     /// This worker's exchanges in flight, by exchange key → callout token.
     in_flight: HashMap<Digest32, u32>,
-    streams: HashMap<u32, Stream>,
+    streams: ContextMap<Stream>,
     /// Exchange keys of forwarded requests, until their response headers arrive.
-    forwarded: HashMap<u32, Digest32>,
-    body_checks: HashMap<u32, BodyCheck>,
+    forwarded: ContextMap<Digest32>,
+    body_checks: ContextMap<BodyCheck>,
     remote_waiters: Vec<RemoteWaiter>,
     metrics: Metrics,
+    /// Counters the hot path bumps on every request, looked up once.
+    allowed_counter: CounterId,
+    cache_hit_counter: CounterId,
     nonce_seed: u64,
     nonce_counter: u64,
     fast_tick: bool,
     last_sweep_ms: u64,
+    /// The exchange store's generation when this worker last looked (see `on_tick`).
+    store_generation: u32,
 }
 
 impl Gateway {
@@ -192,19 +229,24 @@ impl Gateway {
             },
             KeySource::Remote(_) => KeyState::default(),
         };
+        let mut metrics = Metrics::default();
+        let allowed_counter = metrics.counter("requests.allowed");
+        let cache_hit_counter = metrics.counter("cache.hits");
         Self {
             worker_id,
+            allowed_counter,
+            cache_hit_counter,
             verified: VerifiedTokens::new(policy.inbound.verified_cache_max_entries),
             store: ExchangeStore::new(namespace, policy.exchange_cache_slots),
             policy: Rc::new(policy),
             keys,
-            callouts: HashMap::new(),
+            callouts: ContextMap::default(),
             in_flight: HashMap::new(),
-            streams: HashMap::new(),
-            forwarded: HashMap::new(),
-            body_checks: HashMap::new(),
+            streams: ContextMap::default(),
+            forwarded: ContextMap::default(),
+            body_checks: ContextMap::default(),
             remote_waiters: Vec::new(),
-            metrics: Metrics::default(),
+            metrics,
             // std seeds RandomState from the host's random source (WASI random_get).
             nonce_seed: {
                 use std::hash::BuildHasher;
@@ -213,13 +255,15 @@ impl Gateway {
             nonce_counter: 0,
             fast_tick: false,
             last_sweep_ms: 0,
+            store_generation: 0,
         }
     }
 
     /// Envoy ignores a CAS of 0 (a key never written), so two workers racing for a fresh lease
     /// slot could both win. Writing every lease slot once, before traffic, closes that race.
-    pub fn prepare_shared_slots(&self) {
+    pub fn prepare_shared_slots(&mut self) {
         self.store.prepare_leases(&HostStore);
+        self.store_generation = self.store.generation(&HostStore);
     }
 
     /// The upstream answered a forwarded request. A 401 means it rejected the backend token:
@@ -228,9 +272,12 @@ impl Gateway {
         let Some(key) = self.forwarded.remove(&context_id) else {
             return;
         };
-        if status == Some(b"401") && self.store.remove(&HostStore, &key) {
-            self.metrics.inc("cache.invalidated");
-            info!("upstream answered 401; dropped the cached exchanged token");
+        if status == Some(b"401") {
+            self.verified.forget_backend(&key);
+            if self.store.remove(&HostStore, &key) {
+                self.metrics.inc("cache.invalidated");
+                info!("upstream answered 401; dropped the cached exchanged token");
+            }
         }
     }
 
@@ -243,26 +290,31 @@ impl Gateway {
         }
     }
 
+    /// Whether the response to this request must be looked at (an upstream 401 drops the
+    /// backend token it was sent with from the caches).
+    pub fn watches_response(&self, context_id: u32) -> bool {
+        self.forwarded.contains_key(&context_id)
+    }
+
     /// Entry point from `on_http_request_headers`.
+    ///
+    /// Reads single headers rather than the whole map: each header of the map would be copied
+    /// into the VM and allocated on every request. Envoy joins a repeated `Authorization` header
+    /// into one comma-separated value, which `extract_bearer` refuses as a duplicate.
     pub fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
         let now = now_ms();
-        let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
-            Ok(h) => h,
-            Err(_) => return self.deny_unrouted(Denial::Internal),
+        let header = |name: &str| {
+            hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+                .ok()
+                .flatten()
         };
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_slice())
-        };
-        let raw_path = get(":path").unwrap_or(b"/");
+        let raw_path = header(":path").unwrap_or_else(|| b"/".to_vec());
         let path_only = raw_path.split(|b| *b == b'?').next().unwrap_or(b"/");
-        let path = String::from_utf8_lossy(path_only).into_owned();
-        let method = get(":method").unwrap_or(b"GET");
+        let path = String::from_utf8_lossy(path_only);
 
         if let Some(metadata) = self.policy.metadata_for(&path) {
-            return serve_metadata(method, &metadata.document);
+            let method = header(":method").unwrap_or_else(|| b"GET".to_vec());
+            return serve_metadata(&method, &metadata.document);
         }
         let Some(route_index) = self.policy.route_index(&path) else {
             return match self.policy.unmatched {
@@ -270,35 +322,48 @@ impl Gateway {
                 Unmatched::Pass => self.pass_unauthenticated(),
             };
         };
-        if self.policy.routes[route_index].public {
+        let policy = Rc::clone(&self.policy);
+        let route = &policy.routes[route_index];
+        if route.public {
             return self.pass_unauthenticated();
         }
 
-        let auth: Vec<&[u8]> = headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
-            .map(|(_, v)| v.as_slice())
-            .collect();
-        let route = &self.policy.routes[route_index];
-        let token = match extract_bearer(&auth, raw_path, self.policy.inbound.max_token_bytes) {
-            Ok(t) => t.to_string(),
+        let authorization = header("authorization");
+        if let Some(action) = authorization
+            .as_deref()
+            .and_then(|value| self.forward_cached(context_id, route_index, value, &raw_path, now))
+        {
+            return action;
+        }
+        let auth = authorization.as_deref();
+        let token = match extract_bearer(auth.as_slice(), &raw_path, policy.inbound.max_token_bytes)
+        {
+            Ok(t) => t,
             Err(e) => {
                 let scopes = route.required_scopes.clone();
                 return self.deny_early(route_index, now, Denial::Extract(e), &scopes);
             }
         };
         let header_call = if route.inspects_tools() {
-            mcp::call_from_headers(get("mcp-method"), get("mcp-name"))
+            mcp::call_from_headers(
+                header("mcp-method").as_deref(),
+                header("mcp-name").as_deref(),
+            )
         } else {
             None
+        };
+        let skew = policy.inbound.clock_skew_seconds;
+        let digest = match self.verified.get(token, secs(now), skew) {
+            Some(entry) => entry.digest,
+            None => token_digest(token),
         };
         self.streams.insert(
             context_id,
             Stream {
                 started_ms: now,
                 route: route_index,
-                digest: token_digest(&token),
-                token,
+                digest,
+                token: token.to_string(),
                 principal: None,
                 body: if end_of_stream {
                     Body::Complete
@@ -316,6 +381,89 @@ impl Gateway {
         );
         let step = self.advance(context_id, now);
         self.finish_now(context_id, step)
+    }
+
+    /// The hot path: `Authorization: Bearer <token>` with a token this worker verified before,
+    /// on a route without per-tool policy, with a backend token it still holds. Forwards without
+    /// parsing, hashing or verifying the token and without touching shared data: a token that
+    /// is byte for byte one that passed `extract_bearer` and verification needs neither again.
+    /// `None`: take the full path (which also produces every denial, so answers stay in one
+    /// place).
+    fn forward_cached(
+        &mut self,
+        context_id: u32,
+        route_index: usize,
+        authorization: &[u8],
+        raw_path: &[u8],
+        now_ms: u64,
+    ) -> Option<Action> {
+        let policy = Rc::clone(&self.policy);
+        let route = policy.routes.get(route_index)?;
+        if route.inspects_tools() {
+            return None;
+        }
+        let token = bearer_credential(authorization)?;
+        if query_has_access_token(raw_path) {
+            return None;
+        }
+        let now = secs(now_ms);
+        let entry = self
+            .verified
+            .get_bytes(token, now, policy.inbound.clock_skew_seconds)?;
+        if !audience_allowed(&entry.principal, &route.audiences)
+            || !missing_scopes(&entry.principal, &route.required_scopes).is_empty()
+        {
+            return None;
+        }
+        // (authorization value, fingerprint, exchange key)
+        let backend = match &route.target {
+            Some(target) => {
+                let b = entry.backend(target, now)?;
+                Some((
+                    Rc::clone(&b.authorization),
+                    Rc::clone(&b.fingerprint),
+                    b.key,
+                ))
+            }
+            None => None,
+        };
+        let principal = Rc::clone(&entry.principal);
+        let digest = entry.digest;
+        let rewritten = match &backend {
+            Some((authorization, ..)) => hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                "authorization",
+                Some(authorization),
+            ),
+            None if policy.forward_token => Ok(()),
+            None => hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", None),
+        };
+        if rewritten.is_err() || self.set_identity_headers(&principal).is_err() {
+            return None;
+        }
+        self.metrics.add(self.allowed_counter);
+        let cache = match &backend {
+            Some((_, _, key)) => {
+                self.forwarded.insert(context_id, *key);
+                self.metrics.add(self.cache_hit_counter);
+                CacheUse::Hit
+            }
+            None => CacheUse::None,
+        };
+        if policy.audit_log {
+            self.audit(&AuditFacts {
+                started_ms: now_ms,
+                route: route_index,
+                digest: &digest,
+                principal: Some(&principal),
+                tool: None,
+                target: route.target.as_deref(),
+                cache,
+                denied: None,
+                exchanged: backend.as_ref().map(|(_, fingerprint, ..)| &**fingerprint),
+            });
+        }
+        Some(Action::Continue)
     }
 
     /// Entry point from `on_http_request_body`.
@@ -357,7 +505,7 @@ impl Gateway {
                     check.stream.tool_label = label;
                 }
                 self.metrics.inc("requests.allowed");
-                self.audit(&check.stream, None, Some(&check.backend_fingerprint));
+                self.audit_stream(&check.stream, None, check.backend_fingerprint.as_deref());
                 Action::Continue
             }
             Err(denial) => {
@@ -449,10 +597,9 @@ impl Gateway {
         if !missing.is_empty() {
             return Step::Deny(Denial::InsufficientScope { missing });
         }
-        let target = stream
-            .target
-            .clone()
-            .unwrap_or_else(|| Rc::clone(&route.target));
+        let Some(target) = stream.target.clone().or_else(|| route.target.clone()) else {
+            return Step::Forward(Upstream::Validated);
+        };
         stream.target = Some(Rc::clone(&target));
         self.exchange(context_id, &token, &digest, &principal, target, now)
     }
@@ -469,8 +616,8 @@ impl Gateway {
         let now = secs(now_ms);
         let digest = *digest;
         let skew = self.policy.inbound.clock_skew_seconds;
-        if let Some(p) = self.verified.get(&digest, now, skew) {
-            return Ok(Rc::clone(p));
+        if let Some(entry) = self.verified.get(token, now, skew) {
+            return Ok(Rc::clone(&entry.principal));
         }
         let Some(keys) = self.keys.keys.clone() else {
             return Err(PrincipalWait::Park);
@@ -478,7 +625,7 @@ impl Gateway {
         match verify::verify(token, &keys, &self.policy.inbound, now) {
             Ok(p) => {
                 let p = Rc::new(p);
-                self.verified.put(digest, Rc::clone(&p), now);
+                self.verified.put(token, digest, Rc::clone(&p));
                 Ok(p)
             }
             Err(VerifyError::Invalid(e)) => {
@@ -524,9 +671,12 @@ impl Gateway {
         if let Some(s) = self.streams.get_mut(&context_id) {
             s.exchange_key = Some(subject.key);
         }
-        if let Some(backend) = self.store.get(&HostStore, &subject.key, secs(now_ms)) {
+        if let Some((backend, until)) = self.store.get(&HostStore, &subject.key, secs(now_ms)) {
             self.set_cache_use(context_id, CacheUse::Hit);
-            return Step::Forward(backend);
+            return Step::Forward(Upstream::Exchanged {
+                token: backend.into(),
+                until: Some(until),
+            });
         }
         // Same token already being exchanged by this worker: wait on that callout.
         if let Some(Callout::Exchange { waiters, .. }) = self
@@ -741,6 +891,7 @@ impl Gateway {
     /// Periodic work from the root context's tick.
     pub fn on_tick(&mut self) {
         let now = now_ms();
+        self.metrics.flush();
         self.poll_remote_waiters(now);
         if let Some(remote) = self.remote().cloned() {
             self.tick_keys(&remote, now);
@@ -750,6 +901,13 @@ impl Gateway {
             self.store
                 .sweep(&HostStore, secs(now), SWEEP_SLOTS_PER_TICK);
             self.last_sweep_ms = now;
+            // Another worker dropped a backend token the upstream rejected: the copies this
+            // worker keeps in front of the store may include it.
+            let generation = self.store.generation(&HostStore);
+            if generation != self.store_generation {
+                self.store_generation = generation;
+                self.verified.forget_backends();
+            }
             if now % 10_000 < TICK.as_millis() as u64 {
                 self.verified
                     .sweep(secs(now), self.policy.inbound.clock_skew_seconds);
@@ -809,8 +967,12 @@ impl Gateway {
             if !self.streams.contains_key(&w.context_id) {
                 continue;
             }
-            if let Some(backend) = self.store.get(&HostStore, &w.subject.key, secs(now)) {
-                self.finish_resumed(w.context_id, Step::Forward(backend));
+            if let Some((backend, until)) = self.store.get(&HostStore, &w.subject.key, secs(now)) {
+                let upstream = Upstream::Exchanged {
+                    token: backend.into(),
+                    until: Some(until),
+                };
+                self.finish_resumed(w.context_id, Step::Forward(upstream));
                 continue;
             }
             let lease_ttl = w.target.timeout.as_millis() as u64 + 1000;
@@ -1006,7 +1168,10 @@ impl Gateway {
                     now,
                     FAILURE_TTL_MS,
                 );
-                Step::Forward(exchanged.access_token)
+                Step::Forward(Upstream::Exchanged {
+                    token: exchanged.access_token.into(),
+                    until,
+                })
             }
             Err(e) => {
                 let denial = Denial::Exchange(e.clone());
@@ -1050,6 +1215,18 @@ impl Gateway {
                         );
                     }
                     info!("JWKS loaded: {} key(s)", set.keys.len());
+                    let kids = |s: &KeySet| -> Vec<Option<String>> {
+                        s.keys.iter().map(|k| k.kid.clone()).collect()
+                    };
+                    if let Some(old) = &self.keys.keys {
+                        let now_kids = kids(&set);
+                        if kids(old).iter().any(|k| !now_kids.contains(k)) {
+                            // A key was withdrawn: tokens verified with it must not stay
+                            // accepted from the cache until their `exp`.
+                            info!("a signing key left the JWKS; forgetting verified tokens");
+                            self.verified.clear();
+                        }
+                    }
                     self.keys.keys = Some(Rc::new(set));
                     self.keys.fetched_ms = Some(now);
                     true
@@ -1109,8 +1286,8 @@ impl Gateway {
     fn finish_now(&mut self, context_id: u32, step: Step) -> Action {
         match step {
             Step::Wait => Action::Pause,
-            Step::Forward(token) => {
-                if self.forward(context_id, &token).is_ok() {
+            Step::Forward(upstream) => {
+                if self.forward(context_id, &upstream).is_ok() {
                     Action::Continue
                 } else {
                     self.answer(context_id, &Denial::Internal);
@@ -1136,8 +1313,8 @@ impl Gateway {
             return;
         }
         match step {
-            Step::Forward(token) => {
-                if self.forward(context_id, &token).is_ok() {
+            Step::Forward(upstream) => {
+                if self.forward(context_id, &upstream).is_ok() {
                     let _ = hostcalls::resume_http_request();
                 } else {
                     self.answer(context_id, &Denial::Internal);
@@ -1153,26 +1330,53 @@ impl Gateway {
     fn forward(
         &mut self,
         context_id: u32,
-        backend_token: &str,
+        upstream: &Upstream,
     ) -> Result<(), proxy_wasm::types::Status> {
         let Some(stream) = self.streams.remove(&context_id) else {
             return Err(proxy_wasm::types::Status::NotFound);
         };
-        hostcalls::set_map_value(
-            MapType::HttpRequestHeaders,
-            "authorization",
-            Some(&format!("Bearer {backend_token}")),
-        )?;
-        if let Some(p) = &stream.principal {
-            for (header, claim) in &self.policy.identity_headers {
-                let value = identity_value(p, *claim);
-                hostcalls::set_map_value(MapType::HttpRequestHeaders, header, value.as_deref())?;
+        let backend_fingerprint = match upstream {
+            Upstream::Exchanged { token, until } => {
+                let authorization: Rc<str> = format!("Bearer {token}").into();
+                hostcalls::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    "authorization",
+                    Some(&authorization),
+                )?;
+                let fingerprint: Rc<str> = fingerprint(&token_digest(token)).into();
+                if let (Some(until), Some(target), Some(key), true) = (
+                    until,
+                    &stream.target,
+                    stream.exchange_key,
+                    self.store.enabled(),
+                ) {
+                    // Keep it in front of the shared store: this worker's next request with
+                    // the same token skips hashing, verifying and shared data.
+                    self.verified.remember_backend(
+                        &stream.token,
+                        CachedBackend {
+                            target: Rc::clone(target),
+                            authorization,
+                            fingerprint: Rc::clone(&fingerprint),
+                            until: *until,
+                            key,
+                        },
+                    );
+                }
+                Some(fingerprint)
             }
+            Upstream::Validated if self.policy.forward_token => None,
+            Upstream::Validated => {
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", None)?;
+                None
+            }
+        };
+        if let Some(p) = stream.principal.clone() {
+            self.set_identity_headers(&p)?;
         }
         if let Some(key) = stream.exchange_key {
             self.forwarded.insert(context_id, key);
         }
-        let backend_fingerprint = fingerprint(&token_digest(backend_token));
         if self.policy.routes[stream.route].inspects_tools() && stream.body == Body::Arriving {
             // Allowed so far; the body's tool calls decide (see `on_request_body`).
             self.body_checks.insert(
@@ -1185,7 +1389,17 @@ impl Gateway {
             return Ok(());
         }
         self.metrics.inc("requests.allowed");
-        self.audit(&stream, None, Some(&backend_fingerprint));
+        self.audit_stream(&stream, None, backend_fingerprint.as_deref());
+        Ok(())
+    }
+
+    /// Identity headers from the verified claims; a header whose claim is absent is removed,
+    /// so a client-sent value never reaches the upstream.
+    fn set_identity_headers(&self, p: &Principal) -> Result<(), proxy_wasm::types::Status> {
+        for (header, claim) in &self.policy.identity_headers {
+            let value = identity_value(p, *claim);
+            hostcalls::set_map_value(MapType::HttpRequestHeaders, header, value.as_deref())?;
+        }
         Ok(())
     }
 
@@ -1203,7 +1417,7 @@ impl Gateway {
             .inc(&format!("requests.denied.{}", denial.reason()));
         let reply = denial.reply(&challenge, &scopes);
         if let Some(s) = &stream {
-            self.audit(s, Some((denial, reply.status)), None);
+            self.audit_stream(s, Some((denial, reply.status)), None);
         }
         send_reply(&reply);
     }
@@ -1250,42 +1464,75 @@ impl Gateway {
         Action::Continue
     }
 
-    fn audit(
+    fn audit_stream(
         &self,
         stream: &Stream,
         denied: Option<(&Denial, u32)>,
         backend_fingerprint: Option<&str>,
     ) {
+        self.audit(&AuditFacts {
+            started_ms: stream.started_ms,
+            route: stream.route,
+            digest: &stream.digest,
+            principal: stream.principal.as_deref(),
+            tool: stream.tool_label.as_deref(),
+            target: stream.target.as_deref(),
+            cache: stream.cache,
+            denied,
+            exchanged: backend_fingerprint,
+        });
+    }
+
+    fn audit(&self, facts: &AuditFacts<'_>) {
         if !self.policy.audit_log {
             return;
         }
         let now = now_ms();
-        let route = self.policy.routes.get(stream.route);
-        let principal = stream.principal.as_deref();
+        let principal = facts.principal;
         let token_label = principal
-            .and_then(|p| p.jti.clone())
-            .map(|j| sanitize(&j))
-            .unwrap_or_else(|| fingerprint(&stream.digest));
+            .and_then(|p| p.jti.as_deref())
+            .map(sanitize)
+            .unwrap_or_else(|| fingerprint(facts.digest));
         let sub = principal.map(|p| sanitize(&p.sub));
         let client_id = principal.and_then(|p| p.client_id.as_deref()).map(sanitize);
         let record = AuditRecord {
             time_ms: now,
-            allowed: denied.is_none(),
-            reason: denied.map_or("exchanged", |(d, _)| d.reason()),
-            status: denied.map(|(_, s)| s),
+            allowed: facts.denied.is_none(),
+            reason: facts.denied.map_or(
+                if facts.target.is_some() {
+                    "exchanged"
+                } else {
+                    "validated"
+                },
+                |(d, _)| d.reason(),
+            ),
+            status: facts.denied.map(|(_, s)| s),
             sub: sub.as_deref(),
             client_id: client_id.as_deref(),
             token: Some(token_label),
-            route: route.map(|r| r.name.as_str()),
-            tool: stream.tool_label.as_deref(),
-            target_audience: stream.target.as_ref().and_then(|t| t.audience.as_deref()),
-            target_scope: stream.target.as_ref().and_then(|t| t.scope.as_deref()),
-            exchanged: backend_fingerprint,
-            cache: Some(stream.cache),
-            latency_ms: now.saturating_sub(stream.started_ms),
+            route: self.policy.routes.get(facts.route).map(|r| r.name.as_str()),
+            tool: facts.tool,
+            target_audience: facts.target.and_then(|t| t.audience.as_deref()),
+            target_scope: facts.target.and_then(|t| t.scope.as_deref()),
+            exchanged: facts.exchanged,
+            cache: Some(facts.cache),
+            latency_ms: now.saturating_sub(facts.started_ms),
         };
         info!("{}", record.to_json());
     }
+}
+
+/// What an audit line says about one request.
+struct AuditFacts<'a> {
+    started_ms: u64,
+    route: usize,
+    digest: &'a Digest32,
+    principal: Option<&'a Principal>,
+    tool: Option<&'a str>,
+    target: Option<&'a ExchangeTarget>,
+    cache: CacheUse,
+    denied: Option<(&'a Denial, u32)>,
+    exchanged: Option<&'a str>,
 }
 
 enum PrincipalWait {

@@ -65,10 +65,13 @@ impl HttpContext for RequestContext {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let id = self.context_id;
+        if with_gateway(&self.gateway, |gw| gw.watches_response(id)) != Some(true) {
+            return Action::Continue;
+        }
         let status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
             .ok()
             .flatten();
-        let id = self.context_id;
         with_gateway(&self.gateway, |gw| {
             gw.on_upstream_status(id, status.as_deref())
         });

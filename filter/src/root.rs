@@ -52,14 +52,11 @@ impl RootContext for Root {
                 let routes: Vec<String> = policy
                     .routes
                     .iter()
-                    .map(|r| {
-                        if r.public {
-                            format!("{} (public)", r.path_prefix)
-                        } else {
-                            format!(
-                                "{} → {:?}/{:?}",
-                                r.path_prefix, r.target.audience, r.target.scope
-                            )
+                    .map(|r| match (&r.target, r.public) {
+                        (_, true) => format!("{} (public)", r.path_prefix),
+                        (None, false) => format!("{} (validate only)", r.path_prefix),
+                        (Some(t), false) => {
+                            format!("{} → {:?}/{:?}", r.path_prefix, t.audience, t.scope)
                         }
                     })
                     .collect();
@@ -75,7 +72,7 @@ impl RootContext for Root {
                     &HostStore,
                     &format!("mcp_token_exchange/{namespace}/workers"),
                 );
-                let gateway = Gateway::new(policy, &namespace, worker_id);
+                let mut gateway = Gateway::new(policy, &namespace, worker_id);
                 gateway.prepare_shared_slots();
                 self.gateway = Some(Rc::new(RefCell::new(gateway)));
                 self.set_tick_period(TICK);

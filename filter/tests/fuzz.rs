@@ -1487,7 +1487,11 @@ fn check_policy(p: &config::Policy) -> Result<(), TestCaseError> {
         {
             prop_assert!(!v.contains('"') && !v.contains('\\') && !v.chars().any(char::is_control));
         }
-        let x = &r.target;
+        let Some(x) = r.target.as_deref() else {
+            return Err(TestCaseError::fail(
+                "exchange mode gives every route a target",
+            ));
+        };
         prop_assert!(x.path.starts_with('/') && !x.path.chars().any(char::is_whitespace));
         // A secret, when the client authenticates with one, is never empty.
         prop_assert!(x
@@ -1561,7 +1565,7 @@ proptest! {
             doc["exchange"]["client_auth"] = json!("client_secret_post");
         }
         let policy = config::parse_policy(doc.to_string().as_bytes(), &env).expect("base config");
-        let req = exchange::ExchangeRequest::build(&policy.routes[0].target, &subject, NOW, "n1")
+        let req = exchange::ExchangeRequest::build(policy.routes[0].target.as_deref().expect("exchange mode"), &subject, NOW, "n1")
             .expect("a secret-authenticated request builds");
         let body = String::from_utf8(req.body.clone()).expect("form bodies are ASCII");
         prop_assert!(body.is_ascii());

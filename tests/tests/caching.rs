@@ -50,6 +50,25 @@ async fn burst(stack: &Stack, token: &str, n: usize) -> Result<Vec<u16>> {
     Ok(statuses)
 }
 
+/// An MCP `initialize` on a fresh connection: the upstream checks the token on `/mcp`.
+async fn initialize(stack: &Stack, token: &str) -> Result<u16> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let resp = client
+        .post(stack.mcp_url())
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("connection", "close")
+        .body(
+            r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"caching-test","version":"1"}}}"#,
+        )
+        .send()
+        .await?;
+    Ok(resp.status().as_u16())
+}
+
 async fn two_workers(patch: serde_json::Value, idp: IdpConfig) -> Result<Stack> {
     Stack::start_with(StackOptions {
         concurrency: 2,
@@ -185,5 +204,45 @@ async fn disabled_cache_exchanges_every_time() -> Result {
         assert_eq!(call(&stack, &token).await?, 200);
     }
     assert_eq!(stack.idp.exchange_count(), 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backend_token_the_upstream_rejects_is_dropped_by_every_worker() -> Result {
+    let stack = two_workers(json!({}), idp()).await?;
+    let token = stack.user_token();
+    // Fresh connections spread over both workers, so each keeps the backend token in its own
+    // front cache.
+    for _ in 0..10 {
+        assert_eq!(initialize(&stack, &token).await?, 200);
+    }
+    assert_eq!(stack.idp.exchange_count(), 1);
+    let backend = stack
+        .upstream
+        .seen_requests()
+        .last()
+        .and_then(|r| r.bearer().map(str::to_string))
+        .expect("the upstream saw a backend token");
+
+    // The backend revokes that token; the next request gets the upstream's 401.
+    stack.upstream.reject_token(&backend);
+    assert_eq!(initialize(&stack, &token).await?, 401);
+    // The worker that saw the 401 dropped it from the shared store; the other worker learns
+    // that on its tick (500 ms) and drops its own copy.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for i in 0..10 {
+        assert_eq!(
+            initialize(&stack, &token).await?,
+            200,
+            "request {i} after the invalidation used a rejected token"
+        );
+    }
+    assert_eq!(
+        stack.idp.exchange_count(),
+        2,
+        "one new exchange serves both workers again"
+    );
+    let last = stack.upstream.seen_requests();
+    assert_ne!(last.last().and_then(|r| r.bearer()), Some(backend.as_str()));
     Ok(())
 }

@@ -491,12 +491,9 @@ async fn every_decision_is_audited_and_counted() -> Result {
         .any(|a| a["reason"] == "missing_token" && a["status"] == 401));
     assert!(!log.contains(&user), "no token in the log");
 
-    // Counters in Envoy's stats.
-    let stats = reqwest::get(stack.envoy.admin_url("/stats?filter=mcp_token_exchange"))
-        .await?
-        .text()
-        .await?;
-    let counter = |name: &str| -> u64 {
+    // Counters in Envoy's stats. The filter hands its counts to Envoy on its 500 ms tick, so
+    // wait for one to pass.
+    let read_counter = |stats: &str, name: &str| -> u64 {
         stats
             .lines()
             .find(|l| l.contains(&format!("mcp_token_exchange.{name}:")))
@@ -504,6 +501,20 @@ async fn every_decision_is_audited_and_counted() -> Result {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     };
+    let mut stats = String::new();
+    for _ in 0..30 {
+        stats = reqwest::get(stack.envoy.admin_url("/stats?filter=mcp_token_exchange"))
+            .await?
+            .text()
+            .await?;
+        if read_counter(&stats, "requests.denied.missing_token") >= 1
+            && read_counter(&stats, "requests.allowed") >= 3
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let counter = |name: &str| read_counter(&stats, name);
     assert!(counter("requests.allowed") >= 3, "{stats}");
     assert_eq!(counter("requests.denied.insufficient_scope"), 1, "{stats}");
     assert_eq!(counter("requests.denied.missing_token"), 1, "{stats}");

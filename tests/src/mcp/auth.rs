@@ -135,6 +135,7 @@ pub(crate) struct Verifier {
     keys: tokio::sync::Mutex<Option<JwkSet>>,
     /// Subjects whose otherwise valid tokens are refused (simulated revocation).
     rejected: Mutex<HashSet<String>>,
+    rejected_tokens: Mutex<HashSet<String>>,
 }
 
 impl Verifier {
@@ -153,6 +154,7 @@ impl Verifier {
             http,
             keys: tokio::sync::Mutex::new(None),
             rejected: Mutex::new(HashSet::new()),
+            rejected_tokens: Mutex::new(HashSet::new()),
         })
     }
 
@@ -163,7 +165,19 @@ impl Verifier {
             .insert(sub.to_string());
     }
 
+    /// From now on, this exact token gets 401 `invalid_token` (others of its subject do not).
+    pub(crate) fn reject_token(&self, token: &str) {
+        self.rejected_tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.to_string());
+    }
+
     pub(crate) fn clear_rejections(&self) {
+        self.rejected_tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.rejected
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -329,7 +343,12 @@ impl Verifier {
         if verified.sub.is_empty() {
             return Err(AuthFailure::InvalidToken("sub is not a string".into()));
         }
-        if self.is_rejected(&verified.sub) {
+        let token_rejected = self
+            .rejected_tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(token);
+        if token_rejected || self.is_rejected(&verified.sub) {
             return Err(AuthFailure::InvalidToken("token revoked".into()));
         }
         let missing = self

@@ -117,6 +117,12 @@ impl UpstreamHandle {
         self.shared.verifier.reject_subject(sub);
     }
 
+    /// From now on, this exact (backend) token gets 401 `invalid_token`: revoked at the backend
+    /// while new tokens of the same user still work.
+    pub fn reject_token(&self, token: &str) {
+        self.shared.verifier.reject_token(token);
+    }
+
     /// Forgets the recorded requests and the rejected subjects.
     pub fn clear(&self) {
         self.shared
