@@ -117,8 +117,9 @@ struct Stream {
     started_ms: u64,
     route: usize,
     token: String,
-    /// SHA-256 of `token`: computed once, keys both caches and labels the token in logs.
-    digest: Digest32,
+    /// SHA-256 of `token`: keys the exchange cache and labels the token in logs. `None` until
+    /// needed: validate-only requests without caching or audit never hash the token.
+    digest: Option<Digest32>,
     principal: Option<Rc<Principal>>,
     body: Body,
     /// The call named by the MCP 2026-07-28 `Mcp-Method`/`Mcp-Name` headers, on routes with
@@ -354,8 +355,14 @@ impl Gateway {
         };
         let skew = policy.inbound.clock_skew_seconds;
         let digest = match self.verified.get(token, secs(now), skew) {
-            Some(entry) => entry.digest,
-            None => token_digest(token),
+            Some(entry) => Some(entry.digest),
+            None if route.target.is_some()
+                || policy.audit_log
+                || policy.inbound.verified_cache_max_entries > 0 =>
+            {
+                Some(token_digest(token))
+            }
+            None => None,
         };
         self.streams.insert(
             context_id,
@@ -454,7 +461,7 @@ impl Gateway {
             self.audit(&AuditFacts {
                 started_ms: now_ms,
                 route: route_index,
-                digest: &digest,
+                digest: Some(digest),
                 principal: Some(&principal),
                 tool: None,
                 target: route.target.as_deref(),
@@ -561,8 +568,9 @@ impl Gateway {
             Some(s) => (s.token.clone(), s.digest, s.route),
             None => return Step::Deny(Denial::Internal),
         };
+        let digest = digest.unwrap_or_else(|| token_digest(&token));
         let route = &policy.routes[route_index];
-        let principal = match self.principal(&token, &digest, now, false) {
+        let principal = match self.principal(&token, Some(&digest), now, false) {
             Ok(p) => p,
             Err(PrincipalWait::Deny(d)) => return Step::Deny(d),
             Err(PrincipalWait::Park) => return self.park(context_id, now),
@@ -609,12 +617,12 @@ impl Gateway {
     fn principal(
         &mut self,
         token: &str,
-        digest: &Digest32,
+        digest: Option<&Digest32>,
         now_ms: u64,
         after_fetch: bool,
     ) -> Result<Rc<Principal>, PrincipalWait> {
         let now = secs(now_ms);
-        let digest = *digest;
+        let digest = || digest.copied().unwrap_or_else(|| token_digest(token));
         let skew = self.policy.inbound.clock_skew_seconds;
         if let Some(entry) = self.verified.get(token, now, skew) {
             return Ok(Rc::clone(&entry.principal));
@@ -625,11 +633,13 @@ impl Gateway {
         match verify::verify(token, &keys, &self.policy.inbound, now) {
             Ok(p) => {
                 let p = Rc::new(p);
-                self.verified.put(token, digest, Rc::clone(&p));
+                if self.policy.inbound.verified_cache_max_entries > 0 {
+                    self.verified.put(token, digest(), Rc::clone(&p));
+                }
                 Ok(p)
             }
             Err(VerifyError::Invalid(e)) => {
-                debug!("token {} rejected: {e}", fingerprint(&digest));
+                debug!("token {} rejected: {e}", fingerprint(&digest()));
                 Err(PrincipalWait::Deny(Denial::Token(e)))
             }
             Err(VerifyError::NoKeys) => Err(PrincipalWait::Park),
@@ -640,7 +650,7 @@ impl Gateway {
                 if self.may_refetch(now_ms) {
                     info!(
                         "token {} names an unknown key; refetching the JWKS",
-                        fingerprint(&digest)
+                        fingerprint(&digest())
                     );
                     self.start_jwks_fetch(now_ms);
                 }
@@ -1273,7 +1283,7 @@ impl Gateway {
             else {
                 continue;
             };
-            let step = match self.principal(&token, &digest, now, true) {
+            let step = match self.principal(&token, digest.as_ref(), now, true) {
                 Ok(_) => self.advance(id, now),
                 Err(PrincipalWait::Deny(d)) => Step::Deny(d),
                 Err(PrincipalWait::Park) => Step::Deny(Denial::KeysUnavailable),
@@ -1473,7 +1483,7 @@ impl Gateway {
         self.audit(&AuditFacts {
             started_ms: stream.started_ms,
             route: stream.route,
-            digest: &stream.digest,
+            digest: stream.digest,
             principal: stream.principal.as_deref(),
             tool: stream.tool_label.as_deref(),
             target: stream.target.as_deref(),
@@ -1492,7 +1502,8 @@ impl Gateway {
         let token_label = principal
             .and_then(|p| p.jti.as_deref())
             .map(sanitize)
-            .unwrap_or_else(|| fingerprint(facts.digest));
+            .or_else(|| facts.digest.map(|d| fingerprint(&d)))
+            .unwrap_or_else(|| "-".to_string());
         let sub = principal.map(|p| sanitize(&p.sub));
         let client_id = principal.and_then(|p| p.client_id.as_deref()).map(sanitize);
         let record = AuditRecord {
@@ -1526,7 +1537,7 @@ impl Gateway {
 struct AuditFacts<'a> {
     started_ms: u64,
     route: usize,
-    digest: &'a Digest32,
+    digest: Option<Digest32>,
     principal: Option<&'a Principal>,
     tool: Option<&'a str>,
     target: Option<&'a ExchangeTarget>,
