@@ -22,11 +22,20 @@ Knobs (environment):
                              idle (< 0.3 cores busy); the run goes on regardless and reports the load
   BENCH_RETRIES=2            re-measure a setup (keeping the least disturbed run) at most this often
                              when other work used > 0.2 cores during it
+  BENCH_ONLY=noop,full_cached  measure only these throughput setups, print them and stop (no
+                             IdP-call, memory or report sections; results.md is not rewritten):
+                             a quick loop while optimising. Setup ids: bare jwt jwt_cache noop
+                             validate_cached validate_uncached full_cached full_audit
+                             full_noverify
   BENCH_VALIDATE_ONLY_PATCH  JSON merge patch on the plugin config that turns the exchange off
+                             (default {"mode": "validate_only", "exchange": null} when the filter
+                             has that mode)
   BENCH_NO_VERIFY_CACHE_PATCH  JSON merge patch that turns the verified-token cache off
                              (default {"verified_cache_max_entries": 0} when the filter has that field)
-  BENCH_NO_AUDIT_PATCH       JSON merge patch that turns the per-request audit log line off
-                             (default {"audit_log": false} when the filter has that field)
+  BENCH_FILTER_PATCH         JSON merge patch applied to every filter row (default
+                             {"audit_log": false}: the references write no per-request log line,
+                             so the filter is measured doing the same work; one extra row measures
+                             the audit line)
 """
 
 from __future__ import annotations
@@ -89,16 +98,25 @@ MAX_SECONDS = env_int("BENCH_MAX_SECONDS", 2400)
 QUIET_WAIT = env_int("BENCH_QUIET_WAIT", 10)
 RETRIES = env_int("BENCH_RETRIES", 2)
 VALIDATE_ONLY_PATCH = env_patch("BENCH_VALIDATE_ONLY_PATCH")
+if VALIDATE_ONLY_PATCH is None and "validate_only" in (ROOT / "filter/src/config.rs").read_text(
+    errors="replace"
+):
+    # Validate and forward without exchanging; a merge-patch null removes the exchange block.
+    VALIDATE_ONLY_PATCH = {"mode": "validate_only", "exchange": None}
+ONLY = [s.strip() for s in os.environ.get("BENCH_ONLY", "").split(",") if s.strip()]
 NO_VERIFY_CACHE_PATCH = env_patch("BENCH_NO_VERIFY_CACHE_PATCH")
 if NO_VERIFY_CACHE_PATCH is None and "verified_cache_max_entries" in (
     ROOT / "filter/src/config.rs"
 ).read_text(errors="replace"):
     # The filter's verified-token cache is sized by this field; 0 turns it off.
     NO_VERIFY_CACHE_PATCH = {"verified_cache_max_entries": 0}
-NO_AUDIT_PATCH = env_patch("BENCH_NO_AUDIT_PATCH")
-if NO_AUDIT_PATCH is None and "audit_log" in (ROOT / "filter/src/config.rs").read_text(errors="replace"):
-    # The filter writes one audit line per request by default; this row shows what that costs.
-    NO_AUDIT_PATCH = {"audit_log": False}
+FILTER_PATCH = env_patch("BENCH_FILTER_PATCH")
+if FILTER_PATCH is None:
+    # The filter writes one audit line per request to Envoy's log by default; bare Envoy,
+    # jwt_authn and the no-op filter write none. Compare like with like; `full_audit` shows the
+    # line's cost.
+    FILTER_PATCH = {"audit_log": False}
+AUDIT_PATCH = {"audit_log": True}
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KIB = 1024
@@ -437,7 +455,7 @@ def jwt_authn_filter(idp: Idp, cache: bool) -> dict:
 
 
 def filter_plugin(idp: Idp, patch=None) -> dict:
-    plugin = retarget(demo_plugin_config(), idp.port)
+    plugin = merge_patch(retarget(demo_plugin_config(), idp.port), FILTER_PATCH)
     return merge_patch(plugin, patch) if patch else plugin
 
 
@@ -786,7 +804,7 @@ SCENARIOS = [
     ("validate_uncached", "filter: validate-only, uncached", "mcp_token_exchange, exchange off, verified-token cache off"),
     ("validate_cached", "filter: validate-only, cached", "mcp_token_exchange, exchange off, one token (verified-token cache)"),
     ("full_cached", "filter: full path, exchange cached", "mcp_token_exchange, one token: every request reuses the cached exchange"),
-    ("full_noaudit", "filter: full path, cached, no audit log", "same, with the per-request audit log line off"),
+    ("full_audit", "filter: full path, cached, + audit log line", "same, with the per-request audit line in Envoy's log (the filter's default)"),
     ("full_noverify", "filter: full path, verify uncached", "same, verified-token cache off: an RS256 verify per request, then the exchange-cache hit"),
     ("full_miss", "filter: full path, exchange miss", "mcp_token_exchange, a new token per request: every request exchanges"),
 ]
@@ -820,6 +838,9 @@ def main() -> int:
     notes: list[str] = []
 
     def measure(sid: str, envoy: Envoy, token: str | None) -> None:
+        if ONLY and sid not in ONLY:
+            envoy.stop()
+            return
         try:
             envoy.probe(token or one_token)
             wait_quiet(sid)
@@ -873,16 +894,24 @@ def main() -> int:
 
     # Full path, one token, exchange cached after the first request.
     measure("full_cached", filter_envoy("full_cached"), one_token)
-    # The same without the per-request audit log line: what that line costs.
-    if NO_AUDIT_PATCH is None:
-        results["full_noaudit"] = {"na": "n/a: the filter has no switch for its audit log (BENCH_NO_AUDIT_PATCH)"}
-    else:
-        optional("full_noaudit", NO_AUDIT_PATCH)
+    # The same with the per-request audit log line (the filter's default): what that line costs.
+    optional("full_audit", AUDIT_PATCH)
     # The same with the verified-token cache off: what an uncached RS256 verify costs in Wasm.
     if NO_VERIFY_CACHE_PATCH is None:
         results["full_noverify"] = {"na": "n/a: the filter has no way to turn its verified-token cache off (BENCH_NO_VERIFY_CACHE_PATCH)"}
     else:
         optional("full_noverify", NO_VERIFY_CACHE_PATCH)
+
+    if ONLY:
+        base = results.get("bare", {}).get("rps")
+        for sid in ONLY:
+            r = results.get(sid, {})
+            if "rps" in r:
+                ratio_txt = f"  ÷ bare {r['rps'] / base:.2f}" if base else ""
+                log(f"{sid:18} {r['rps']:9.0f} req/s  envoy {r['envoy_cpu_us']:5.1f} µs-cpu/req{ratio_txt}")
+            else:
+                log(f"{sid:18} {r.get('na', 'not measured')}")
+        return 0
 
     # Distinct tokens for the exchange-miss run and the RSS measure.
     log(f"minting {N_TOKENS} distinct tokens ({MINT_THREADS} concurrent admin calls)")
@@ -1110,8 +1139,10 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
         extra_txt = f" Plugin config patch: `{json.dumps(patch)}`." if patch else ""
         out.append(f"{i}. **{label}**: {desc}.{extra_txt}")
     out.append("")
-    out.append("The filter rows run `envoy/demo.yaml`'s plugin configuration unchanged unless a patch is "
-               "named; Envoy logs at `info` (its default), so the filter's own info lines are written.")
+    out.append("The filter rows run `envoy/demo.yaml`'s plugin configuration with "
+               f"`{json.dumps(FILTER_PATCH)}` (the references write no per-request log line either) and the "
+               "patch named on the row, if any; Envoy logs at `info` (its default), so the filter's other "
+               "info lines (one per exchange) are written.")
     disturbed = [label for sid, label, _ in SCENARIOS if results.get(sid, {}).get("other_cores", 0) > 0.2]
     if disturbed:
         out.append("")
@@ -1184,10 +1215,10 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
                f"`jwt_authn` without cache ÷ bare {fmt_ratio(ratio(results, 'jwt', 'bare'))}, "
                f"with cache ÷ bare {fmt_ratio(ratio(results, 'jwt_cache', 'bare'))}, "
                f"full path cached ÷ `jwt_authn` without cache {fmt_ratio(ratio(results, 'full_cached', 'jwt'))}, "
-               f"full path cached without the audit log ÷ no-op floor {fmt_ratio(ratio(results, 'full_noaudit', 'noop'))} "
-               f"(by Envoy CPU {fmt_ratio(cpu_ratio('full_noaudit', 'noop'))}), "
-               f"÷ `jwt_authn` with cache {fmt_ratio(ratio(results, 'full_noaudit', 'jwt_cache'))} "
-               f"(by Envoy CPU {fmt_ratio(cpu_ratio('full_noaudit', 'jwt_cache'))}).")
+               f"full path cached with the audit log line ÷ no-op floor {fmt_ratio(ratio(results, 'full_audit', 'noop'))} "
+               f"(by Envoy CPU {fmt_ratio(cpu_ratio('full_audit', 'noop'))}), "
+               f"÷ `jwt_authn` with cache {fmt_ratio(ratio(results, 'full_audit', 'jwt_cache'))} "
+               f"(by Envoy CPU {fmt_ratio(cpu_ratio('full_audit', 'jwt_cache'))}).")
     out.append("")
     out.append("## IdP calls and memory\n")
     if o:
@@ -1258,7 +1289,7 @@ def render_svg(facts: dict, results: dict) -> str:
          f'<text x="{x1}" y="{top - 12}" font-weight="bold">throughput ÷ bare (higher is better)</text>',
          f'<text x="{x2}" y="{top - 12}" font-weight="bold">p99 latency ÷ bare (log scale, lower is better)</text>']
     colors = {"bare": "#7f7f7f", "jwt": "#1f77b4", "jwt_cache": "#1f77b4", "noop": "#9467bd",
-              "full_noverify": "#ff7f0e", "full_noaudit": "#98df8a"}
+              "full_noverify": "#ff7f0e", "full_audit": "#98df8a"}
     for i, ((label, tp, p99), (sid, _, _)) in enumerate(zip(rows, SCENARIOS)):
         y = top + i * row_h
         color = colors.get(sid, "#d62728" if sid == "full_miss" else "#2ca02c")
