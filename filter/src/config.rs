@@ -9,8 +9,9 @@ use std::fmt;
 use std::rc::Rc;
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde::de::{self, DeserializeOwned, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Number, Value};
 
 use crate::client_key::ClientKey;
 use crate::jwks::KeySet;
@@ -18,94 +19,63 @@ use crate::jwks::KeySet;
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// The raw configuration document. Field docs live in the README's configuration reference.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Read by [`FilterConfig::read`] (see [`Fields`] for why not `#[derive(Deserialize)]`).
+#[derive(Debug)]
 pub struct FilterConfig {
     pub issuer: String,
     pub audiences: Vec<String>,
-    #[serde(default)]
     pub required_scopes: Vec<String>,
-    #[serde(default = "defaults::clock_skew_seconds")]
     pub clock_skew_seconds: u64,
-    #[serde(default = "defaults::max_token_bytes")]
     pub max_token_bytes: usize,
-    #[serde(default = "defaults::verified_cache_max_entries")]
     pub verified_cache_max_entries: usize,
-    #[serde(default)]
     pub realm: Option<String>,
-    #[serde(default)]
     pub resource_metadata_url: Option<String>,
     /// The public URL of the protected MCP endpoint (RFC 9728 `resource`) when there are no
     /// `routes`.
-    #[serde(default)]
     pub resource: Option<String>,
-    #[serde(default)]
     pub authorization_servers: Vec<String>,
-    #[serde(default)]
     pub resource_name: Option<String>,
-    #[serde(default)]
     pub resource_documentation: Option<String>,
     pub jwks: JwksConfig,
     /// `exchange` (the default): swap the token by RFC 8693. `validate_only`: validate and
     /// forward without a backend token, like Envoy's `jwt_authn`.
-    #[serde(default)]
     pub mode: Mode,
     /// `validate_only` mode: keep the client's `Authorization` header for the upstream instead
     /// of removing it (`jwt_authn`'s `forward`). Only for upstreams that are the token's own
     /// audience: MCP servers must not receive passed-through tokens.
-    #[serde(default)]
     pub forward_token: bool,
     /// Parsed into [`ExchangeConfig`]; kept raw so routes can override single fields. Required
     /// in `exchange` mode, refused in `validate_only` mode.
-    #[serde(default)]
     pub exchange: Option<Map<String, Value>>,
-    #[serde(default)]
     pub routes: Vec<RouteConfig>,
-    #[serde(default)]
     pub unmatched: Unmatched,
     /// Request header name → claim (`sub`, `client_id`, `email`, `jti`, `scope`, `iss`).
-    #[serde(default)]
     pub identity_headers: BTreeMap<String, String>,
-    #[serde(default = "defaults::yes")]
     pub audit_log: bool,
-    #[serde(default)]
     pub mcp: McpConfig,
 }
 
 /// One MCP upstream behind the listener.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct RouteConfig {
-    #[serde(default)]
     pub name: Option<String>,
     pub path_prefix: String,
     /// Pass without authentication (the `Authorization` header is still removed).
-    #[serde(default)]
     pub public: bool,
-    #[serde(default)]
     pub audiences: Option<Vec<String>>,
-    #[serde(default)]
     pub required_scopes: Option<Vec<String>>,
-    #[serde(default)]
     pub resource: Option<String>,
-    #[serde(default)]
     pub resource_name: Option<String>,
     /// Fields that override the top-level `exchange` for this route.
-    #[serde(default)]
     pub exchange: Option<Map<String, Value>>,
-    #[serde(default)]
     pub tools: BTreeMap<String, ToolConfig>,
-    #[serde(default)]
     pub deny_unlisted_tools: bool,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct ToolConfig {
-    #[serde(default)]
     pub required_scopes: Vec<String>,
     /// A narrower `scope` to request for this tool's backend token.
-    #[serde(default)]
     pub exchange_scope: Option<String>,
 }
 
@@ -127,10 +97,8 @@ pub enum Unmatched {
     Pass,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct McpConfig {
-    #[serde(default = "defaults::max_body_bytes")]
     pub max_body_bytes: usize,
 }
 
@@ -142,64 +110,41 @@ impl Default for McpConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct JwksConfig {
     /// A JWK Set document (as a JSON object or a string holding one). Excludes `cluster`.
-    #[serde(default)]
     pub inline: Option<serde_json::Value>,
-    #[serde(default)]
     pub cluster: Option<String>,
-    #[serde(default)]
     pub path: Option<String>,
-    #[serde(default)]
     pub authority: Option<String>,
-    #[serde(default = "defaults::jwks_refresh_interval_seconds")]
     pub refresh_interval_seconds: u64,
-    #[serde(default = "defaults::jwks_min_refetch_interval_seconds")]
     pub min_refetch_interval_seconds: u64,
-    #[serde(default = "defaults::timeout_ms")]
     pub timeout_ms: u64,
-    #[serde(default = "defaults::jwks_max_wait_ms")]
     pub max_wait_ms: u64,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct ExchangeConfig {
     pub cluster: String,
     pub path: String,
     pub authority: String,
     pub client_id: String,
-    #[serde(default)]
     pub client_secret_env: Option<String>,
     /// Name of the environment variable holding the gateway's private JWK (`private_key_jwt`,
     /// actor tokens).
-    #[serde(default)]
     pub client_private_key_env: Option<String>,
     /// `aud` of client assertions and actor tokens; default `https://{authority}{path}`.
-    #[serde(default)]
     pub client_assertion_audience: Option<String>,
     /// Send an RFC 8693 actor token naming the gateway (signed with the client key).
-    #[serde(default)]
     pub actor_token: bool,
-    #[serde(default)]
     pub client_auth: ClientAuth,
-    #[serde(default)]
     pub audience: Option<String>,
-    #[serde(default)]
     pub scope: Option<String>,
-    #[serde(default)]
     pub resource: Option<String>,
-    #[serde(default = "defaults::subject_token_type")]
     pub subject_token_type: String,
-    #[serde(default)]
     pub requested_token_type: Option<String>,
-    #[serde(default = "defaults::timeout_ms")]
     pub timeout_ms: u64,
-    #[serde(default = "defaults::cache_margin_seconds")]
     pub cache_margin_seconds: u64,
-    #[serde(default = "defaults::cache_max_entries")]
     pub cache_max_entries: usize,
 }
 
@@ -211,6 +156,430 @@ pub enum ClientAuth {
     ClientSecretPost,
     /// RFC 7523 client assertion signed with the gateway's key.
     PrivateKeyJwt,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the document
+//
+// The document is parsed once into a `serde_json::Value` tree and then taken apart field by
+// field, so every error names the dotted path of its field (`exchange.timeout_ms`,
+// `routes[0].tools.read.exchange_scope`) and serde's own message says what is wrong with it.
+// `#[derive(Deserialize)]` on the structs plus the `serde_path_to_error` crate did the same, but
+// through a generic wrapper around every visitor and deserializer method: ~50 KB of a module that
+// must stay under 600 KiB. Only leaf values (strings, numbers, the enums above) still go through
+// serde, one `serde_json::from_value` each.
+// ---------------------------------------------------------------------------------------------
+
+/// `parent.name`, or `name` at the top level.
+fn join(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}.{name}")
+    }
+}
+
+/// A leaf value as a `T`, with serde's message (`invalid type: string "soon", expected u64`).
+fn value<T: DeserializeOwned>(path: &str, v: Value) -> Result<T, ConfigError> {
+    serde_json::from_value(v).map_err(|e| ConfigError::new(path, e.to_string()))
+}
+
+/// The object at `path`, or serde's "invalid type …, expected a map" error.
+fn object(path: &str, v: Value) -> Result<Map<String, Value>, ConfigError> {
+    match v {
+        Value::Object(map) => Ok(map),
+        other => value(path, other),
+    }
+}
+
+/// The array at `path`, or serde's "invalid type …, expected a sequence" error.
+fn list(path: &str, v: Value) -> Result<Vec<Value>, ConfigError> {
+    match v {
+        Value::Array(items) => Ok(items),
+        other => value(path, other),
+    }
+}
+
+/// A list of strings; a bad element is named by its index (`audiences[1]`).
+fn strings(path: &str, v: Value) -> Result<Vec<String>, ConfigError> {
+    list(path, v)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| value(&format!("{path}[{i}]"), item))
+        .collect()
+}
+
+/// One JSON object of the configuration, read field by field: each getter removes its field,
+/// with serde's semantics for `#[serde(default)]` and `Option` fields.
+struct Fields {
+    path: String,
+    map: Map<String, Value>,
+}
+
+impl Fields {
+    /// Refuses the object if it has a key outside `known` (`deny_unknown_fields`), before any
+    /// value is looked at, so a misspelt field is reported as such.
+    fn new(path: String, v: Value, known: &'static [&'static str]) -> Result<Self, ConfigError> {
+        let map = object(&path, v)?;
+        if let Some(key) = map.keys().find(|k| !known.contains(&k.as_str())) {
+            let message = <serde_json::Error as de::Error>::unknown_field(key, known);
+            return Err(ConfigError::new(&join(&path, key), message.to_string()));
+        }
+        Ok(Self { path, map })
+    }
+
+    fn path(&self, name: &str) -> String {
+        join(&self.path, name)
+    }
+
+    /// The raw value of a required field, with its path. Missing, it is reported at the
+    /// object's path, as serde does.
+    fn take_required(&mut self, name: &str) -> Result<(String, Value), ConfigError> {
+        self.take(name)
+            .ok_or_else(|| ConfigError::new(&self.path, format!("missing field `{name}`")))
+    }
+
+    fn required<T: DeserializeOwned>(&mut self, name: &str) -> Result<T, ConfigError> {
+        let (path, v) = self.take_required(name)?;
+        value(&path, v)
+    }
+
+    /// A field with a default: absent → `default()`; present, even as `null`, it must be a `T`.
+    fn or_else<T: DeserializeOwned>(
+        &mut self,
+        name: &str,
+        default: impl FnOnce() -> T,
+    ) -> Result<T, ConfigError> {
+        match self.map.remove(name) {
+            Some(v) => value(&self.path(name), v),
+            None => Ok(default()),
+        }
+    }
+
+    fn or_default<T: DeserializeOwned + Default>(&mut self, name: &str) -> Result<T, ConfigError> {
+        self.or_else(name, T::default)
+    }
+
+    /// An `Option` field: absent or `null` → `None`.
+    fn optional<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, ConfigError> {
+        self.or_default::<Option<T>>(name)
+    }
+
+    /// The raw value of a field whose parts are read with their own paths; `None` when absent.
+    fn take(&mut self, name: &str) -> Option<(String, Value)> {
+        self.map.remove(name).map(|v| (self.path(name), v))
+    }
+
+    /// A list of strings, absent → empty.
+    fn strings(&mut self, name: &str) -> Result<Vec<String>, ConfigError> {
+        self.take(name)
+            .map_or(Ok(Vec::new()), |(path, v)| strings(&path, v))
+    }
+
+    /// An optional list of strings: absent or `null` → `None`.
+    fn optional_strings(&mut self, name: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        match self.take(name) {
+            None | Some((_, Value::Null)) => Ok(None),
+            Some((path, v)) => strings(&path, v).map(Some),
+        }
+    }
+
+    /// An object of `T`s keyed by name, each read with its own path (`tools.read`); absent →
+    /// empty.
+    fn named<T>(
+        &mut self,
+        name: &str,
+        read: impl Fn(String, Value) -> Result<T, ConfigError>,
+    ) -> Result<BTreeMap<String, T>, ConfigError> {
+        let Some((path, v)) = self.take(name) else {
+            return Ok(BTreeMap::new());
+        };
+        object(&path, v)?
+            .into_iter()
+            .map(|(key, v)| {
+                let item = read(join(&path, &key), v)?;
+                Ok((key, item))
+            })
+            .collect()
+    }
+}
+
+impl FilterConfig {
+    const FIELDS: &'static [&'static str] = &[
+        "issuer",
+        "audiences",
+        "required_scopes",
+        "clock_skew_seconds",
+        "max_token_bytes",
+        "verified_cache_max_entries",
+        "realm",
+        "resource_metadata_url",
+        "resource",
+        "authorization_servers",
+        "resource_name",
+        "resource_documentation",
+        "jwks",
+        "mode",
+        "forward_token",
+        "exchange",
+        "routes",
+        "unmatched",
+        "identity_headers",
+        "audit_log",
+        "mcp",
+    ];
+
+    /// The whole document (the top-level object).
+    pub fn read(v: Value) -> Result<Self, ConfigError> {
+        let mut f = Fields::new(String::new(), v, Self::FIELDS)?;
+        Ok(Self {
+            issuer: f.required("issuer")?,
+            audiences: {
+                let (path, v) = f.take_required("audiences")?;
+                strings(&path, v)?
+            },
+            required_scopes: f.strings("required_scopes")?,
+            clock_skew_seconds: f.or_else("clock_skew_seconds", defaults::clock_skew_seconds)?,
+            max_token_bytes: f.or_else("max_token_bytes", defaults::max_token_bytes)?,
+            verified_cache_max_entries: f.or_else(
+                "verified_cache_max_entries",
+                defaults::verified_cache_max_entries,
+            )?,
+            realm: f.optional("realm")?,
+            resource_metadata_url: f.optional("resource_metadata_url")?,
+            resource: f.optional("resource")?,
+            authorization_servers: f.strings("authorization_servers")?,
+            resource_name: f.optional("resource_name")?,
+            resource_documentation: f.optional("resource_documentation")?,
+            jwks: {
+                let (path, v) = f.take_required("jwks")?;
+                JwksConfig::read(path, v)?
+            },
+            mode: f.or_default("mode")?,
+            forward_token: f.or_default("forward_token")?,
+            exchange: f.optional("exchange")?,
+            routes: match f.take("routes") {
+                Some((path, v)) => list(&path, v)?
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| RouteConfig::read(format!("{path}[{i}]"), v))
+                    .collect::<Result<_, _>>()?,
+                None => Vec::new(),
+            },
+            unmatched: f.or_default("unmatched")?,
+            identity_headers: f.named("identity_headers", |path, v| value(&path, v))?,
+            audit_log: f.or_else("audit_log", defaults::yes)?,
+            mcp: match f.take("mcp") {
+                Some((path, v)) => McpConfig::read(path, v)?,
+                None => McpConfig::default(),
+            },
+        })
+    }
+}
+
+impl RouteConfig {
+    const FIELDS: &'static [&'static str] = &[
+        "name",
+        "path_prefix",
+        "public",
+        "audiences",
+        "required_scopes",
+        "resource",
+        "resource_name",
+        "exchange",
+        "tools",
+        "deny_unlisted_tools",
+    ];
+
+    fn read(path: String, v: Value) -> Result<Self, ConfigError> {
+        let mut f = Fields::new(path, v, Self::FIELDS)?;
+        Ok(Self {
+            name: f.optional("name")?,
+            path_prefix: f.required("path_prefix")?,
+            public: f.or_default("public")?,
+            audiences: f.optional_strings("audiences")?,
+            required_scopes: f.optional_strings("required_scopes")?,
+            resource: f.optional("resource")?,
+            resource_name: f.optional("resource_name")?,
+            exchange: f.optional("exchange")?,
+            tools: f.named("tools", ToolConfig::read)?,
+            deny_unlisted_tools: f.or_default("deny_unlisted_tools")?,
+        })
+    }
+}
+
+impl ToolConfig {
+    const FIELDS: &'static [&'static str] = &["required_scopes", "exchange_scope"];
+
+    fn read(path: String, v: Value) -> Result<Self, ConfigError> {
+        let mut f = Fields::new(path, v, Self::FIELDS)?;
+        Ok(Self {
+            required_scopes: f.strings("required_scopes")?,
+            exchange_scope: f.optional("exchange_scope")?,
+        })
+    }
+}
+
+impl McpConfig {
+    const FIELDS: &'static [&'static str] = &["max_body_bytes"];
+
+    fn read(path: String, v: Value) -> Result<Self, ConfigError> {
+        let mut f = Fields::new(path, v, Self::FIELDS)?;
+        Ok(Self {
+            max_body_bytes: f.or_else("max_body_bytes", defaults::max_body_bytes)?,
+        })
+    }
+}
+
+impl JwksConfig {
+    const FIELDS: &'static [&'static str] = &[
+        "inline",
+        "cluster",
+        "path",
+        "authority",
+        "refresh_interval_seconds",
+        "min_refetch_interval_seconds",
+        "timeout_ms",
+        "max_wait_ms",
+    ];
+
+    fn read(path: String, v: Value) -> Result<Self, ConfigError> {
+        let mut f = Fields::new(path, v, Self::FIELDS)?;
+        Ok(Self {
+            inline: f.optional("inline")?,
+            cluster: f.optional("cluster")?,
+            path: f.optional("path")?,
+            authority: f.optional("authority")?,
+            refresh_interval_seconds: f.or_else(
+                "refresh_interval_seconds",
+                defaults::jwks_refresh_interval_seconds,
+            )?,
+            min_refetch_interval_seconds: f.or_else(
+                "min_refetch_interval_seconds",
+                defaults::jwks_min_refetch_interval_seconds,
+            )?,
+            timeout_ms: f.or_else("timeout_ms", defaults::timeout_ms)?,
+            max_wait_ms: f.or_else("max_wait_ms", defaults::jwks_max_wait_ms)?,
+        })
+    }
+}
+
+impl ExchangeConfig {
+    const FIELDS: &'static [&'static str] = &[
+        "cluster",
+        "path",
+        "authority",
+        "client_id",
+        "client_secret_env",
+        "client_private_key_env",
+        "client_assertion_audience",
+        "actor_token",
+        "client_auth",
+        "audience",
+        "scope",
+        "resource",
+        "subject_token_type",
+        "requested_token_type",
+        "timeout_ms",
+        "cache_margin_seconds",
+        "cache_max_entries",
+    ];
+
+    fn read(path: String, v: Value) -> Result<Self, ConfigError> {
+        let mut f = Fields::new(path, v, Self::FIELDS)?;
+        Ok(Self {
+            cluster: f.required("cluster")?,
+            path: f.required("path")?,
+            authority: f.required("authority")?,
+            client_id: f.required("client_id")?,
+            client_secret_env: f.optional("client_secret_env")?,
+            client_private_key_env: f.optional("client_private_key_env")?,
+            client_assertion_audience: f.optional("client_assertion_audience")?,
+            actor_token: f.or_default("actor_token")?,
+            client_auth: f.or_default("client_auth")?,
+            audience: f.optional("audience")?,
+            scope: f.optional("scope")?,
+            resource: f.optional("resource")?,
+            subject_token_type: f.or_else("subject_token_type", defaults::subject_token_type)?,
+            requested_token_type: f.optional("requested_token_type")?,
+            timeout_ms: f.or_else("timeout_ms", defaults::timeout_ms)?,
+            cache_margin_seconds: f
+                .or_else("cache_margin_seconds", defaults::cache_margin_seconds)?,
+            cache_max_entries: f.or_else("cache_max_entries", defaults::cache_max_entries)?,
+        })
+    }
+}
+
+/// A JSON value that refuses duplicate keys in every object. serde_json's own `Value` silently
+/// keeps the last of two equal keys; `{"issuer": "a", "issuer": "b"}` is an error instead, as
+/// it was when the typed structs were deserialized directly (serde's `duplicate field`).
+struct UniqueKeys(Value);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(UniqueKeysVisitor)
+            .map(UniqueKeys)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> Visitor<'de> for UniqueKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // JSON has no NaN or infinity, so this is always a number; `Null` mirrors serde_json.
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueKeys(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+        let mut map = Map::new();
+        while let Some(key) = access.next_key::<String>()? {
+            if map.contains_key(&key) {
+                return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
+            }
+            let UniqueKeys(v) = access.next_value()?;
+            map.insert(key, v);
+        }
+        Ok(Value::Object(map))
+    }
 }
 
 mod defaults {
@@ -510,16 +879,12 @@ pub fn parse_policy(
         ));
     }
     let mut deserializer = serde_json::Deserializer::from_slice(raw);
-    let config: FilterConfig =
-        serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-            let path = e.path().to_string();
-            let field = if path == "." { String::new() } else { path };
-            ConfigError::new(&field, e.inner().to_string())
-        })?;
+    let UniqueKeys(doc) = UniqueKeys::deserialize(&mut deserializer)
+        .map_err(|e| ConfigError::new("", e.to_string()))?;
     deserializer
         .end()
         .map_err(|e| ConfigError::new("", format!("trailing data after the JSON object: {e}")))?;
-    config.validate(env)
+    FilterConfig::read(doc)?.validate(env)
 }
 
 fn require_non_empty(field: &str, value: &str) -> Result<(), ConfigError> {
@@ -682,17 +1047,7 @@ fn parse_exchange(
     raw: Map<String, Value>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<ExchangeTarget, ConfigError> {
-    let config: ExchangeConfig =
-        serde_path_to_error::deserialize(Value::Object(raw)).map_err(|e| {
-            let inner = e.path().to_string();
-            let path = if inner == "." {
-                field.to_string()
-            } else {
-                format!("{field}.{inner}")
-            };
-            ConfigError::new(&path, e.inner().to_string())
-        })?;
-    config.validate(field, env)
+    ExchangeConfig::read(field.to_string(), Value::Object(raw))?.validate(field, env)
 }
 
 fn parse_identity_claim(field: &str, claim: &str) -> Result<IdentityClaim, ConfigError> {
@@ -1333,6 +1688,67 @@ mod tests {
         v["exchange"]["timeout_ms"] = json!("soon");
         let e = parse(&v).unwrap_err();
         assert_eq!(e.field, "exchange.timeout_ms", "{e}");
+    }
+
+    #[test]
+    fn errors_inside_lists_and_maps_name_the_element() {
+        let route = |tools: serde_json::Value| json!([{"path_prefix": "/a", "tools": tools}]);
+        let cases = [
+            ("audiences[1]", "audiences", json!(["a", 5])),
+            ("jwks", "jwks", json!("okta")),
+            (
+                "jwks.zz",
+                "jwks",
+                json!({"cluster": "okta", "path": "/k", "zz": 1}),
+            ),
+            ("mcp.max_body_bytes", "mcp", json!({"max_body_bytes": null})),
+            (
+                "identity_headers.x-a",
+                "identity_headers",
+                json!({"x-a": 5}),
+            ),
+            ("routes", "routes", json!({})),
+            ("routes[0]", "routes", json!([{}])),
+            (
+                "routes[0].tools.t.required_scopes[1]",
+                "routes",
+                route(json!({"t": {"required_scopes": ["a", 5]}})),
+            ),
+            (
+                "routes[0].tools.t.zz",
+                "routes",
+                route(json!({"t": {"zz": 1}})),
+            ),
+        ];
+        for (field, key, value) in cases {
+            let mut v = base();
+            v[key] = value;
+            let e = parse(&v).expect_err(field);
+            assert_eq!(e.field, field, "{e}");
+        }
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("issuer");
+        let e = parse(&v).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.reason.as_str()),
+            ("", "missing field `issuer`")
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        let doc = base().to_string();
+        let open = &doc[..doc.len() - 1];
+        for extra in [
+            r#""issuer": "https://other""#,
+            r#""routes": [{"path_prefix": "/a", "path_prefix": "/b"}]"#,
+            r#""routes": [{"path_prefix": "/a", "exchange": {"scope": "a", "scope": "b"}}]"#,
+            r#""identity_headers": {"x-user": "sub", "x-user": "email"}"#,
+        ] {
+            let raw = format!("{open}, {extra}}}");
+            let e = parse_policy(raw.as_bytes(), &env).expect_err(extra);
+            assert!(e.reason.contains("duplicate field"), "{e}");
+        }
     }
 
     #[test]
