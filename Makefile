@@ -9,6 +9,12 @@ ENVOY_VERSION := 1.40.0
 VENV         := .venv
 ENVOY        := $(VENV)/bin/envoy
 WASM         := target/wasm32-wasip1/release/mcp_token_exchange.wasm
+# The same filter with every optional cargo feature (`rsa-client-key`: RSA private JWKs for
+# private_key_jwt and actor tokens). Built in its own target dir: cargo names both builds
+# mcp_token_exchange.wasm, and one must not overwrite the other.
+WASM_FULL    := target/wasm32-wasip1/release/mcp_token_exchange_full.wasm
+FULL_TARGET  := target/wasm-full
+FULL_FEATURES := rsa-client-key
 GIT_COMMIT   := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 VERSION      := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n1)
 IMAGE_DIR    := target/oci/mcp-token-exchange-$(VERSION)
@@ -17,13 +23,15 @@ DIST         := dist/mcp-token-exchange-$(VERSION)
 
 export ENVOY_BIN   := $(abspath $(ENVOY))
 export FILTER_WASM := $(abspath $(WASM))
+export FILTER_WASM_FULL := $(abspath $(WASM_FULL))
 
-.PHONY: help toolchain envoy wasm services build run test unit e2e lint fmt clean image dist
+.PHONY: help toolchain envoy wasm wasm-full services build run test unit e2e lint fmt clean image dist
 
 help:
 	@echo "make run    - build everything, start IdP + MCP server + Envoy, show a token exchange"
 	@echo "make test   - lint, unit tests, end-to-end suite through a real Envoy"
 	@echo "make wasm   - build the filter ($(WASM))"
+	@echo "make wasm-full - the filter with RSA client keys for private_key_jwt ($(WASM_FULL))"
 	@echo "make envoy  - install Envoy $(ENVOY_VERSION) into $(VENV)"
 	@echo "make fuzz   - property-based fuzzing of parsers and verifier (PROPTEST_CASES=50000)"
 	@echo "make image  - OCI image of the module for Istio / Envoy Gateway ($(IMAGE_DIR))"
@@ -44,6 +52,13 @@ wasm: toolchain
 	GIT_COMMIT=$(GIT_COMMIT) $(CARGO) build -p mcp-token-exchange --target wasm32-wasip1 --release
 	@ls -l $(WASM)
 
+wasm-full: toolchain
+	GIT_COMMIT=$(GIT_COMMIT) CARGO_TARGET_DIR=$(FULL_TARGET) $(CARGO) build -p mcp-token-exchange \
+	  --target wasm32-wasip1 --release --features $(FULL_FEATURES)
+	@mkdir -p $(dir $(WASM_FULL))
+	cp $(FULL_TARGET)/wasm32-wasip1/release/mcp_token_exchange.wasm $(WASM_FULL)
+	@ls -l $(WASM_FULL)
+
 # The module as an OCI image (layout dir + tarball), no container engine needed. Prints the
 # manifest digest for WasmPlugin.sha256 / EnvoyExtensionPolicy. IMAGE_VARIANT=compat for the
 # single tar+gzip layer holding plugin.wasm.
@@ -53,11 +68,12 @@ image: wasm
 	  --version $(VERSION) --revision $(GIT_COMMIT) --out $(IMAGE_DIR) --tar $(IMAGE_DIR).oci.tar
 
 # One self-contained release folder. Its example configs load the module from the folder itself
-# and carry the image's real manifest digest.
-dist: wasm
+# and carry the image's real manifest digest. The full module (RSA client keys) ships beside it.
+dist: wasm wasm-full
 	rm -rf $(DIST) && mkdir -p $(DIST)
-	cp $(WASM) $(DIST)/
+	cp $(WASM) $(WASM_FULL) $(DIST)/
 	cd $(DIST) && sha256sum mcp_token_exchange.wasm > mcp_token_exchange.wasm.sha256
+	cd $(DIST) && sha256sum mcp_token_exchange_full.wasm > mcp_token_exchange_full.wasm.sha256
 	echo "mcp-token-exchange $(VERSION) ($(GIT_COMMIT))" > $(DIST)/VERSION
 	$(CARGO) run --quiet -p gateway-tests --bin oci-image -- --wasm $(WASM) --version $(VERSION) \
 	  --revision $(GIT_COMMIT) --out $(DIST)/oci --tar $(DIST)/mcp-token-exchange-$(VERSION).oci.tar \
@@ -92,7 +108,7 @@ FUZZ_CASES ?= 50000
 fuzz:
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p mcp-token-exchange --test fuzz
 
-e2e: wasm envoy
+e2e: wasm wasm-full envoy
 	$(CARGO) test -p gateway-tests --test '*'
 
 test: lint unit e2e

@@ -3,15 +3,21 @@
 //!
 //! The key comes as a private JWK (what Okta's admin console generates for an API Services app),
 //! RSA (RS256) or EC P-256 (ES256), from an environment variable, never from the config.
+//!
+//! RSA keys need the `rsa-client-key` feature (`make wasm-full`): the `rsa` crate's bignum code
+//! is ~240 KB, a third of the module, and the default module must stay under 600 KiB. Without
+//! the feature an RSA key is refused at config load, saying which build signs with it.
 
 use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use p256::ecdsa::signature::Signer;
+#[cfg(feature = "rsa-client-key")]
 use rsa::{BoxedUint, Pkcs1v15Sign, PrivateKey};
 use serde::Deserialize;
 use serde_json::json;
+#[cfg(feature = "rsa-client-key")]
 use sha2::{Digest, Sha256};
 
 /// How long a client assertion or actor token is valid. Okta allows at most an hour; a minute
@@ -19,6 +25,7 @@ use sha2::{Digest, Sha256};
 pub const ASSERTION_LIFETIME_SECONDS: i64 = 60;
 
 enum KeyMaterial {
+    #[cfg(feature = "rsa-client-key")]
     Rsa(Box<PrivateKey>),
     P256(p256::ecdsa::SigningKey),
 }
@@ -44,17 +51,27 @@ struct PrivateJwk {
     kid: Option<String>,
     #[serde(default)]
     crv: Option<String>,
+    #[cfg(feature = "rsa-client-key")]
     #[serde(default)]
     n: Option<String>,
+    #[cfg(feature = "rsa-client-key")]
     #[serde(default)]
     e: Option<String>,
     #[serde(default)]
     d: Option<String>,
+    #[cfg(feature = "rsa-client-key")]
     #[serde(default)]
     p: Option<String>,
+    #[cfg(feature = "rsa-client-key")]
     #[serde(default)]
     q: Option<String>,
 }
+
+/// Why this build refuses an RSA client key, and what to use instead.
+#[cfg(not(feature = "rsa-client-key"))]
+pub const RSA_NEEDS_FULL_BUILD: &str = "is an RSA private key (RS256), which this build of the \
+    filter cannot sign with: use an EC P-256 private JWK (ES256), or the module built with the \
+    `rsa-client-key` feature (mcp_token_exchange_full.wasm, `make wasm-full`)";
 
 fn b64_field(name: &str, value: &Option<String>) -> Result<Vec<u8>, String> {
     let v = value
@@ -71,6 +88,9 @@ impl ClientKey {
         let jwk: PrivateJwk = serde_json::from_str(text)
             .map_err(|_| "the client key is not a JSON Web Key".to_string())?;
         let key = match (jwk.kty.as_str(), jwk.crv.as_deref()) {
+            #[cfg(not(feature = "rsa-client-key"))]
+            ("RSA", _) => return Err(RSA_NEEDS_FULL_BUILD.to_string()),
+            #[cfg(feature = "rsa-client-key")]
             ("RSA", _) => {
                 let n = b64_field("n", &jwk.n)?;
                 let e = b64_field("e", &jwk.e)?;
@@ -113,6 +133,7 @@ impl ClientKey {
 
     pub fn alg(&self) -> &'static str {
         match self.key {
+            #[cfg(feature = "rsa-client-key")]
             KeyMaterial::Rsa(_) => "RS256",
             KeyMaterial::P256(_) => "ES256",
         }
@@ -130,6 +151,7 @@ impl ClientKey {
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
         let signature = match &self.key {
+            #[cfg(feature = "rsa-client-key")]
             KeyMaterial::Rsa(key) => key
                 .sign(
                     Pkcs1v15Sign::new::<Sha256>(),
@@ -170,6 +192,7 @@ mod tests {
     use rand::rngs::ChaCha8Rng;
     use rand::SeedableRng;
     use rsa::traits::{PrivateKeyParts, PublicKeyParts};
+    use rsa::PrivateKey;
 
     fn b64(b: &[u8]) -> String {
         URL_SAFE_NO_PAD.encode(b)
@@ -211,8 +234,8 @@ mod tests {
         assert!(!format!("{key:?}").contains(&b64(&d)));
     }
 
-    #[test]
-    fn rs256_assertions_verify_with_the_public_key() {
+    /// A private JWK of a fixed-seed RSA-2048 key.
+    fn rsa_jwk() -> (PrivateKey, String) {
         let mut rng = ChaCha8Rng::from_seed([3; 32]);
         let private = PrivateKey::new(&mut rng, 2048).unwrap();
         let primes = private.primes();
@@ -220,7 +243,26 @@ mod tests {
             "kty": "RSA", "n": b64(&private.n().to_be_bytes()), "e": b64(&private.e().to_be_bytes()),
             "d": b64(&private.d().to_be_bytes()), "p": b64(&primes[0].to_be_bytes()), "q": b64(&primes[1].to_be_bytes()),
         });
-        let key = ClientKey::from_jwk(&jwk.to_string()).unwrap();
+        (private, jwk.to_string())
+    }
+
+    #[cfg(not(feature = "rsa-client-key"))]
+    #[test]
+    fn rsa_keys_are_refused_naming_the_build_that_signs_with_them() {
+        let (private, jwk) = rsa_jwk();
+        let e = ClientKey::from_jwk(&jwk).unwrap_err();
+        assert_eq!(e, RSA_NEEDS_FULL_BUILD);
+        assert!(e.contains("rsa-client-key") && e.contains("P-256"), "{e}");
+        assert!(!e.contains(&b64(&private.d().to_be_bytes())));
+    }
+
+    #[cfg(feature = "rsa-client-key")]
+    #[test]
+    fn rs256_assertions_verify_with_the_public_key() {
+        use rsa::Pkcs1v15Sign;
+        use sha2::{Digest, Sha256};
+        let (private, jwk) = rsa_jwk();
+        let key = ClientKey::from_jwk(&jwk).unwrap();
         let jwt = key.self_signed("gw", "aud", 5, "j").unwrap();
         let (input, sig) = jwt.rsplit_once('.').unwrap();
         let public = private.to_public_key();

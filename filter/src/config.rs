@@ -2024,6 +2024,44 @@ mod tests {
         }
     }
 
+    /// An RSA private JWK is accepted only by the build that can sign with it, and refused at
+    /// config load by the default build, naming the field and the build to use.
+    #[test]
+    fn rsa_client_keys_need_the_rsa_client_key_build() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        use rand::SeedableRng;
+        use rsa::traits::{PrivateKeyParts, PublicKeyParts};
+        let mut rng = rand::rngs::ChaCha8Rng::from_seed([3; 32]);
+        let key = rsa::PrivateKey::new(&mut rng, 2048).unwrap();
+        let b64 = |n: &rsa::BoxedUint| URL_SAFE_NO_PAD.encode(n.to_be_bytes());
+        let jwk = json!({"kty": "RSA", "n": b64(key.n()), "e": b64(key.e()), "d": b64(key.d()),
+            "p": b64(&key.primes()[0]), "q": b64(&key.primes()[1])})
+        .to_string();
+        let env = move |name: &str| (name == "KEY").then(|| jwk.clone());
+        let mut v = base();
+        v["exchange"]["client_auth"] = json!("private_key_jwt");
+        v["exchange"]["client_secret_env"] = json!(null);
+        v["exchange"]["client_private_key_env"] = json!("KEY");
+        let parsed = parse_policy(v.to_string().as_bytes(), &env);
+        #[cfg(feature = "rsa-client-key")]
+        {
+            let p = parsed.unwrap();
+            let t = p.routes[0].target.as_deref().unwrap();
+            assert_eq!(t.client_key.as_ref().unwrap().alg(), "RS256");
+        }
+        #[cfg(not(feature = "rsa-client-key"))]
+        {
+            let e = parsed.unwrap_err();
+            assert_eq!(e.field, "exchange.client_private_key_env");
+            let shown = e.to_string();
+            assert!(
+                shown.contains("rsa-client-key") && shown.contains("P-256"),
+                "{shown}"
+            );
+        }
+    }
+
     #[test]
     fn private_key_jwt_needs_a_usable_key() {
         let jwk = json!({"kty": "EC", "crv": "P-256", "d": "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc"}).to_string();

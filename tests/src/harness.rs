@@ -54,6 +54,23 @@ pub fn filter_wasm() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The module built with every optional feature (`rsa-client-key`): `$FILTER_WASM_FULL`, else
+/// `make wasm-full`'s output. For the tests of what only that build does (RSA client keys).
+pub fn full_filter_wasm() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("FILTER_WASM_FULL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace_root().join("target/wasm32-wasip1/release/mcp_token_exchange_full.wasm")
+        });
+    if !path.exists() {
+        bail!(
+            "full filter module not found at {} — run `make wasm-full`, or set FILTER_WASM_FULL",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 pub fn free_port() -> anyhow::Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
@@ -80,6 +97,8 @@ pub struct StackOptions {
     pub extra_upstreams: Vec<ExtraUpstream>,
     /// More environment variables for Envoy, passed into the Wasm VM (`host_env_keys`).
     pub extra_env: Vec<(String, String)>,
+    /// The filter module to load instead of [`filter_wasm`] (e.g. [`full_filter_wasm`]).
+    pub filter_wasm: Option<PathBuf>,
 }
 
 /// A second (third, …) MCP server, reached through Envoy at `{prefix}mcp`.
@@ -104,6 +123,7 @@ impl Default for StackOptions {
             wait_for_keys: true,
             extra_upstreams: Vec::new(),
             extra_env: Vec::new(),
+            filter_wasm: None,
         }
     }
 }
@@ -162,6 +182,7 @@ impl Stack {
             secret: &opts.secret,
             extra_routes: &extra_routes,
             extra_env: &opts.extra_env,
+            filter_wasm: opts.filter_wasm.as_deref(),
         })?;
         let stack = Stack {
             idp,
@@ -220,6 +241,7 @@ struct EnvoyParams<'a> {
     /// (route prefix, upstream port) for extra MCP upstreams.
     extra_routes: &'a [(String, u16)],
     extra_env: &'a [(String, String)],
+    filter_wasm: Option<&'a Path>,
 }
 
 /// A running Envoy, killed on drop.
@@ -390,7 +412,10 @@ impl Envoy {
             );
             merge_patch(&mut plugin, &patch);
         }
-        let wasm = filter_wasm()?;
+        let wasm = match p.filter_wasm {
+            Some(path) => path.to_path_buf(),
+            None => filter_wasm()?,
+        };
         let filter = wasm_filter_config(&mut bootstrap)?;
         filter["configuration"]["value"] = Value::String(plugin.to_string());
         filter["vm_config"]["code"]["local"]["filename"] =
