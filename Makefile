@@ -121,13 +121,17 @@ build: wasm services
 run: build envoy
 	tests/demo/run.sh
 
+# The filter is checked with and without its optional features (the default and the full build).
 lint: toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p mcp-token-exchange --all-targets --all-features -- -D warnings
 	$(CARGO) clippy -p mcp-token-exchange --target wasm32-wasip1 -- -D warnings
+	$(CARGO) clippy -p mcp-token-exchange --target wasm32-wasip1 --all-features -- -D warnings
 
 unit:
 	$(CARGO) test -p mcp-token-exchange
+	$(CARGO) test -p mcp-token-exchange --features $(FULL_FEATURES)
 	$(CARGO) test -p gateway-tests --lib
 
 # The property-based fuzz harness (filter/tests/fuzz.rs) run long: `make unit` runs it with 256
