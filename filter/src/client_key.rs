@@ -73,6 +73,12 @@ pub const RSA_NEEDS_FULL_BUILD: &str = "is an RSA private key (RS256), which thi
     filter cannot sign with: use an EC P-256 private JWK (ES256), or the module built with the \
     `rsa-client-key` feature (mcp_token_exchange_full.wasm, `make wasm-full`)";
 
+/// The key types this build signs with, for the error on any other.
+#[cfg(feature = "rsa-client-key")]
+const SUPPORTED_KEYS: &str = "RSA or EC P-256";
+#[cfg(not(feature = "rsa-client-key"))]
+const SUPPORTED_KEYS: &str = "EC P-256 (RSA needs the `rsa-client-key` build)";
+
 fn b64_field(name: &str, value: &Option<String>) -> Result<Vec<u8>, String> {
     let v = value
         .as_deref()
@@ -122,7 +128,7 @@ impl ClientKey {
             }
             (kty, crv) => {
                 return Err(format!(
-                    "unsupported client key type {} {}; use RSA or EC P-256",
+                    "unsupported client key type {} {}; use {SUPPORTED_KEYS}",
                     crate::jwks::sanitize(kty),
                     crate::jwks::sanitize(crv.unwrap_or(""))
                 ))
