@@ -29,7 +29,7 @@ use crate::config::{ExchangeTarget, IdentityClaim, KeySource, Policy, RemoteJwks
 use crate::exchange::{
     self, describe_error_body, ExchangeError, ExchangeRequest, MAX_RESPONSE_BYTES,
 };
-use crate::host::{now_ms, HostStore};
+use crate::host::{now_ms, request_headers, HostStore};
 use crate::jwks::{sanitize, KeySet, MAX_JWKS_BYTES};
 use crate::mcp::{self, BodyError, Call};
 use crate::metrics::{CounterId, Metrics};
@@ -299,23 +299,19 @@ impl Gateway {
 
     /// Entry point from `on_http_request_headers`.
     ///
-    /// Reads single headers rather than the whole map: each header of the map would be copied
-    /// into the VM and allocated on every request. Envoy joins a repeated `Authorization` header
-    /// into one comma-separated value, which `extract_bearer` refuses as a duplicate.
+    /// All request headers come in one host call and are read in place (see `header_map`).
     pub fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
         let now = now_ms();
-        let header = |name: &str| {
-            hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-                .ok()
-                .flatten()
+        let Some(headers) = request_headers() else {
+            return self.deny_unrouted(Denial::Internal);
         };
-        let raw_path = header(":path").unwrap_or_else(|| b"/".to_vec());
+        let raw_path = headers.get(":path").unwrap_or(b"/");
         let path_only = raw_path.split(|b| *b == b'?').next().unwrap_or(b"/");
         let path = String::from_utf8_lossy(path_only);
 
         if let Some(metadata) = self.policy.metadata_for(&path) {
-            let method = header(":method").unwrap_or_else(|| b"GET".to_vec());
-            return serve_metadata(&method, &metadata.document);
+            let method = headers.get(":method").unwrap_or(b"GET");
+            return serve_metadata(method, &metadata.document);
         }
         let Some(route_index) = self.policy.route_index(&path) else {
             return match self.policy.unmatched {
@@ -329,16 +325,27 @@ impl Gateway {
             return self.pass_unauthenticated();
         }
 
-        let authorization = header("authorization");
-        if let Some(action) = authorization
-            .as_deref()
-            .and_then(|value| self.forward_cached(context_id, route_index, value, &raw_path, now))
-        {
-            return action;
-        }
-        let auth = authorization.as_deref();
-        let token = match extract_bearer(auth.as_slice(), &raw_path, policy.inbound.max_token_bytes)
-        {
+        // Envoy joins a repeated `Authorization` into one comma-separated value, which
+        // `extract_bearer` refuses as a duplicate; separate entries are refused the same way.
+        let mut authorization = headers.values("authorization");
+        let (first, second) = (authorization.next(), authorization.next());
+        let (one, two);
+        let auth: &[&[u8]] = match (first, second) {
+            (Some(a), Some(b)) => {
+                two = [a, b];
+                &two
+            }
+            (Some(a), None) => {
+                if let Some(action) = self.forward_cached(context_id, route_index, a, raw_path, now)
+                {
+                    return action;
+                }
+                one = [a];
+                &one
+            }
+            _ => &[],
+        };
+        let token = match extract_bearer(auth, raw_path, policy.inbound.max_token_bytes) {
             Ok(t) => t,
             Err(e) => {
                 let scopes = route.required_scopes.clone();
@@ -346,10 +353,7 @@ impl Gateway {
             }
         };
         let header_call = if route.inspects_tools() {
-            mcp::call_from_headers(
-                header("mcp-method").as_deref(),
-                header("mcp-name").as_deref(),
-            )
+            mcp::call_from_headers(headers.get("mcp-method"), headers.get("mcp-name"))
         } else {
             None
         };

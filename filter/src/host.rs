@@ -6,6 +6,45 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 
 use crate::cache::{CasMismatch, SharedStore};
+use crate::header_map::SerializedHeaders;
+
+#[cfg(target_arch = "wasm32")]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    /// proxy-wasm ABI 0.2.1: serialises a header map into memory the host allocates through
+    /// this module's `proxy_on_memory_allocate` (the SDK's allocator).
+    fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+}
+
+/// The request headers in one host call (see [`crate::header_map`]). `None` if the host
+/// refuses (no request headers in this callback).
+#[cfg(target_arch = "wasm32")]
+pub fn request_headers() -> Option<SerializedHeaders> {
+    const HTTP_REQUEST_HEADERS: u32 = 0;
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer to `size` bytes it allocated with this module's
+    // allocator (as a `Vec<u8>` of that capacity, which is how the SDK's
+    // `proxy_on_memory_allocate` allocates), or leaves `data` null. Ownership passes to us; the
+    // SDK's own `get_map_bytes` takes it the same way.
+    unsafe {
+        if proxy_get_header_map_pairs(HTTP_REQUEST_HEADERS, &mut data, &mut size) != 0 {
+            return None;
+        }
+        if data.is_null() {
+            return Some(SerializedHeaders::new(Vec::new()));
+        }
+        Some(SerializedHeaders::new(Vec::from_raw_parts(
+            data, size, size,
+        )))
+    }
+}
+
+/// Native builds (unit tests) have no host.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn request_headers() -> Option<SerializedHeaders> {
+    None
+}
 
 /// Milliseconds since the Unix epoch, from the host clock.
 pub fn now_ms() -> u64 {

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod client_key;
 pub mod config;
 pub mod exchange;
+pub mod header_map;
 pub mod jwks;
 pub mod mcp;
 pub mod policy;

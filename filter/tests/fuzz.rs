@@ -19,6 +19,7 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use base64::Engine;
 use mcp_token_exchange::config::{self, InboundPolicy};
 use mcp_token_exchange::exchange::{self, ExchangeError};
+use mcp_token_exchange::header_map::SerializedHeaders;
 use mcp_token_exchange::jwks::{KeySet, PublicKeyMaterial};
 use mcp_token_exchange::mcp as jsonrpc;
 use mcp_token_exchange::policy;
@@ -1663,6 +1664,59 @@ proptest! {
         if let Some(c) = jsonrpc::call_from_headers(method.as_deref(), name.as_deref()) {
             prop_assert!(!c.method.is_empty());
             prop_assert!(c.method != "tools/call" || c.tool.is_some());
+        }
+    }
+}
+
+// --- the serialised header map the host hands over -------------------------------------------
+
+/// Serialises like the proxy-wasm host: count, (name length, value length) pairs, then each name
+/// and value followed by a NUL.
+fn serialize_headers(pairs: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (n, v) in pairs {
+        out.extend_from_slice(&(n.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (n, v) in pairs {
+        out.extend_from_slice(n.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v);
+        out.push(0);
+    }
+    out
+}
+
+proptest! {
+    /// Whatever the bytes, reading them as a header map never panics or reads past the end.
+    #[test]
+    fn header_map_reader_survives_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let map = SerializedHeaders::new(bytes.clone());
+        let n = map.iter().count();
+        prop_assert!(n <= bytes.len() / 8 + 1);
+        let _ = map.get("authorization");
+        let _ = map.values(":path").count();
+    }
+
+    /// A well-formed map reads back exactly what was serialised, in order, values byte for byte.
+    #[test]
+    fn header_map_round_trips(
+        pairs in proptest::collection::vec(
+            ("[a-z:-]{1,12}", proptest::collection::vec(any::<u8>(), 0..40)),
+            0..12,
+        )
+    ) {
+        let map = SerializedHeaders::new(serialize_headers(&pairs));
+        let read: Vec<(Vec<u8>, Vec<u8>)> =
+            map.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
+        let want: Vec<(Vec<u8>, Vec<u8>)> =
+            pairs.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.clone())).collect();
+        prop_assert_eq!(read, want);
+        for (name, value) in &pairs {
+            let first = pairs.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice());
+            prop_assert_eq!(map.get(name), first);
+            let all: Vec<&[u8]> = map.values(name).collect();
+            prop_assert!(all.contains(&value.as_slice()));
         }
     }
 }
