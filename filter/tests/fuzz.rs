@@ -19,7 +19,7 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use base64::Engine;
 use mcp_token_exchange::config::{self, InboundPolicy};
 use mcp_token_exchange::exchange::{self, ExchangeError};
-use mcp_token_exchange::header_map::SerializedHeaders;
+use mcp_token_exchange::header_map::{self, SerializedHeaders};
 use mcp_token_exchange::jwks::{KeySet, PublicKeyMaterial};
 use mcp_token_exchange::mcp as jsonrpc;
 use mcp_token_exchange::policy;
@@ -1670,23 +1670,6 @@ proptest! {
 
 // --- the serialised header map the host hands over -------------------------------------------
 
-/// Serialises like the proxy-wasm host: count, (name length, value length) pairs, then each name
-/// and value followed by a NUL.
-fn serialize_headers(pairs: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-    for (n, v) in pairs {
-        out.extend_from_slice(&(n.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (n, v) in pairs {
-        out.extend_from_slice(n.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v);
-        out.push(0);
-    }
-    out
-}
-
 proptest! {
     /// Whatever the bytes, reading them as a header map never panics or reads past the end.
     #[test]
@@ -1706,7 +1689,9 @@ proptest! {
             0..12,
         )
     ) {
-        let map = SerializedHeaders::new(serialize_headers(&pairs));
+        let borrowed: Vec<(&str, &[u8])> =
+            pairs.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+        let map = SerializedHeaders::new(header_map::serialize(&borrowed));
         let read: Vec<(Vec<u8>, Vec<u8>)> =
             map.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
         let want: Vec<(Vec<u8>, Vec<u8>)> =
