@@ -25,7 +25,7 @@ Knobs (environment):
   BENCH_ONLY=noop,full_cached  measure only these throughput setups, print them and stop (no
                              IdP-call, memory or report sections; results.md is not rewritten):
                              a quick loop while optimising. Setup ids: bare jwt jwt_cache noop
-                             validate_cached validate_uncached full_cached full_audit
+                             noop_host                             validate_cached validate_uncached full_cached full_audit
                              full_noverify
   BENCH_VALIDATE_ONLY_PATCH  JSON merge patch on the plugin config that turns the exchange off
                              (default {"mode": "validate_only", "exchange": null} when the filter
@@ -70,6 +70,8 @@ FILTER_WASM = Path(
     or ROOT / "target/wasm32-wasip1/release/mcp_token_exchange.wasm"
 )
 NOOP_WASM = ROOT / "target/wasm32-wasip1/release/noop_filter.wasm"
+# The host calls the filter's cached full path makes (see bench/noop-filter).
+NOOP_HOST_CALLS = "headers,clock,write,status"
 IDP_BIN = ROOT / "target/debug/okta-idp"
 
 SECRET_ENV = "TOKEN_EXCHANGE_CLIENT_SECRET"
@@ -423,7 +425,7 @@ def wasm_filter(name: str, wasm: Path, plugin: dict | None, env_keys: list[str])
     if plugin is not None:
         config["configuration"] = {
             "@type": "type.googleapis.com/google.protobuf.StringValue",
-            "value": json.dumps(plugin),
+            "value": plugin if isinstance(plugin, str) else json.dumps(plugin),
         }
     return {
         "name": name,
@@ -801,6 +803,7 @@ SCENARIOS = [
     ("jwt", "native jwt_authn, no cache", "envoy.filters.http.jwt_authn, RS256, local_jwks, no jwt_cache_config"),
     ("jwt_cache", "native jwt_authn + jwt_cache", "same, jwt_cache_config { jwt_cache_size: 1000 }"),
     ("noop", "no-op Wasm (floor)", "bench/noop-filter: reads `authorization`, sets nothing"),
+    ("noop_host", "no-op + the filter's host calls", "bench/noop-filter configured `headers,clock,write,status`: exactly the host calls of the filter's cached full path (all request headers in one call, the clock, one header write, the response `:status`) and no logic"),
     ("validate_uncached", "filter: validate-only, uncached", "mcp_token_exchange, exchange off, verified-token cache off"),
     ("validate_cached", "filter: validate-only, cached", "mcp_token_exchange, exchange off, one token (verified-token cache)"),
     ("full_cached", "filter: full path, exchange cached", "mcp_token_exchange, one token: every request reuses the cached exchange"),
@@ -866,6 +869,8 @@ def main() -> int:
     measure("jwt", Envoy("jwt", [jwt_authn_filter(idp, cache=False)], idp), one_token)
     measure("jwt_cache", Envoy("jwt_cache", [jwt_authn_filter(idp, cache=True)], idp), one_token)
     measure("noop", Envoy("noop", [wasm_filter("noop", NOOP_WASM, None, [])], idp), one_token)
+    measure("noop_host", Envoy("noop_host", [wasm_filter("noop", NOOP_WASM, NOOP_HOST_CALLS, [])], idp),
+            one_token)
 
     def filter_envoy(name: str, patch=None, concurrency: int = 1) -> Envoy:
         f = wasm_filter("mcp_token_exchange", FILTER_WASM, filter_plugin(idp, patch), [SECRET_ENV])
@@ -1212,6 +1217,10 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
     out.append("Context ratios from the same run: "
                f"no-op Wasm ÷ bare {fmt_ratio(ratio(results, 'noop', 'bare'))}, "
                f"no-op Wasm ÷ `jwt_authn` with cache {fmt_ratio(ratio(results, 'noop', 'jwt_cache'))}, "
+               f"no-op making the filter's host calls ÷ no-op floor {fmt_ratio(ratio(results, 'noop_host', 'noop'))} "
+               f"(by Envoy CPU {fmt_ratio(cpu_ratio('noop_host', 'noop'))}): the ceiling for the cached full path, "
+               f"which reaches {fmt_ratio(ratio(results, 'full_cached', 'noop_host'))} of it "
+               f"(by Envoy CPU {fmt_ratio(cpu_ratio('full_cached', 'noop_host'))}), "
                f"`jwt_authn` without cache ÷ bare {fmt_ratio(ratio(results, 'jwt', 'bare'))}, "
                f"with cache ÷ bare {fmt_ratio(ratio(results, 'jwt_cache', 'bare'))}, "
                f"full path cached ÷ `jwt_authn` without cache {fmt_ratio(ratio(results, 'full_cached', 'jwt'))}, "
@@ -1289,6 +1298,7 @@ def render_svg(facts: dict, results: dict) -> str:
          f'<text x="{x1}" y="{top - 12}" font-weight="bold">throughput ÷ bare (higher is better)</text>',
          f'<text x="{x2}" y="{top - 12}" font-weight="bold">p99 latency ÷ bare (log scale, lower is better)</text>']
     colors = {"bare": "#7f7f7f", "jwt": "#1f77b4", "jwt_cache": "#1f77b4", "noop": "#9467bd",
+              "noop_host": "#c5b0d5",
               "full_noverify": "#ff7f0e", "full_audit": "#98df8a"}
     for i, ((label, tp, p99), (sid, _, _)) in enumerate(zip(rows, SCENARIOS)):
         y = top + i * row_h

@@ -1,22 +1,61 @@
 //! The no-op Wasm filter `make bench` measures as the floor: every request crosses the Wasm ABI
 //! once, reads one request header (`authorization`, like the real filter) and continues. No
 //! logging, no allocation beyond the header copy the host call makes.
+//!
+//! With a plugin configuration it makes, instead, exactly the host calls the real filter makes on
+//! its cached path, and nothing else (no parsing, no caches, no policy): comma-separated words
+//! `headers` (all request headers in one `proxy_get_header_map_pairs` call instead of one
+//! header), `clock` (read the time), `write` (replace `authorization`), `status` (read the
+//! upstream's `:status`). `make bench` runs it with all four, so the report can tell the host's
+//! share of the filter's cost from the filter's own logic.
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(NoopRoot) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(NoopRoot::default()) });
 }}
 
-struct NoopRoot;
+#[derive(Default, Clone, Copy)]
+struct HostCalls {
+    headers: bool,
+    clock: bool,
+    write: bool,
+    status: bool,
+}
+
+#[derive(Default)]
+struct NoopRoot {
+    calls: HostCalls,
+}
 
 impl Context for NoopRoot {}
 
 impl RootContext for NoopRoot {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let config = self.get_plugin_configuration().unwrap_or_default();
+        for word in String::from_utf8_lossy(&config).split(',') {
+            match word.trim() {
+                "" => {}
+                "headers" => self.calls.headers = true,
+                "clock" => self.calls.clock = true,
+                "write" => self.calls.write = true,
+                "status" => self.calls.status = true,
+                other => {
+                    log::error!(
+                        "noop-filter: unknown word {other:?} (headers, clock, write, status)"
+                    );
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(NoopRequest))
+        Some(Box::new(NoopRequest { calls: self.calls }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -24,14 +63,58 @@ impl RootContext for NoopRoot {
     }
 }
 
-struct NoopRequest;
+struct NoopRequest {
+    calls: HostCalls,
+}
 
 impl Context for NoopRequest {}
 
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+}
+
+/// The serialised request headers, as the real filter reads them (see its `header_map`).
+fn all_request_headers() -> Vec<u8> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as in the filter's host.rs: the host hands over a buffer it allocated through this
+    // module's `proxy_on_memory_allocate`, or null.
+    unsafe {
+        if proxy_get_header_map_pairs(0, &mut data, &mut size) != 0 || data.is_null() {
+            return Vec::new();
+        }
+        Vec::from_raw_parts(data, size, size)
+    }
+}
+
 impl HttpContext for NoopRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        // Read (and drop) one header: the host call every real auth filter makes at least once.
-        let _authorization = self.get_http_request_header("authorization");
+        if self.calls.headers {
+            std::hint::black_box(all_request_headers());
+        } else {
+            // Read (and drop) one header: the host call every real auth filter makes at least once.
+            let _authorization = self.get_http_request_header("authorization");
+        }
+        if self.calls.clock {
+            std::hint::black_box(hostcalls::get_current_time().ok());
+        }
+        if self.calls.write {
+            let _ = hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                "authorization",
+                Some("Bearer the-backend-token-the-real-filter-would-send"),
+            );
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.calls.status {
+            std::hint::black_box(
+                hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status").ok(),
+            );
+        }
         Action::Continue
     }
 }
