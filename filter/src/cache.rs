@@ -413,34 +413,70 @@ impl VerifiedToken {
 /// and a shared-data read. Like `jwt_authn`'s `jwt_cache`, entries are found by the token itself:
 /// a map keyed by a random-keyed hash of the token's length and last 32 bytes (the signature,
 /// which differs between any two tokens an issuer signs), confirmed by comparing the whole token.
-/// Hashing all of a ~1 KB token, let alone SHA-256, would cost more than the rest of a hit.
-/// A hash collision (chance or crafted) only costs a miss: the comparison decides. Tokens stay in
+/// Hashing all of a ~1 KB token, let alone SHA-256, would cost more than the rest of a hit, and
+/// the hash is a multiply-xorshift mix rather than SipHash for the same reason: only verified
+/// tokens are ever inserted, so a client cannot fill the map with colliding keys, and a hash
+/// collision (chance or crafted) only costs a miss: the comparison decides. Tokens stay in
 /// this VM's memory, as they do while their request is in flight; nothing here reaches shared
 /// data, logs or metrics (the shared exchange cache is keyed by SHA-256 digests only).
 ///
 /// Bounded: at `max_entries` the oldest entry is evicted; expired ones are swept on the tick.
 pub struct VerifiedTokens {
-    entries: HashMap<u64, VerifiedToken>,
+    /// Keyed by `slot`, which is already a hash: the map does not hash it again.
+    entries: HashMap<u64, VerifiedToken, std::hash::BuildHasherDefault<PreHashed>>,
     /// Insertion order for eviction; may name keys already replaced or swept.
     order: std::collections::VecDeque<u64>,
-    hasher: std::collections::hash_map::RandomState,
+    /// Random per VM, so slots cannot be predicted from outside.
+    seed: u64,
     max_entries: usize,
 }
+
+/// The hasher of a map whose `u64` keys are hashes already.
+#[derive(Default)]
+pub struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `u64` keys; anything else still hashes deterministically.
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(MIX);
+        }
+    }
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
+}
+
+const MIX: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl VerifiedTokens {
     pub fn new(max_entries: usize) -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             order: std::collections::VecDeque::new(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            seed: {
+                use std::hash::BuildHasher;
+                // std seeds RandomState from the host's random source (WASI random_get).
+                std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
+            },
             max_entries,
         }
     }
 
     fn slot(&self, bytes: &[u8]) -> u64 {
-        use std::hash::BuildHasher;
         let tail = bytes.get(bytes.len().saturating_sub(32)..).unwrap_or(bytes);
-        self.hasher.hash_one((bytes.len(), tail))
+        let mut h = self.seed ^ (bytes.len() as u64).wrapping_mul(MIX);
+        for word in tail.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..word.len()].copy_from_slice(word);
+            h = (h ^ u64::from_le_bytes(w)).wrapping_mul(MIX);
+            h ^= h >> 29;
+        }
+        // Spread into the high bits too: hashbrown takes its tag byte from them.
+        (h ^ (h >> 32)).wrapping_mul(MIX)
     }
 
     /// The entry for `token`, if its token has not expired at `now` (with `skew`).
