@@ -9,6 +9,7 @@ pub mod audit;
 pub mod cache;
 pub mod client_key;
 pub mod config;
+mod config_fields;
 pub mod exchange;
 pub mod header_map;
 pub mod jwks;
