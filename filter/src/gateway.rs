@@ -461,19 +461,17 @@ impl Gateway {
             }
             None => CacheUse::None,
         };
-        if policy.audit_log {
-            self.audit(&AuditFacts {
-                started_ms: now_ms,
-                route: route_index,
-                digest: Some(digest),
-                principal: Some(&principal),
-                tool: None,
-                target: route.target.as_deref(),
-                cache,
-                denied: None,
-                exchanged: backend.as_ref().map(|(_, fingerprint, ..)| &**fingerprint),
-            });
-        }
+        self.audit(&AuditFacts {
+            started_ms: now_ms,
+            route: route_index,
+            digest: Some(digest),
+            principal: Some(&principal),
+            tool: None,
+            target: route.target.as_deref(),
+            cache,
+            denied: None,
+            exchanged: backend.as_ref().map(|(_, fingerprint, ..)| &**fingerprint),
+        });
         Some(Action::Continue)
     }
 
@@ -751,14 +749,7 @@ impl Gateway {
             Ok(r) => r,
             Err(e) => {
                 warn!("token exchange request could not be built: {e}");
-                self.store.release(
-                    &HostStore,
-                    &subject.key,
-                    self.worker_id,
-                    None,
-                    now_ms,
-                    FAILURE_TTL_MS,
-                );
+                self.release_lease(&subject.key, None, now_ms);
                 return Step::Deny(Denial::Internal);
             }
         };
@@ -797,14 +788,7 @@ impl Gateway {
                     retry_after: None,
                 };
                 self.metrics.inc("exchanges.unavailable");
-                self.store.release(
-                    &HostStore,
-                    &subject.key,
-                    self.worker_id,
-                    Some(&e),
-                    now_ms,
-                    FAILURE_TTL_MS,
-                );
+                self.release_lease(&subject.key, Some(&e), now_ms);
                 Step::Deny(Denial::Exchange(e))
             }
         }
@@ -824,6 +808,19 @@ impl Gateway {
             .take(12)
             .map(|b| format!("{b:02x}"))
             .collect()
+    }
+
+    /// Ends this worker's lease on `key` (see `ExchangeStore::release`): a failure is shared
+    /// with the other workers' waiting requests for `FAILURE_TTL_MS`.
+    fn release_lease(&self, key: &Digest32, failure: Option<&ExchangeError>, now_ms: u64) {
+        self.store.release(
+            &HostStore,
+            key,
+            self.worker_id,
+            failure,
+            now_ms,
+            FAILURE_TTL_MS,
+        );
     }
 
     fn set_fast_tick(&mut self, fast: bool) {
@@ -1067,14 +1064,7 @@ impl Gateway {
             {
                 self.in_flight.remove(&subject.key);
                 let e = ExchangeError::Timeout;
-                self.store.release(
-                    &HostStore,
-                    &subject.key,
-                    self.worker_id,
-                    Some(&e),
-                    now,
-                    FAILURE_TTL_MS,
-                );
+                self.release_lease(&subject.key, Some(&e), now);
                 for w in waiters {
                     self.finish_resumed(w, Step::Deny(Denial::Exchange(e.clone())));
                 }
@@ -1174,14 +1164,7 @@ impl Gateway {
                     self.store
                         .put(&HostStore, &subject.key, &exchanged.access_token, until);
                 }
-                self.store.release(
-                    &HostStore,
-                    &subject.key,
-                    self.worker_id,
-                    None,
-                    now,
-                    FAILURE_TTL_MS,
-                );
+                self.release_lease(&subject.key, None, now);
                 Step::Forward(Upstream::Exchanged {
                     token: exchanged.access_token.into(),
                     until,
@@ -1200,14 +1183,7 @@ impl Gateway {
                     "token exchange for token {} failed after {elapsed} ms: {e}{idp_said}",
                     subject.fingerprint
                 );
-                self.store.release(
-                    &HostStore,
-                    &subject.key,
-                    self.worker_id,
-                    Some(&e),
-                    now,
-                    FAILURE_TTL_MS,
-                );
+                self.release_lease(&subject.key, Some(&e), now);
                 Step::Deny(denial)
             }
         };
