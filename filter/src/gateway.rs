@@ -1205,17 +1205,16 @@ impl Gateway {
                         );
                     }
                     info!("JWKS loaded: {} key(s)", set.keys.len());
-                    let kids = |s: &KeySet| -> Vec<Option<String>> {
-                        s.keys.iter().map(|k| k.kid.clone()).collect()
-                    };
-                    if let Some(old) = &self.keys.keys {
-                        let now_kids = kids(&set);
-                        if kids(old).iter().any(|k| !now_kids.contains(k)) {
-                            // A key was withdrawn: tokens verified with it must not stay
-                            // accepted from the cache until their `exp`.
-                            info!("a signing key left the JWKS; forgetting verified tokens");
-                            self.verified.clear();
-                        }
+                    let withdrawn = self
+                        .keys
+                        .keys
+                        .as_ref()
+                        .is_some_and(|old| old.keys.iter().any(|k| !set.keys.contains(k)));
+                    if withdrawn {
+                        // A key was withdrawn (or replaced under its `kid`): tokens verified
+                        // with it must not stay accepted from the cache until their `exp`.
+                        info!("a signing key left the JWKS; forgetting verified tokens");
+                        self.verified.clear();
                     }
                     self.keys.keys = Some(Rc::new(set));
                     self.keys.fetched_ms = Some(now);

@@ -56,7 +56,7 @@ impl JwsAlgorithm {
 }
 
 /// A public key from the issuer's JWKS, with the one algorithm it may verify.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct VerifyingKey {
     pub kid: Option<String>,
     pub alg: JwsAlgorithm,
@@ -64,7 +64,7 @@ pub struct VerifyingKey {
 }
 
 /// The public key itself: RSA for RS*/PS*, P-256 for ES256.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub enum PublicKeyMaterial {
     Rsa(RsaVerifyingKey),
     P256(p256::ecdsa::VerifyingKey),

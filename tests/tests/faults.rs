@@ -653,6 +653,36 @@ async fn a_rotated_key_is_fetched_on_first_use() -> Result {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_key_stops_vouching_for_tokens_verified_with_it() -> Result {
+    let stack = Stack::start_with(StackOptions {
+        plugin_patch: json!({"jwks": {"refresh_interval_seconds": 1, "min_refetch_interval_seconds": 1}}),
+        ..StackOptions::default()
+    })
+    .await?;
+    both_vms_have_keys(&stack).await?;
+    let old = stack.user_token();
+    // Verified once, then served from the worker's verified-token cache.
+    assert_eq!(call(&stack, &old).await?.status, 200);
+    assert_eq!(call(&stack, &old).await?.status, 200);
+
+    stack.idp.rotate_key("mcp");
+    stack.idp.retire_old_keys("mcp");
+    let fetches = stack.idp.keys_fetch_count("mcp");
+    wait_until(
+        "a JWKS refresh in both VMs",
+        Duration::from_secs(10),
+        || stack.idp.keys_fetch_count("mcp") >= fetches + 2,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let a = call(&stack, &old).await?;
+    assert_eq!(a.status, 401, "a token whose key left the JWKS: {}", a.body);
+    assert_eq!(call(&stack, &stack.user_token()).await?.status, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unknown_kids_is_not_a_flood_of_fetches() -> Result {
     let stack = Stack::start_with(StackOptions {
         plugin_patch: json!({"jwks": {"min_refetch_interval_seconds": 30}}),

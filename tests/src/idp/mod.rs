@@ -420,6 +420,16 @@ impl State {
         Ok(kid)
     }
 
+    /// Stops publishing every key but the current signing key (the end of a rotation).
+    pub(crate) fn retire_old_keys(&self, as_id: &str) -> anyhow::Result<()> {
+        let server = self
+            .servers
+            .get(as_id)
+            .ok_or_else(|| anyhow!("unknown authorization server {as_id:?}"))?;
+        write(&server.keys).truncate(1);
+        Ok(())
+    }
+
     /// A user access token as the AS would issue it to the MCP client.
     pub(crate) fn mint(&self, req: &MintRequest) -> anyhow::Result<String> {
         let server = self
@@ -674,6 +684,14 @@ impl IdpHandle {
         match self.inner.state.rotate(as_id) {
             Ok(kid) => kid,
             Err(e) => panic!("rotate_key({as_id:?}): {e:#}"),
+        }
+    }
+
+    /// Ends a rotation: only the current signing key stays in the JWKS, so tokens signed with
+    /// older keys no longer verify. Panics for an unknown AS.
+    pub fn retire_old_keys(&self, as_id: &str) {
+        if let Err(e) = self.inner.state.retire_old_keys(as_id) {
+            panic!("retire_old_keys({as_id:?}): {e:#}");
         }
     }
 
