@@ -50,15 +50,21 @@ pub fn fingerprint(digest: &Digest32) -> String {
 }
 
 /// Equality of two byte strings eight bytes at a time: Wasm's `memcmp` compares byte by byte,
-/// and the hot path compares a whole token on every request.
+/// and the hot path compares a whole token on every request. The differences are ORed over
+/// fixed-size words in an indexed loop: iterator adapters (`chunks_exact().zip()`) are not
+/// inlined at this crate's size-oriented opt-level and cost several times the comparison itself.
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    let (a_words, b_words) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tails_equal = a_words.remainder() == b_words.remainder();
-    let word = |c: &[u8]| <[u8; 8]>::try_from(c).map(u64::from_ne_bytes).unwrap_or(0);
-    tails_equal && a_words.zip(b_words).all(|(x, y)| word(x) == word(y))
+    let (a_words, a_tail) = a.as_chunks::<8>();
+    let (b_words, b_tail) = b.as_chunks::<8>();
+    let b_words = &b_words[..a_words.len()];
+    let mut diff = 0u64;
+    for i in 0..a_words.len() {
+        diff |= u64::from_ne_bytes(a_words[i]) ^ u64::from_ne_bytes(b_words[i]);
+    }
+    diff == 0 && a_tail == b_tail
 }
 
 pub fn fingerprint_token(token: &str) -> String {
@@ -468,11 +474,13 @@ impl VerifiedTokens {
 
     fn slot(&self, bytes: &[u8]) -> u64 {
         let tail = bytes.get(bytes.len().saturating_sub(32)..).unwrap_or(bytes);
+        // One copy into a fixed block (zero-padded for short input), then four fixed-size words:
+        // no per-word slicing on the per-request path.
+        let mut block = [0u8; 32];
+        block[..tail.len()].copy_from_slice(tail);
         let mut h = self.seed ^ (bytes.len() as u64).wrapping_mul(MIX);
-        for word in tail.chunks(8) {
-            let mut w = [0u8; 8];
-            w[..word.len()].copy_from_slice(word);
-            h = (h ^ u64::from_le_bytes(w)).wrapping_mul(MIX);
+        for word in block.as_chunks::<8>().0 {
+            h = (h ^ u64::from_le_bytes(*word)).wrapping_mul(MIX);
             h ^= h >> 29;
         }
         // Spread into the high bits too: hashbrown takes its tag byte from them.
