@@ -25,6 +25,7 @@ use crate::cache::{
     exchange_key, fingerprint, token_digest, CachedBackend, Digest32, ExchangeStore, LeaseOutcome,
     LeaseStatus, VerifiedTokens,
 };
+use crate::clock::CoarseClock;
 use crate::config::{ExchangeTarget, IdentityClaim, KeySource, Policy, RemoteJwks, Unmatched};
 use crate::exchange::{
     self, describe_error_body, ExchangeError, ExchangeRequest, MAX_RESPONSE_BYTES,
@@ -217,6 +218,9 @@ pub struct Gateway {
     last_sweep_ms: u64,
     /// The exchange store's generation when this worker last looked (see `on_tick`).
     store_generation: u32,
+    /// Every host clock reading; the cached path checks expiry against its bound instead of
+    /// reading the clock.
+    clock: CoarseClock,
 }
 
 impl Gateway {
@@ -257,6 +261,7 @@ impl Gateway {
             fast_tick: false,
             last_sweep_ms: 0,
             store_generation: 0,
+            clock: CoarseClock::default(),
         }
     }
 
@@ -301,7 +306,6 @@ impl Gateway {
     ///
     /// All request headers come in one host call and are read in place (see `header_map`).
     pub fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
-        let now = now_ms();
         let Some(headers) = request_headers() else {
             return self.deny_unrouted(Denial::Internal);
         };
@@ -336,8 +340,7 @@ impl Gateway {
                 &two
             }
             (Some(a), None) => {
-                if let Some(action) = self.forward_cached(context_id, route_index, a, raw_path, now)
-                {
+                if let Some(action) = self.forward_cached(context_id, route_index, a, raw_path) {
                     return action;
                 }
                 one = [a];
@@ -345,6 +348,7 @@ impl Gateway {
             }
             _ => &[],
         };
+        let now = self.clock.observe(now_ms());
         let token = match extract_bearer(auth, raw_path, policy.inbound.max_token_bytes) {
             Ok(t) => t,
             Err(e) => {
@@ -406,7 +410,6 @@ impl Gateway {
         route_index: usize,
         authorization: &[u8],
         raw_path: &[u8],
-        now_ms: u64,
     ) -> Option<Action> {
         let policy = Rc::clone(&self.policy);
         let route = policy.routes.get(route_index)?;
@@ -417,7 +420,9 @@ impl Gateway {
         if query_has_access_token(raw_path) {
             return None;
         }
-        let now = secs(now_ms);
+        // Expiry is checked against a time no earlier than now (see `clock`): an entry near its
+        // end takes the full path, which reads the clock.
+        let now = secs(self.clock.not_before_now_ms()?);
         let entry = self
             .verified
             .get_bytes(token, now, policy.inbound.clock_skew_seconds)?;
@@ -462,7 +467,8 @@ impl Gateway {
             None => CacheUse::None,
         };
         self.audit(&AuditFacts {
-            started_ms: now_ms,
+            // Decided on arrival, without a callout.
+            started_ms: None,
             route: route_index,
             digest: Some(digest),
             principal: Some(&principal),
@@ -901,7 +907,7 @@ impl Gateway {
 
     /// Periodic work from the root context's tick.
     pub fn on_tick(&mut self) {
-        let now = now_ms();
+        let now = self.clock.observe(now_ms());
         self.metrics.flush();
         self.poll_remote_waiters(now);
         if let Some(remote) = self.remote().cloned() {
@@ -1103,7 +1109,7 @@ impl Gateway {
                 .flatten()
                 .unwrap_or_default()
         };
-        let now = now_ms();
+        let now = self.clock.observe(now_ms());
         match callout {
             Callout::Jwks => self.on_jwks_response(status, &body, now),
             Callout::Exchange {
@@ -1460,7 +1466,7 @@ impl Gateway {
         backend_fingerprint: Option<&str>,
     ) {
         self.audit(&AuditFacts {
-            started_ms: stream.started_ms,
+            started_ms: Some(stream.started_ms),
             route: stream.route,
             digest: stream.digest,
             principal: stream.principal.as_deref(),
@@ -1506,7 +1512,9 @@ impl Gateway {
             target_scope: facts.target.and_then(|t| t.scope.as_deref()),
             exchanged: facts.exchanged,
             cache: Some(facts.cache),
-            latency_ms: now.saturating_sub(facts.started_ms),
+            latency_ms: facts
+                .started_ms
+                .map_or(0, |started| now.saturating_sub(started)),
         };
         info!("{}", record.to_json());
     }
@@ -1514,7 +1522,8 @@ impl Gateway {
 
 /// What an audit line says about one request.
 struct AuditFacts<'a> {
-    started_ms: u64,
+    /// When the request arrived; `None` when it was decided on arrival.
+    started_ms: Option<u64>,
     route: usize,
     digest: Option<Digest32>,
     principal: Option<&'a Principal>,

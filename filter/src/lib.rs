@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod cache;
 pub mod client_key;
+mod clock;
 pub mod config;
 mod config_fields;
 pub mod exchange;

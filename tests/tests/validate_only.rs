@@ -146,3 +146,26 @@ async fn forward_token_keeps_the_clients_token() -> Result {
     assert_eq!(stack.idp.exchange_count(), 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_token_is_refused_once_it_expires() -> Result {
+    // The verified-token cache answers repeated requests without reading the clock per request
+    // (it checks expiry against a bound ahead of the real time): a token must still stop working
+    // when it expires, with no clock skew allowed here.
+    let stack = validate_only(json!({"clock_skew_seconds": 0})).await?;
+    let token = stack.mint(&MintRequest {
+        ttl_secs: 3,
+        ..MintRequest::default()
+    });
+    let bearer = format!("Bearer {token}");
+    let headers = [("authorization", bearer.as_str())];
+    for _ in 0..4 {
+        assert_eq!(get(&stack, &headers).await?, 200, "valid, then cached");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+    for _ in 0..4 {
+        assert_eq!(get(&stack, &headers).await?, 401, "expired while cached");
+    }
+    assert_eq!(stack.upstream.seen_requests().len(), 4);
+    Ok(())
+}
