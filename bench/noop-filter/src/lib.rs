@@ -5,9 +5,10 @@
 //! With a plugin configuration it makes, instead, exactly the host calls the real filter makes on
 //! its cached path, and nothing else (no parsing, no caches, no policy): comma-separated words
 //! `headers` (all request headers in one `proxy_get_header_map_pairs` call instead of one
-//! header), `clock` (read the time), `write` (replace `authorization`), `status` (read the
-//! upstream's `:status`). `make bench` runs it with all four, so the report can tell the host's
-//! share of the filter's cost from the filter's own logic.
+//! header), `path` (also read `:path`, one header per call), `clock` (read the time), `write`
+//! (replace `authorization` with a value the size of an exchanged JWT), `status` (read the upstream's `:status`). `make bench` runs it with
+//! the filter's set, so the report can tell the host's share of the filter's cost from the
+//! filter's own logic.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -21,6 +22,7 @@ proxy_wasm::main! {{
 #[derive(Default, Clone, Copy)]
 struct HostCalls {
     headers: bool,
+    path: bool,
     clock: bool,
     write: bool,
     status: bool,
@@ -40,12 +42,13 @@ impl RootContext for NoopRoot {
             match word.trim() {
                 "" => {}
                 "headers" => self.calls.headers = true,
+                "path" => self.calls.path = true,
                 "clock" => self.calls.clock = true,
                 "write" => self.calls.write = true,
                 "status" => self.calls.status = true,
                 other => {
                     log::error!(
-                        "noop-filter: unknown word {other:?} (headers, clock, write, status)"
+                        "noop-filter: unknown word {other:?} (headers, path, clock, write, status)"
                     );
                     return false;
                 }
@@ -66,6 +69,21 @@ impl RootContext for NoopRoot {
 struct NoopRequest {
     calls: HostCalls,
 }
+
+/// What `write` puts in `authorization`: as long as the filter's `Bearer <backend JWT>` (an
+/// RS256 token of the local IdP is ~770 bytes), since the host copies the value.
+const WRITTEN_VALUE: &str = concat!(
+    "Bearer eyJraWQiOiJub29wIiwiYWxnIjoiUlMyNTYifQ.",
+    "eyJhdWQiOiJiYWNrZW5kIiwiY2lkIjoiZ2F0ZXdheS1jbGllbnQiLCJleHAiOjE3OTU2OTQ4NTYsImlhdCI6MTc5",
+    "NTY5MTI1NiwiaXNzIjoiaHR0cDovLzEyNy4wLjAuMTo5NDAwL29hdXRoMi9iYWNrZW5kIiwianRpIjoiQVQuMmMw",
+    "ZDFmNWUtOGJmYy00YjQzLWE1ZTYtMmE2YjNlMTQ3YjQ1Iiwic2NwIjpbImJhY2tlbmQtYXBpOnJlYWQiXSwic3Vi",
+    "IjoiYWxpY2UiLCJ2ZXIiOjEsIm5vdGUiOiJub3QgYSByZWFsIHRva2VuOiB0aGUgbm8tb3AgZmlsdGVyIHdyaXRl",
+    "cyB0aGlzIHZhbHVlIHNvIGl0cyBoZWFkZXIgd3JpdGUgY29zdHMgd2hhdCB0aGUgZmlsdGVyJ3MgZG9lcyJ9.",
+    "c2lnbmF0dXJlLXNpZ25hdHVyZS1zaWduYXR1cmUtc2lnbmF0dXJlLXNpZ25hdHVyZS1zaWduYXR1cmUtc2lnbmF0",
+    "dXJlLXNpZ25hdHVyZS1zaWduYXR1cmUtc2lnbmF0dXJlLXNpZ25hdHVyZS1zaWduYXR1cmUtc2lnbmF0dXJlLXNp",
+    "Z25hdHVyZS1zaWduYXR1cmUtc2lnbmF0dXJlLXNpZ25hdHVyZS1zaWduYXR1cmUtc2lnbmF0dXJlLXNpZ25hdHVy",
+    "c2lnbmF0dXJlLXNpZ25hdHVyZS1z",
+);
 
 impl Context for NoopRequest {}
 
@@ -96,6 +114,9 @@ impl HttpContext for NoopRequest {
             // Read (and drop) one header: the host call every real auth filter makes at least once.
             let _authorization = self.get_http_request_header("authorization");
         }
+        if self.calls.path {
+            let _path = self.get_http_request_header(":path");
+        }
         if self.calls.clock {
             std::hint::black_box(hostcalls::get_current_time().ok());
         }
@@ -103,7 +124,7 @@ impl HttpContext for NoopRequest {
             let _ = hostcalls::set_map_value(
                 MapType::HttpRequestHeaders,
                 "authorization",
-                Some("Bearer the-backend-token-the-real-filter-would-send"),
+                Some(WRITTEN_VALUE),
             );
         }
         Action::Continue
