@@ -177,6 +177,16 @@ impl std::hash::Hasher for ContextIdHasher {
 /// The per-VM gateway, shared by the root context and the HTTP contexts.
 pub type SharedGateway = Rc<std::cell::RefCell<Gateway>>;
 
+/// How the gateway took a request's headers.
+pub enum Admission {
+    /// Forwarded on the cached path: the gateway keeps nothing for this request. With a backend
+    /// token, the key it is cached under, for the upstream's answer (see
+    /// [`Gateway::on_backend_token_status`]).
+    Cached { backend_key: Option<Digest32> },
+    /// Any other outcome; the gateway may keep state for the request until `forget`.
+    Full(Action),
+}
+
 /// Runs `f` on the gateway. `None` when there is none (not configured) or it is borrowed: that
 /// cannot happen with Envoy deferring re-entrant calls, but is logged and failed closed, never a
 /// panic.
@@ -275,12 +285,17 @@ impl Gateway {
     /// The upstream answered a forwarded request. A 401 means it rejected the backend token:
     /// drop it from the cache so the next request exchanges afresh.
     pub fn on_upstream_status(&mut self, context_id: u32, status: Option<&[u8]>) {
-        let Some(key) = self.forwarded.remove(&context_id) else {
-            return;
-        };
+        if let Some(key) = self.forwarded.remove(&context_id) {
+            self.on_backend_token_status(&key, status);
+        }
+    }
+
+    /// The upstream's `:status` for a request forwarded with the backend token cached under
+    /// `key`: a 401 drops that token from this worker and from the shared store.
+    pub fn on_backend_token_status(&mut self, key: &Digest32, status: Option<&[u8]>) {
         if status == Some(b"401") {
-            self.verified.forget_backend(&key);
-            if self.store.remove(&HostStore, &key) {
+            self.verified.forget_backend(key);
+            if self.store.remove(&HostStore, key) {
                 self.metrics.inc("cache.invalidated");
                 info!("upstream answered 401; dropped the cached exchanged token");
             }
@@ -305,9 +320,9 @@ impl Gateway {
     /// Entry point from `on_http_request_headers`.
     ///
     /// All request headers come in one host call and are read in place (see `header_map`).
-    pub fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
+    pub fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Admission {
         let Some(headers) = request_headers() else {
-            return self.deny_unrouted(Denial::Internal);
+            return Admission::Full(self.deny_unrouted(Denial::Internal));
         };
         let raw_path = headers.get(":path").unwrap_or(b"/");
         let path_only = raw_path.split(|b| *b == b'?').next().unwrap_or(b"/");
@@ -315,18 +330,18 @@ impl Gateway {
 
         if let Some(metadata) = self.policy.metadata_for(&path) {
             let method = headers.get(":method").unwrap_or(b"GET");
-            return serve_metadata(method, &metadata.document);
+            return Admission::Full(serve_metadata(method, &metadata.document));
         }
         let Some(route_index) = self.policy.route_index(&path) else {
-            return match self.policy.unmatched {
+            return Admission::Full(match self.policy.unmatched {
                 Unmatched::Deny => self.deny_unrouted(Denial::NoRoute),
                 Unmatched::Pass => self.pass_unauthenticated(),
-            };
+            });
         };
         let policy = Rc::clone(&self.policy);
         let route = &policy.routes[route_index];
         if route.public {
-            return self.pass_unauthenticated();
+            return Admission::Full(self.pass_unauthenticated());
         }
 
         // Envoy joins a repeated `Authorization` into one comma-separated value, which
@@ -340,8 +355,8 @@ impl Gateway {
                 &two
             }
             (Some(a), None) => {
-                if let Some(action) = self.forward_cached(context_id, route_index, a, raw_path) {
-                    return action;
+                if let Some(cached) = self.forward_cached(route_index, a, raw_path) {
+                    return cached;
                 }
                 one = [a];
                 &one
@@ -353,7 +368,12 @@ impl Gateway {
             Ok(t) => t,
             Err(e) => {
                 let scopes = route.required_scopes.clone();
-                return self.deny_early(route_index, now, Denial::Extract(e), &scopes);
+                return Admission::Full(self.deny_early(
+                    route_index,
+                    now,
+                    Denial::Extract(e),
+                    &scopes,
+                ));
             }
         };
         let header_call = if route.inspects_tools() {
@@ -395,7 +415,7 @@ impl Gateway {
             },
         );
         let step = self.advance(context_id, now);
-        self.finish_now(context_id, step)
+        Admission::Full(self.finish_now(context_id, step))
     }
 
     /// The hot path: `Authorization: Bearer <token>` with a token this worker verified before,
@@ -406,11 +426,10 @@ impl Gateway {
     /// place).
     fn forward_cached(
         &mut self,
-        context_id: u32,
         route_index: usize,
         authorization: &[u8],
         raw_path: &[u8],
-    ) -> Option<Action> {
+    ) -> Option<Admission> {
         let policy = Rc::clone(&self.policy);
         let route = policy.routes.get(route_index)?;
         if route.inspects_tools() {
@@ -459,8 +478,7 @@ impl Gateway {
         }
         self.metrics.add(self.allowed_counter);
         let cache = match &backend {
-            Some((_, _, key)) => {
-                self.forwarded.insert(context_id, *key);
+            Some(_) => {
                 self.metrics.add(self.cache_hit_counter);
                 CacheUse::Hit
             }
@@ -478,7 +496,9 @@ impl Gateway {
             denied: None,
             exchanged: backend.as_ref().map(|(_, fingerprint, ..)| &**fingerprint),
         });
-        Some(Action::Continue)
+        Some(Admission::Cached {
+            backend_key: backend.map(|(.., key)| key),
+        })
     }
 
     /// Entry point from `on_http_request_body`.
