@@ -40,6 +40,19 @@ fn upstream_status() -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// The request is over when Envoy deletes its context (`proxy_on_delete`, which drops it): the
+/// gateway forgets whatever it still keeps for it. Not `on_log`: the module does not export the
+/// callbacks it has no use for (`proxy_on_log`, `proxy_on_done`, body and trailer callbacks of
+/// responses, see the Makefile), which spares Envoy a call into the VM for each, per request.
+impl Drop for RequestContext {
+    fn drop(&mut self) {
+        if let Kept::InGateway = self.kept {
+            let id = self.context_id;
+            with_gateway(&self.gateway, |gw| gw.forget(id));
+        }
+    }
+}
+
 /// Fail closed: without configuration or with state we cannot borrow, answer 500.
 fn refuse() -> Action {
     let _ = hostcalls::send_http_response(
@@ -114,12 +127,5 @@ impl HttpContext for RequestContext {
             }
         }
         Action::Continue
-    }
-
-    fn on_log(&mut self) {
-        if let Kept::InGateway = self.kept {
-            let id = self.context_id;
-            with_gateway(&self.gateway, |gw| gw.forget(id));
-        }
     }
 }

@@ -1153,3 +1153,106 @@ fn oci_image_compat_variant_holds_plugin_wasm() {
     assert_eq!(tar_files(&tar).keys().collect::<Vec<_>>(), ["plugin.wasm"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The module's exports
+// ---------------------------------------------------------------------------------------------
+
+fn leb_u32(bytes: &[u8], at: &mut usize) -> u32 {
+    let mut value = 0u32;
+    for shift in (0..35).step_by(7) {
+        let byte = bytes[*at];
+        *at += 1;
+        value |= u32::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return value;
+        }
+    }
+    panic!("LEB128 value too long at byte {at}");
+}
+
+/// The names a Wasm binary exports (its export section, id 7).
+fn export_names(wasm: &[u8]) -> BTreeSet<String> {
+    assert_eq!(&wasm[..4], b"\0asm", "not a Wasm binary");
+    let mut at = 8;
+    let mut names = BTreeSet::new();
+    while at < wasm.len() {
+        let id = wasm[at];
+        at += 1;
+        let size = leb_u32(wasm, &mut at) as usize;
+        let end = at + size;
+        if id == 7 {
+            let count = leb_u32(wasm, &mut at);
+            for _ in 0..count {
+                let len = leb_u32(wasm, &mut at) as usize;
+                names.insert(String::from_utf8_lossy(&wasm[at..at + len]).into_owned());
+                at += len + 1; // name, kind
+                leb_u32(wasm, &mut at); // index
+            }
+        }
+        at = end;
+    }
+    names
+}
+
+/// The SDK trait methods and the ABI export that Envoy calls for each.
+const CALLBACKS: &[(&str, &str)] = &[
+    ("on_vm_start", "proxy_on_vm_start"),
+    ("on_configure", "proxy_on_configure"),
+    ("on_tick", "proxy_on_tick"),
+    ("on_queue_ready", "proxy_on_queue_ready"),
+    ("on_http_call_response", "proxy_on_http_call_response"),
+    ("on_grpc_call_response", "proxy_on_grpc_receive"),
+    ("on_http_request_headers", "proxy_on_request_headers"),
+    ("on_http_request_body", "proxy_on_request_body"),
+    ("on_http_request_trailers", "proxy_on_request_trailers"),
+    ("on_http_response_headers", "proxy_on_response_headers"),
+    ("on_http_response_body", "proxy_on_response_body"),
+    ("on_http_response_trailers", "proxy_on_response_trailers"),
+    ("on_log", "proxy_on_log"),
+    ("on_done", "proxy_on_done"),
+    ("on_new_connection", "proxy_on_new_connection"),
+    ("on_downstream_data", "proxy_on_downstream_data"),
+    ("on_upstream_data", "proxy_on_upstream_data"),
+];
+
+#[test]
+fn modules_export_exactly_the_callbacks_the_filter_handles() {
+    // The Makefile removes the exports of callbacks the filter does not handle (Envoy then skips
+    // them instead of calling into the VM per request). A callback the filter implements must
+    // still be exported, or Envoy would silently never call it.
+    let mut source = String::new();
+    for entry in std::fs::read_dir(workspace_root().join("filter/src")).expect("filter/src") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            source += &std::fs::read_to_string(&path).expect("read source");
+        }
+    }
+    let full = gateway_tests::harness::full_filter_wasm().expect("full module (make wasm-full)");
+    for module in [filter_wasm().expect("filter module (make wasm)"), full] {
+        let exports = export_names(&std::fs::read(&module).expect("read module"));
+        let what = module.display();
+        for (method, export) in CALLBACKS {
+            let handled = source.contains(&format!("fn {method}("));
+            assert_eq!(
+                exports.contains(*export),
+                handled,
+                "{what}: {export} exported = {}, but the filter {} `{method}`",
+                exports.contains(*export),
+                if handled {
+                    "implements"
+                } else {
+                    "does not implement"
+                }
+            );
+        }
+        for always in [
+            "proxy_on_context_create",
+            "proxy_on_delete",
+            "proxy_on_memory_allocate",
+            "proxy_abi_version_0_2_1",
+        ] {
+            assert!(exports.contains(always), "{what}: {always} missing");
+        }
+    }
+}
