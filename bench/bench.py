@@ -27,7 +27,7 @@ Knobs (environment):
   BENCH_ONLY=noop,full_cached  measure only these throughput setups, print them and stop (no
                              IdP-call, memory or report sections; results.md is not rewritten):
                              a quick loop while optimising. Setup ids: bare jwt jwt_cache noop
-                             noop_host validate_cached validate_uncached full_cached full_audit
+                             noop_lean noop_host validate_cached validate_uncached full_cached full_audit
                              full_noverify
   BENCH_NOOP_HOST_CALLS=headers,write,status  the host calls the noop_host row makes (words of
                              bench/noop-filter: headers path clock write status)
@@ -74,6 +74,9 @@ FILTER_WASM = Path(
     or ROOT / "target/wasm32-wasip1/release/mcp_token_exchange.wasm"
 )
 NOOP_WASM = ROOT / "target/wasm32-wasip1/release/noop_filter.wasm"
+# The same module through the filter's wasm-opt step (`make bench`): the callbacks the filter does
+# not export are not exported here either, so Envoy makes the same VM calls per request.
+NOOP_LEAN_WASM = ROOT / "target/wasm32-wasip1/release/noop_filter_lean.wasm"
 # The host calls the filter's cached full path makes (see bench/noop-filter).
 NOOP_HOST_CALLS = os.environ.get("BENCH_NOOP_HOST_CALLS", "headers,write,status")
 IDP_BIN = ROOT / "target/debug/okta-idp"
@@ -807,8 +810,9 @@ SCENARIOS = [
     ("bare", "bare Envoy", "no HTTP filter but the router"),
     ("jwt", "native jwt_authn, no cache", "envoy.filters.http.jwt_authn, RS256, local_jwks, no jwt_cache_config"),
     ("jwt_cache", "native jwt_authn + jwt_cache", "same, jwt_cache_config { jwt_cache_size: 1000 }"),
-    ("noop", "no-op Wasm (floor)", "bench/noop-filter: reads `authorization`, sets nothing"),
-    ("noop_host", "no-op + the filter's host calls", f"bench/noop-filter configured `{NOOP_HOST_CALLS}`: exactly the host calls of the filter's cached full path (all request headers in one call, one header write of an exchanged token's size, the response `:status`) and no logic"),
+    ("noop", "no-op Wasm (floor)", "bench/noop-filter: reads `authorization`, sets nothing; built with the proxy-wasm Rust SDK, which exports every callback"),
+    ("noop_lean", "no-op Wasm, trimmed exports", "the same no-op through the filter's wasm-opt step: only the callbacks the filter exports, so Envoy makes the filter's VM calls per request"),
+    ("noop_host", "trimmed no-op + the filter's host calls", f"the trimmed no-op configured `{NOOP_HOST_CALLS}`: exactly the VM calls and host calls of the filter's cached full path (all request headers in one call, one header write of an exchanged token's size, the response `:status`) and no logic"),
     ("validate_uncached", "filter: validate-only, uncached", "mcp_token_exchange, exchange off, verified-token cache off"),
     ("validate_cached", "filter: validate-only, cached", "mcp_token_exchange, exchange off, one token (verified-token cache)"),
     ("full_cached", "filter: full path, exchange cached", "mcp_token_exchange, one token: every request reuses the cached exchange"),
@@ -827,7 +831,7 @@ def main() -> int:
     for tool, hint in (("wrk", "apt-get install -y wrk"), ):
         if not shutil.which(tool):
             raise BenchError(f"{tool} not found ({hint}; `make bench` installs it)")
-    for path, hint in ((ENVOY, "make envoy"), (FILTER_WASM, "make wasm"), (NOOP_WASM, "make bench"),
+    for path, hint in ((ENVOY, "make envoy"), (FILTER_WASM, "make wasm"), (NOOP_WASM, "make bench"), (NOOP_LEAN_WASM, "make bench"),
                        (IDP_BIN, "make services")):
         if not path.exists():
             raise BenchError(f"{path} is missing ({hint})")
@@ -882,7 +886,10 @@ def main() -> int:
     measure("jwt", Envoy("jwt", [jwt_authn_filter(idp, cache=False)], idp), one_token)
     measure("jwt_cache", Envoy("jwt_cache", [jwt_authn_filter(idp, cache=True)], idp), one_token)
     measure("noop", Envoy("noop", [wasm_filter("noop", NOOP_WASM, None, [])], idp), one_token)
-    measure("noop_host", Envoy("noop_host", [wasm_filter("noop", NOOP_WASM, NOOP_HOST_CALLS, [])], idp),
+    measure("noop_lean", Envoy("noop_lean", [wasm_filter("noop", NOOP_LEAN_WASM, None, [])], idp),
+            one_token)
+    measure("noop_host",
+            Envoy("noop_host", [wasm_filter("noop", NOOP_LEAN_WASM, NOOP_HOST_CALLS, [])], idp),
             one_token)
 
     def filter_envoy(name: str, patch=None, concurrency: int = 1) -> Envoy:
@@ -1206,6 +1213,10 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
          ratio(results, "full_cached", "noop"), lambda v: v >= 0.90, fmt_ratio, cpu_ratio("full_cached", "noop")),
         ("validate cached ÷ no-op Wasm floor", "≥ 0.95×",
          ratio(results, "validate_cached", "noop"), lambda v: v >= 0.95, fmt_ratio, cpu_ratio("validate_cached", "noop")),
+        ("*stricter:* full path, exchange cached ÷ trimmed no-op (same VM calls as the filter)", "(≥ 0.90×)",
+         ratio(results, "full_cached", "noop_lean"), lambda v: v >= 0.90, fmt_ratio, cpu_ratio("full_cached", "noop_lean")),
+        ("*stricter:* validate cached ÷ trimmed no-op", "(≥ 0.95×)",
+         ratio(results, "validate_cached", "noop_lean"), lambda v: v >= 0.95, fmt_ratio, cpu_ratio("validate_cached", "noop_lean")),
         ("full path, exchange cached ÷ native `jwt_authn` with cache", "≥ 0.75×",
          ratio(results, "full_cached", "jwt_cache"), lambda v: v >= 0.75, fmt_ratio, cpu_ratio("full_cached", "jwt_cache")),
         (uncached_label, "≥ 0.5×",
@@ -1219,6 +1230,10 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
         ("release `.wasm` size", "< 600 KiB", wasm_kib, lambda v: v < 600, lambda v: f"{v:.0f} KiB", None),
     ]
     out.append("## Targets (issue 4)\n")
+    out.append("The *stricter* rows are not the issue's: they hold the filter against the no-op built the way "
+               "the filter is (only the callbacks the filter handles exported, so Envoy makes the same calls "
+               "into the VM per request). The filter's own rows gain from that trimming; those rows show what "
+               "is left without it.\n")
     out.append("`measured` is the issue's measure (throughput ratio from the same run). `by Envoy CPU` is the "
                "same comparison made from Envoy CPU µs per request (inverse ratio), which does not depend on "
                "whether Envoy or wrk was the bottleneck; when they disagree, trust the CPU view for the "
@@ -1231,7 +1246,9 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
     out.append("Context ratios from the same run: "
                f"no-op Wasm ÷ bare {fmt_ratio(ratio(results, 'noop', 'bare'))}, "
                f"no-op Wasm ÷ `jwt_authn` with cache {fmt_ratio(ratio(results, 'noop', 'jwt_cache'))}, "
-               f"no-op making the filter's host calls ÷ no-op floor {fmt_ratio(ratio(results, 'noop_host', 'noop'))} "
+               f"trimmed no-op ÷ no-op floor {fmt_ratio(ratio(results, 'noop_lean', 'noop'))} "
+               f"(by Envoy CPU {fmt_ratio(cpu_ratio('noop_lean', 'noop'))}), "
+               f"trimmed no-op making the filter's host calls ÷ no-op floor {fmt_ratio(ratio(results, 'noop_host', 'noop'))} "
                f"(by Envoy CPU {fmt_ratio(cpu_ratio('noop_host', 'noop'))}): the ceiling for the cached full path, "
                f"which reaches {fmt_ratio(ratio(results, 'full_cached', 'noop_host'))} of it "
                f"(by Envoy CPU {fmt_ratio(cpu_ratio('full_cached', 'noop_host'))}), "
@@ -1312,7 +1329,7 @@ def render_svg(facts: dict, results: dict) -> str:
          f'<text x="{x1}" y="{top - 12}" font-weight="bold">throughput ÷ bare (higher is better)</text>',
          f'<text x="{x2}" y="{top - 12}" font-weight="bold">p99 latency ÷ bare (log scale, lower is better)</text>']
     colors = {"bare": "#7f7f7f", "jwt": "#1f77b4", "jwt_cache": "#1f77b4", "noop": "#9467bd",
-              "noop_host": "#c5b0d5",
+              "noop_lean": "#b39bd1", "noop_host": "#c5b0d5",
               "full_noverify": "#ff7f0e", "full_audit": "#98df8a"}
     for i, ((label, tp, p99), (sid, _, _)) in enumerate(zip(rows, SCENARIOS)):
         y = top + i * row_h
