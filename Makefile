@@ -20,7 +20,7 @@ WASM_MAX_BYTES := 614400
 # Binaryen's wasm-opt shrinks the module by ~15 % (dead code and redundancy that rustc/LLVM leave
 # in a Wasm binary) at its speed-oriented -O3, so the hot path is not traded for size. It comes
 # from the npm registry as binaryen.js (Binaryen compiled to Wasm, run by Node.js), pinned here;
-# set WASM_OPT to use another wasm-opt (e.g. `make wasm WASM_OPT=wasm-opt`).
+# set WASM_OPT to use another wasm-opt that has --remove-exports (e.g. `make wasm WASM_OPT=wasm-opt`).
 BINARYEN_VERSION := 132.0.0
 BINARYEN     := $(VENV)/binaryen-$(BINARYEN_VERSION)
 BINARYEN_OPT := $(BINARYEN)/node_modules/binaryen/bin/wasm-opt
