@@ -32,8 +32,8 @@ WASM_FEATURES := --enable-bulk-memory --enable-bulk-memory-opt --enable-multival
 # proxy-wasm callbacks the filter does not handle. The Rust SDK exports every callback; Envoy calls
 # an exported one into the VM even when it only returns "continue", and skips one the module does
 # not export. Unexported: per request, on_done, on_log and each response body chunk (MCP's SSE
-# streams have many) stop costing a VM call. Keep in sync with filter/src/http.rs: a callback the
-# filter starts to handle must leave this list (the e2e suite runs the trimmed module).
+# streams have many) stop costing a VM call. tests/tests/deploy.rs fails if a callback the filter
+# implements is not exported or one it does not implement is (the e2e suite runs this module).
 UNUSED_EXPORTS := proxy_on_done,proxy_on_log,proxy_on_response_body,proxy_on_request_trailers,$\
 proxy_on_response_trailers,proxy_on_new_connection,proxy_on_downstream_data,$\
 proxy_on_upstream_data,proxy_on_downstream_connection_close,proxy_on_upstream_connection_close,$\

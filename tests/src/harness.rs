@@ -280,6 +280,17 @@ impl Drop for TempDir {
 }
 
 /// RFC 7396 JSON merge patch.
+/// The filter's counter `name` (without the `mcp_token_exchange.` prefix) in
+/// [`Envoy::filter_stats`] output; 0 while it has not been reported.
+pub fn filter_counter(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find(|l| l.contains(&format!("mcp_token_exchange.{name}:")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn merge_patch(target: &mut Value, patch: &Value) {
     if let Value::Object(p) = patch {
         if !target.is_object() {
@@ -484,6 +495,18 @@ impl Envoy {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// The filter's lines of Envoy's admin stats (read counters with [`filter_counter`]). The
+    /// filter hands its counts to Envoy on its 500 ms tick, so a test polls rather than reading
+    /// once.
+    pub async fn filter_stats(&self) -> anyhow::Result<String> {
+        Ok(
+            reqwest::get(self.admin_url("/stats?filter=mcp_token_exchange"))
+                .await?
+                .text()
+                .await?,
+        )
     }
 
     /// Everything Envoy logged so far.

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use gateway_tests::harness::{
-    demo_config, envoy_bin, filter_wasm, merge_patch, plugin_config, wasm_filter_config, Stack,
-    StackOptions, CLIENT_ID, CLIENT_SECRET, SECRET_ENV,
+    demo_config, envoy_bin, filter_counter, filter_wasm, merge_patch, plugin_config,
+    wasm_filter_config, Stack, StackOptions, CLIENT_ID, CLIENT_SECRET, SECRET_ENV,
 };
 use gateway_tests::idp::{Endpoint, Fault, MintRequest};
 use gateway_tests::mcp;
@@ -146,6 +146,38 @@ async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> boo
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_client_abandons_mid_exchange_is_forgotten() -> Result {
+    // While a request waits for its exchange the gateway keeps its state. When the client goes
+    // away, Envoy deletes the request's context and the gateway must drop that state (and count
+    // it): the module exports no `on_log`, so this rests on the context's deletion.
+    let stack = Stack::start().await?;
+    stack
+        .idp
+        .set_fault(Endpoint::Token, Fault::Delay(Duration::from_millis(1500)));
+    let token = fresh(&stack, "gone@example.com");
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), call(&stack, &token)).await;
+    assert!(
+        gave_up.is_err(),
+        "the client left before the exchange answered"
+    );
+    let mut abandoned = 0;
+    for _ in 0..50 {
+        abandoned = filter_counter(&stack.envoy.filter_stats().await?, "requests.abandoned");
+        if abandoned > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(abandoned, 1, "the abandoned request was forgotten");
+    // The late exchange answer resumes nothing and lets nothing through; the filter serves on.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(stack.upstream.seen_requests().is_empty());
+    assert!(!stack.envoy.vm_trapped(), "{}", stack.envoy.log_tail(40));
+    stack.idp.clear_faults();
+    still_serving(&stack, "an abandoned request").await
 }
 
 // ---------------------------------------------------------------------------------------------

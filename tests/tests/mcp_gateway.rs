@@ -493,20 +493,10 @@ async fn every_decision_is_audited_and_counted() -> Result {
 
     // Counters in Envoy's stats. The filter hands its counts to Envoy on its 500 ms tick, so
     // wait for one to pass.
-    let read_counter = |stats: &str, name: &str| -> u64 {
-        stats
-            .lines()
-            .find(|l| l.contains(&format!("mcp_token_exchange.{name}:")))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let read_counter = gateway_tests::harness::filter_counter;
     let mut stats = String::new();
     for _ in 0..30 {
-        stats = reqwest::get(stack.envoy.admin_url("/stats?filter=mcp_token_exchange"))
-            .await?
-            .text()
-            .await?;
+        stats = stack.envoy.filter_stats().await?;
         if read_counter(&stats, "requests.denied.missing_token") >= 1
             && read_counter(&stats, "requests.allowed") >= 3
         {
