@@ -33,6 +33,8 @@ pub struct AuditRecord<'a> {
     pub time_ms: u64,
     pub allowed: bool,
     pub reason: &'a str,
+    /// What exactly was wrong, where `reason` names a class (e.g. which path rule).
+    pub detail: Option<&'a str>,
     pub status: Option<u32>,
     pub sub: Option<&'a str>,
     pub client_id: Option<&'a str>,
@@ -93,6 +95,7 @@ impl AuditRecord<'_> {
             Some(if self.allowed { "allow" } else { "deny" }),
         );
         push_field(&mut out, "reason", Some(self.reason));
+        push_field(&mut out, "detail", self.detail);
         if let Some(s) = self.status {
             push_number(&mut out, "status", u64::from(s));
         }

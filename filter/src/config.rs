@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use crate::client_key::ClientKey;
 use crate::config_fields::{list, strings, value, Fields, UniqueKeys};
 use crate::jwks::KeySet;
+use crate::request_path::{is_configurable, prefix_covers, NormalPath};
 
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 
@@ -610,15 +611,16 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// The index of the route for a request path (without query), longest prefix first.
-    pub fn route_index(&self, path: &str) -> Option<usize> {
+    /// The index of the route for a request path in normal form, longest prefix first.
+    pub fn route_index(&self, path: &NormalPath<'_>) -> Option<usize> {
         self.routes
             .iter()
-            .position(|r| path_matches(&r.path_prefix, path))
+            .position(|r| prefix_covers(&r.path_prefix, path))
     }
 
     /// The Protected Resource Metadata document served at `path`, if any.
-    pub fn metadata_for(&self, path: &str) -> Option<&ResourceMetadata> {
+    pub fn metadata_for(&self, path: &NormalPath<'_>) -> Option<&ResourceMetadata> {
+        let path = path.as_str();
         if path == WELL_KNOWN_PRM {
             return self.default_metadata.as_ref();
         }
@@ -635,18 +637,6 @@ impl Policy {
 }
 
 pub const WELL_KNOWN_PRM: &str = "/.well-known/oauth-protected-resource";
-
-/// `/mcp` matches `/mcp`, `/mcp/`, `/mcp/x` but not `/mcpx`.
-fn path_matches(prefix: &str, path: &str) -> bool {
-    if prefix == "/" {
-        return true;
-    }
-    let prefix = prefix.trim_end_matches('/');
-    path == prefix
-        || path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.starts_with('/'))
-}
 
 /// Parses and validates a configuration document. `env` resolves environment variables (WASI's
 /// `std::env::var` in the filter; a map in tests).
@@ -681,6 +671,21 @@ fn require_path(field: &str, value: &str) -> Result<(), ConfigError> {
         return Err(ConfigError::new(
             field,
             "must be an absolute request path starting with '/' and without whitespace",
+        ));
+    }
+    Ok(())
+}
+
+/// A route prefix: a path the filter can match a request's normal form against (see
+/// `request_path`), so a prefix with escapes, dot segments or `//` is refused rather than never
+/// matching.
+fn require_route_path(field: &str, value: &str) -> Result<(), ConfigError> {
+    require_path(field, value)?;
+    if !is_configurable(value) {
+        return Err(ConfigError::new(
+            field,
+            "must be a path in normal form: visible ASCII without `%` escapes, `;`, `?`, `#`, \\, \
+             empty segments or segments ending in `.`",
         ));
     }
     Ok(())
@@ -783,6 +788,13 @@ fn metadata_for(
 ) -> Result<(ResourceMetadata, String), ConfigError> {
     let (origin, path) = split_url(field, resource)?;
     let well_known = format!("{WELL_KNOWN_PRM}{path}");
+    if !is_configurable(&well_known) {
+        return Err(ConfigError::new(
+            field,
+            "the URL's path must be in normal form (no `%` escapes, `;`, dot segments or `//`): \
+             its metadata document is served at /.well-known/oauth-protected-resource<path>",
+        ));
+    }
     let mut doc = Map::new();
     doc.insert("resource".into(), Value::String(resource.to_string()));
     doc.insert(
@@ -1004,10 +1016,15 @@ impl FilterConfig {
             }
             for (i, rc) in self.routes.into_iter().enumerate() {
                 let f = |name: &str| format!("routes[{i}].{name}");
-                require_path(&f("path_prefix"), &rc.path_prefix)?;
+                require_route_path(&f("path_prefix"), &rc.path_prefix)?;
+                // Routes match ignoring case, so `/MCP` and `/mcp` would be one route.
+                let same = |a: &str, b: &str| {
+                    a.trim_end_matches('/')
+                        .eq_ignore_ascii_case(b.trim_end_matches('/'))
+                };
                 if routes
                     .iter()
-                    .any(|r: &Route| r.path_prefix == rc.path_prefix)
+                    .any(|r: &Route| same(&r.path_prefix, &rc.path_prefix))
                 {
                     return Err(ConfigError::new(
                         &f("path_prefix"),
@@ -1332,7 +1349,12 @@ impl ExchangeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request_path::normalize;
     use serde_json::json;
+
+    fn np(path: &str) -> NormalPath<'_> {
+        normalize(path.as_bytes()).unwrap()
+    }
 
     fn env(name: &str) -> Option<String> {
         (name == "SECRET").then(|| "s3cret".to_string())
@@ -1650,19 +1672,19 @@ mod tests {
     #[test]
     fn routes_match_longest_prefix_on_segment_boundaries() {
         let p = parse(&with_routes()).unwrap();
-        let name = |path: &str| p.route_index(path).map(|i| p.routes[i].name.clone());
+        let name = |path: &str| p.route_index(&np(path)).map(|i| p.routes[i].name.clone());
         assert_eq!(name("/crm/mcp").as_deref(), Some("crm"));
         assert_eq!(name("/crm/mcp/x").as_deref(), Some("crm"));
         assert_eq!(name("/mcp").as_deref(), Some("/mcp"));
         assert_eq!(name("/mcpx"), None);
         assert_eq!(name("/other"), None);
-        assert!(p.routes[p.route_index("/health").unwrap()].public);
+        assert!(p.routes[p.route_index(&np("/health")).unwrap()].public);
     }
 
     #[test]
     fn route_exchange_overrides_merge_over_the_default() {
         let p = parse(&with_routes()).unwrap();
-        let crm = &p.routes[p.route_index("/crm/mcp").unwrap()];
+        let crm = &p.routes[p.route_index(&np("/crm/mcp")).unwrap()];
         assert_eq!(
             crm.target.as_ref().unwrap().audience.as_deref(),
             Some("crm")
@@ -1688,7 +1710,7 @@ mod tests {
     fn protected_resource_metadata_per_route() {
         let p = parse(&with_routes()).unwrap();
         let m = p
-            .metadata_for("/.well-known/oauth-protected-resource/crm/mcp")
+            .metadata_for(&np("/.well-known/oauth-protected-resource/crm/mcp"))
             .unwrap();
         let doc: serde_json::Value = serde_json::from_str(&m.document).unwrap();
         assert_eq!(doc["resource"], "https://gw.example.com/crm/mcp");
@@ -1701,24 +1723,24 @@ mod tests {
             doc["scopes_supported"],
             json!(["mcp:tools:call", "mcp:tools:write"])
         );
-        let crm = &p.routes[p.route_index("/crm/mcp").unwrap()];
+        let crm = &p.routes[p.route_index(&np("/crm/mcp")).unwrap()];
         assert_eq!(
             crm.challenge.resource_metadata_url.as_deref(),
             Some("https://gw.example.com/.well-known/oauth-protected-resource/crm/mcp")
         );
         // The bare well-known path serves the first route's document.
         assert!(p
-            .metadata_for("/.well-known/oauth-protected-resource")
+            .metadata_for(&np("/.well-known/oauth-protected-resource"))
             .is_some());
         let main: serde_json::Value = serde_json::from_str(
-            &p.metadata_for("/.well-known/oauth-protected-resource/mcp")
+            &p.metadata_for(&np("/.well-known/oauth-protected-resource/mcp"))
                 .unwrap()
                 .document,
         )
         .unwrap();
         assert_eq!(main["resource_name"], "Main");
         assert!(p
-            .metadata_for("/.well-known/oauth-protected-resource/nope")
+            .metadata_for(&np("/.well-known/oauth-protected-resource/nope"))
             .is_none());
     }
 
@@ -1728,7 +1750,7 @@ mod tests {
         v["resource"] = json!("https://gw.example.com/mcp");
         let p = parse(&v).unwrap();
         let doc: serde_json::Value = serde_json::from_str(
-            &p.metadata_for("/.well-known/oauth-protected-resource/mcp")
+            &p.metadata_for(&np("/.well-known/oauth-protected-resource/mcp"))
                 .unwrap()
                 .document,
         )
@@ -1774,6 +1796,21 @@ mod tests {
             (
                 "routes[0].audiences",
                 json!([{"path_prefix": "/a", "audiences": []}]),
+            ),
+            // Prefixes the filter could never match a request's normal form against.
+            ("routes[0].path_prefix", json!([{"path_prefix": "/a/../b"}])),
+            ("routes[0].path_prefix", json!([{"path_prefix": "/%6Dcp"}])),
+            ("routes[0].path_prefix", json!([{"path_prefix": "/a//b"}])),
+            ("routes[0].path_prefix", json!([{"path_prefix": "/a;b"}])),
+            ("routes[0].path_prefix", json!([{"path_prefix": "/mcp."}])),
+            // Routes match ignoring case: these two would be one route.
+            (
+                "routes[1].path_prefix",
+                json!([{"path_prefix": "/mcp"}, {"path_prefix": "/MCP/"}]),
+            ),
+            (
+                "routes[0].resource",
+                json!([{"path_prefix": "/a", "resource": "https://x/a/../b"}]),
             ),
         ];
         for (field, routes) in cases {

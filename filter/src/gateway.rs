@@ -36,6 +36,7 @@ use crate::mcp::{self, BodyError, Call};
 use crate::metrics::{CounterId, Metrics};
 use crate::policy::{audience_allowed, missing_scopes, tool_requirements};
 use crate::reply::Denial;
+use crate::request_path::{self, PathError};
 use crate::token::{bearer_credential, extract_bearer, query_has_access_token};
 use crate::verify::{self, Principal, TokenError, VerifyError};
 
@@ -324,9 +325,12 @@ impl Gateway {
         let Some(headers) = request_headers() else {
             return Admission::Full(self.deny_unrouted(Denial::Internal));
         };
-        let raw_path = headers.get(":path").unwrap_or(b"/");
-        let path_only = raw_path.split(|b| *b == b'?').next().unwrap_or(b"/");
-        let path = String::from_utf8_lossy(path_only);
+        // No `:path` is no request Envoy would route: refused like any path not in normal form.
+        let raw_path = headers.get(":path").unwrap_or_default();
+        let path = match request_path::normalize(raw_path) {
+            Ok(path) => path,
+            Err(e) => return Admission::Full(self.deny_path(e)),
+        };
 
         if let Some(metadata) = self.policy.metadata_for(&path) {
             let method = headers.get(":method").unwrap_or(b"GET");
@@ -1445,6 +1449,31 @@ impl Gateway {
         Action::Pause
     }
 
+    /// A path the filter will not decide on (see `request_path`): refused before any route is
+    /// chosen, with the reason in the audit record.
+    fn deny_path(&mut self, error: PathError) -> Action {
+        let denial = Denial::Path(error);
+        let reply = denial.reply(&Default::default(), &[]);
+        self.metrics
+            .inc(&format!("requests.denied.{}", denial.reason()));
+        if self.policy.audit_log {
+            info!(
+                "{}",
+                AuditRecord {
+                    time_ms: now_ms(),
+                    allowed: false,
+                    reason: denial.reason(),
+                    detail: Some(error.as_str()),
+                    status: Some(reply.status),
+                    ..AuditRecord::default()
+                }
+                .to_json()
+            );
+        }
+        send_reply(&reply);
+        Action::Pause
+    }
+
     fn deny_early(&mut self, route: usize, now: u64, denial: Denial, scopes: &[String]) -> Action {
         let r = &self.policy.routes[route];
         let reply = denial.reply(&r.challenge, scopes);
@@ -1513,6 +1542,7 @@ impl Gateway {
         let client_id = principal.and_then(|p| p.client_id.as_deref()).map(sanitize);
         let record = AuditRecord {
             time_ms: now,
+            detail: None,
             allowed: facts.denied.is_none(),
             reason: facts.denied.map_or(
                 if facts.target.is_some() {

@@ -17,6 +17,7 @@ pub mod jwks;
 pub mod mcp;
 pub mod policy;
 pub mod reply;
+pub mod request_path;
 pub mod rsa_public;
 pub mod token;
 pub mod verify;

@@ -7,6 +7,7 @@
 use crate::config::ChallengeConfig;
 use crate::exchange::ExchangeError;
 use crate::mcp::BodyError;
+use crate::request_path::PathError;
 use crate::token::ExtractError;
 use crate::verify::TokenError;
 
@@ -27,6 +28,8 @@ pub enum Denial {
     McpBody(BodyError),
     /// No route matches the path and unmatched requests are denied.
     NoRoute,
+    /// The request path is not one the filter can decide on safely (see `request_path`).
+    Path(PathError),
     Exchange(ExchangeError),
     /// The issuer's keys could not be loaded in time.
     KeysUnavailable,
@@ -63,6 +66,7 @@ impl Denial {
             Self::ToolNotAllowed => "tool_not_allowed",
             Self::McpBody(_) => "invalid_mcp_request",
             Self::NoRoute => "no_route",
+            Self::Path(_) => "invalid_path",
             Self::Exchange(ExchangeError::SubjectRejected { .. }) => "exchange_subject_rejected",
             Self::Exchange(ExchangeError::TargetRefused { .. }) => "exchange_target_refused",
             Self::Exchange(ExchangeError::GatewayMisconfigured { .. }) => {
@@ -145,6 +149,13 @@ impl Denial {
                 NoChallenge,
                 "invalid_request",
                 fixed("malformed MCP request"),
+            ),
+            // Which rule the path broke goes to the audit record, not to the client.
+            Self::Path(_) => (
+                400,
+                NoChallenge,
+                "invalid_request",
+                fixed("the request path is not in normal form"),
             ),
             Self::NoRoute => (
                 404,
