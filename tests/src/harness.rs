@@ -99,6 +99,12 @@ pub struct StackOptions {
     pub extra_env: Vec<(String, String)>,
     /// The filter module to load instead of [`filter_wasm`] (e.g. [`full_filter_wasm`]).
     pub filter_wasm: Option<PathBuf>,
+    /// Send Envoy's `mcp_upstream` cluster to this port instead of the MCP server.
+    pub upstream_port: Option<u16>,
+    /// Keep the path normalisation `envoy/demo.yaml` configures (`normalize_path`,
+    /// `merge_slashes`, `path_with_escaped_slashes_action`); `false` removes it, so the filter
+    /// sees every path exactly as the client sent it.
+    pub envoy_path_normalisation: bool,
 }
 
 /// A second (third, …) MCP server, reached through Envoy at `{prefix}mcp`.
@@ -124,6 +130,8 @@ impl Default for StackOptions {
             extra_upstreams: Vec::new(),
             extra_env: Vec::new(),
             filter_wasm: None,
+            upstream_port: None,
+            envoy_path_normalisation: true,
         }
     }
 }
@@ -176,7 +184,8 @@ impl Stack {
         };
         let envoy = Envoy::start(&EnvoyParams {
             idp_port,
-            upstream_port: upstream.port(),
+            upstream_port: opts.upstream_port.unwrap_or(upstream.port()),
+            path_normalisation: opts.envoy_path_normalisation,
             plugin_patch: &opts.plugin_patch,
             concurrency: opts.concurrency,
             secret: &opts.secret,
@@ -235,6 +244,7 @@ impl Stack {
 struct EnvoyParams<'a> {
     idp_port: u16,
     upstream_port: u16,
+    path_normalisation: bool,
     plugin_patch: &'a Value,
     concurrency: u32,
     secret: &'a str,
@@ -396,6 +406,26 @@ fn add_extra_routes(bootstrap: &mut Value, extra: &[(String, u16)]) -> anyhow::R
     Ok(())
 }
 
+/// The HCM fields with which Envoy normalises paths before any filter sees them.
+pub const ENVOY_PATH_NORMALISATION: [&str; 3] = [
+    "normalize_path",
+    "merge_slashes",
+    "path_with_escaped_slashes_action",
+];
+
+fn remove_path_normalisation(bootstrap: &mut Value) -> anyhow::Result<()> {
+    let hcm = bootstrap
+        .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| anyhow!("no http_connection_manager"))?;
+    for field in ENVOY_PATH_NORMALISATION {
+        if hcm.remove(field).is_none() {
+            bail!("envoy/demo.yaml does not set {field}");
+        }
+    }
+    Ok(())
+}
+
 impl Envoy {
     fn start(p: &EnvoyParams<'_>) -> anyhow::Result<Envoy> {
         let dir = TempDir::new()?;
@@ -408,6 +438,9 @@ impl Envoy {
         set_cluster_port(&mut bootstrap, "mcp_upstream", p.upstream_port)?;
         set_cluster_port(&mut bootstrap, "okta", p.idp_port)?;
         add_extra_routes(&mut bootstrap, p.extra_routes)?;
+        if !p.path_normalisation {
+            remove_path_normalisation(&mut bootstrap)?;
+        }
 
         let mut plugin = plugin_config(&mut bootstrap)?;
         retarget_idp(&mut plugin, p.idp_port);

@@ -10,3 +10,4 @@ pub mod harness;
 pub mod idp;
 pub mod mcp;
 pub mod oci;
+pub mod permissive_path;
