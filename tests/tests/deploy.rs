@@ -326,6 +326,35 @@ fn validate_synthetic(bootstrap: &Value, env_keys: &BTreeSet<String>, name: &str
 // Envoy bootstraps
 // ---------------------------------------------------------------------------------------------
 
+/// Every HTTP connection manager of a shipped bootstrap normalises paths before the filter sees
+/// them (the filter's own checks are the second line; see README "Threat model").
+fn assert_paths_normalised(bootstrap: &Value, what: &str) {
+    let mut managers = 0;
+    for listener in bootstrap["static_resources"]["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for chain in listener["filter_chains"].as_array().into_iter().flatten() {
+            for filter in chain["filters"].as_array().into_iter().flatten() {
+                if filter["name"] != "envoy.filters.network.http_connection_manager" {
+                    continue;
+                }
+                managers += 1;
+                let hcm = &filter["typed_config"];
+                assert_eq!(hcm["normalize_path"], true, "{what}: normalize_path");
+                assert_eq!(hcm["merge_slashes"], true, "{what}: merge_slashes");
+                let action = hcm["path_with_escaped_slashes_action"].as_str();
+                assert!(
+                    matches!(action, Some("REJECT_REQUEST" | "UNESCAPE_AND_REDIRECT")),
+                    "{what}: path_with_escaped_slashes_action is {action:?}"
+                );
+            }
+        }
+    }
+    assert!(managers > 0, "{what}: no http_connection_manager");
+}
+
 #[test]
 fn every_envoy_bootstrap_validates() {
     let root = workspace_root();
@@ -385,6 +414,8 @@ fn every_envoy_bootstrap_validates() {
                 }
             }
         }
+
+        assert_paths_normalised(bootstrap, &what);
 
         // The module path is relative: validate from the repository root as is, or (when the
         // module lives elsewhere, FILTER_WASM) a copy that points at it.
@@ -520,6 +551,7 @@ const KNOWN_KINDS: &[(&str, &str)] = &[
     ("EnvoyPatchPolicy", "gateway.envoyproxy.io/v1alpha1"),
     ("EnvoyProxy", "gateway.envoyproxy.io/v1alpha1"),
     ("HTTPRouteFilter", "gateway.envoyproxy.io/v1alpha1"),
+    ("ClientTrafficPolicy", "gateway.envoyproxy.io/v1alpha1"),
     ("Gateway", "gateway.networking.k8s.io/"),
     ("HTTPRoute", "gateway.networking.k8s.io/"),
 ];
@@ -557,6 +589,23 @@ fn kubernetes_manifests_are_well_formed() {
     ] {
         assert!(!of_kind(&all, kind).is_empty(), "no {kind} under envoy/");
     }
+    // Envoy Gateway's listeners refuse escaped slashes and merge `//` (README "Threat model").
+    let paths = of_kind(&all, "ClientTrafficPolicy");
+    assert_eq!(
+        paths.len(),
+        1,
+        "one ClientTrafficPolicy for the MCP Gateway"
+    );
+    let (file, policy) = paths[0];
+    assert_eq!(
+        policy["spec"]["path"]["escapedSlashesAction"], "RejectRequest",
+        "{file}"
+    );
+    assert_eq!(
+        policy["spec"]["path"]["disableMergeSlashes"], false,
+        "{file}"
+    );
+    assert_eq!(policy["spec"]["targetRefs"][0]["kind"], "Gateway", "{file}");
 }
 
 /// The Istio outbound cluster name for a ServiceEntry host and port.
