@@ -17,8 +17,7 @@ use std::time::Duration;
 use sha2::Digest as _;
 
 use log::{debug, info, warn};
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{Action, BufferType, MapType};
+use proxy_wasm::types::Action;
 
 use crate::audit::{AuditRecord, CacheUse};
 use crate::cache::{
@@ -30,7 +29,7 @@ use crate::config::{ExchangeTarget, IdentityClaim, KeySource, Policy, RemoteJwks
 use crate::exchange::{
     self, describe_error_body, ExchangeError, ExchangeRequest, MAX_RESPONSE_BYTES,
 };
-use crate::host::{now_ms, request_headers, HostStore};
+use crate::host::{Host, HostError, ProxyWasmHost};
 use crate::jwks::{sanitize, KeySet, MAX_JWKS_BYTES};
 use crate::mcp::{self, BodyError, Call};
 use crate::metrics::{CounterId, Metrics};
@@ -205,7 +204,9 @@ pub fn with_gateway<R>(
     }
 }
 
-pub struct Gateway {
+/// The flow, over any [`Host`]: [`ProxyWasmHost`] in Envoy, a fake host in unit tests.
+pub struct Gateway<H: Host = ProxyWasmHost> {
+    host: H,
     pub policy: Rc<Policy>,
     worker_id: u32,
     keys: KeyState,
@@ -234,10 +235,10 @@ pub struct Gateway {
     clock: CoarseClock,
 }
 
-impl Gateway {
+impl<H: Host> Gateway<H> {
     /// `namespace` separates this configuration's shared data from any other's; `worker_id` is
     /// unique among the VMs sharing it.
-    pub fn new(policy: Policy, namespace: &str, worker_id: u32) -> Self {
+    pub fn new(host: H, policy: Policy, namespace: &str, worker_id: u32) -> Self {
         let keys = match &policy.keys {
             KeySource::Inline(set) => KeyState {
                 keys: Some(Rc::new(set.clone())),
@@ -249,6 +250,7 @@ impl Gateway {
         let allowed_counter = metrics.counter("requests.allowed");
         let cache_hit_counter = metrics.counter("cache.hits");
         Self {
+            host,
             worker_id,
             allowed_counter,
             cache_hit_counter,
@@ -279,8 +281,8 @@ impl Gateway {
     /// Envoy ignores a CAS of 0 (a key never written), so two workers racing for a fresh lease
     /// slot could both win. Writing every lease slot once, before traffic, closes that race.
     pub fn prepare_shared_slots(&mut self) {
-        self.store.prepare_leases(&HostStore);
-        self.store_generation = self.store.generation(&HostStore);
+        self.store.prepare_leases(&self.host);
+        self.store_generation = self.store.generation(&self.host);
     }
 
     /// The upstream answered a forwarded request. A 401 means it rejected the backend token:
@@ -296,7 +298,7 @@ impl Gateway {
     pub fn on_backend_token_status(&mut self, key: &Digest32, status: Option<&[u8]>) {
         if status == Some(b"401") {
             self.verified.forget_backend(key);
-            if self.store.remove(&HostStore, key) {
+            if self.store.remove(&self.host, key) {
                 self.metrics.inc("cache.invalidated");
                 info!("upstream answered 401; dropped the cached exchanged token");
             }
@@ -312,6 +314,18 @@ impl Gateway {
         }
     }
 
+    /// Whether nothing is kept for any request, exchange or waiter (a JWKS fetch may run): what
+    /// every map must come back to once all requests have ended and all callouts answered.
+    #[cfg(test)]
+    pub fn is_idle(&self) -> bool {
+        self.streams.is_empty()
+            && self.body_checks.is_empty()
+            && self.forwarded.is_empty()
+            && self.in_flight.is_empty()
+            && self.remote_waiters.is_empty()
+            && self.callouts.values().all(|c| matches!(c, Callout::Jwks))
+    }
+
     /// Whether the response to this request must be looked at (an upstream 401 drops the
     /// backend token it was sent with from the caches).
     pub fn watches_response(&self, context_id: u32) -> bool {
@@ -322,7 +336,7 @@ impl Gateway {
     ///
     /// All request headers come in one host call and are read in place (see `header_map`).
     pub fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Admission {
-        let Some(headers) = request_headers() else {
+        let Some(headers) = self.host.request_headers() else {
             return Admission::Full(self.deny_unrouted(Denial::Internal));
         };
         // No `:path` is no request Envoy would route: refused like any path not in normal form.
@@ -334,7 +348,7 @@ impl Gateway {
 
         if let Some(metadata) = self.policy.metadata_for(&path) {
             let method = headers.get(":method").unwrap_or(b"GET");
-            return Admission::Full(serve_metadata(method, &metadata.document));
+            return Admission::Full(serve_metadata(&self.host, method, &metadata.document));
         }
         let Some(route_index) = self.policy.route_index(&path) else {
             return Admission::Full(match self.policy.unmatched {
@@ -367,7 +381,7 @@ impl Gateway {
             }
             _ => &[],
         };
-        let now = self.clock.observe(now_ms());
+        let now = self.clock.observe(self.host.now_ms());
         let token = match extract_bearer(auth, raw_path, policy.inbound.max_token_bytes) {
             Ok(t) => t,
             Err(e) => {
@@ -469,13 +483,11 @@ impl Gateway {
         let principal = Rc::clone(&entry.principal);
         let digest = entry.digest;
         let rewritten = match &backend {
-            Some((authorization, ..)) => hostcalls::set_map_value(
-                MapType::HttpRequestHeaders,
-                "authorization",
-                Some(authorization),
-            ),
+            Some((authorization, ..)) => self
+                .host
+                .set_request_header("authorization", Some(authorization)),
             None if policy.forward_token => Ok(()),
-            None => hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", None),
+            None => self.host.set_request_header("authorization", None),
         };
         if rewritten.is_err() || self.set_identity_headers(&principal).is_err() {
             return None;
@@ -530,7 +542,7 @@ impl Gateway {
         } else if !end_of_stream {
             return Action::Pause;
         } else {
-            match read_request_body(body_size) {
+            match read_request_body(&self.host, body_size) {
                 Ok(calls) => self.check_body_calls(context_id, &calls),
                 Err(e) => Err(Denial::McpBody(e)),
             }
@@ -713,7 +725,7 @@ impl Gateway {
         if let Some(s) = self.streams.get_mut(&context_id) {
             s.exchange_key = Some(subject.key);
         }
-        if let Some((backend, until)) = self.store.get(&HostStore, &subject.key, secs(now_ms)) {
+        if let Some((backend, until)) = self.store.get(&self.host, &subject.key, secs(now_ms)) {
             self.set_cache_use(context_id, CacheUse::Hit);
             return Step::Forward(Upstream::Exchanged {
                 token: backend.into(),
@@ -733,7 +745,7 @@ impl Gateway {
         let lease_ttl = target.timeout.as_millis() as u64 + 1000;
         match self
             .store
-            .try_lease(&HostStore, &subject.key, self.worker_id, now_ms, lease_ttl)
+            .try_lease(&self.host, &subject.key, self.worker_id, now_ms, lease_ttl)
         {
             LeaseOutcome::Acquired => {
                 self.set_cache_use(context_id, CacheUse::Miss);
@@ -788,11 +800,10 @@ impl Gateway {
             .iter()
             .map(|(k, v)| (*k, v.as_str()))
             .collect();
-        match hostcalls::dispatch_http_call(
+        match self.host.dispatch(
             &target.cluster,
-            headers,
+            &headers,
             Some(&request.body),
-            vec![],
             target.timeout,
         ) {
             Ok(id) => {
@@ -808,9 +819,9 @@ impl Gateway {
                 );
                 Step::Wait
             }
-            Err(status) => {
+            Err(HostError) => {
                 warn!(
-                    "token exchange callout to cluster {} could not be dispatched: {status:?}",
+                    "token exchange callout to cluster {} could not be dispatched",
                     target.cluster
                 );
                 let e = ExchangeError::Unavailable {
@@ -844,7 +855,7 @@ impl Gateway {
     /// with the other workers' waiting requests for `FAILURE_TTL_MS`.
     fn release_lease(&self, key: &Digest32, failure: Option<&ExchangeError>, now_ms: u64) {
         self.store.release(
-            &HostStore,
+            &self.host,
             key,
             self.worker_id,
             failure,
@@ -856,7 +867,8 @@ impl Gateway {
     fn set_fast_tick(&mut self, fast: bool) {
         if self.fast_tick != fast {
             self.fast_tick = fast;
-            let _ = hostcalls::set_tick_period(if fast { FAST_TICK } else { TICK });
+            self.host
+                .set_tick_period(if fast { FAST_TICK } else { TICK });
         }
     }
 
@@ -913,16 +925,18 @@ impl Gateway {
             (":authority", remote.authority.as_str()),
             ("accept", "application/json"),
         ];
-        match hostcalls::dispatch_http_call(&remote.cluster, headers, None, vec![], remote.timeout)
+        match self
+            .host
+            .dispatch(&remote.cluster, &headers, None, remote.timeout)
         {
             Ok(id) => {
                 self.keys.in_flight = Some((id, now_ms));
                 self.callouts.insert(id, Callout::Jwks);
             }
-            Err(status) => {
+            Err(HostError) => {
                 self.metrics.inc("jwks.fetch_failed");
                 warn!(
-                    "JWKS callout to cluster {} could not be dispatched: {status:?}",
+                    "JWKS callout to cluster {} could not be dispatched",
                     remote.cluster
                 )
             }
@@ -931,8 +945,8 @@ impl Gateway {
 
     /// Periodic work from the root context's tick.
     pub fn on_tick(&mut self) {
-        let now = self.clock.observe(now_ms());
-        self.metrics.flush();
+        let now = self.clock.observe(self.host.now_ms());
+        self.metrics.flush(&self.host);
         self.poll_remote_waiters(now);
         if let Some(remote) = self.remote().cloned() {
             self.tick_keys(&remote, now);
@@ -940,11 +954,11 @@ impl Gateway {
         self.sweep_stale_exchanges(now);
         if now.saturating_sub(self.last_sweep_ms) >= TICK.as_millis() as u64 {
             self.store
-                .sweep(&HostStore, secs(now), SWEEP_SLOTS_PER_TICK);
+                .sweep(&self.host, secs(now), SWEEP_SLOTS_PER_TICK);
             self.last_sweep_ms = now;
             // Another worker dropped a backend token the upstream rejected: the copies this
             // worker keeps in front of the store may include it.
-            let generation = self.store.generation(&HostStore);
+            let generation = self.store.generation(&self.host);
             if generation != self.store_generation {
                 self.store_generation = generation;
                 self.verified.forget_backends();
@@ -1008,7 +1022,7 @@ impl Gateway {
             if !self.streams.contains_key(&w.context_id) {
                 continue;
             }
-            if let Some((backend, until)) = self.store.get(&HostStore, &w.subject.key, secs(now)) {
+            if let Some((backend, until)) = self.store.get(&self.host, &w.subject.key, secs(now)) {
                 let upstream = Upstream::Exchanged {
                     token: backend.into(),
                     until: Some(until),
@@ -1017,7 +1031,7 @@ impl Gateway {
                 continue;
             }
             let lease_ttl = w.target.timeout.as_millis() as u64 + 1000;
-            match self.store.lease_status(&HostStore, &w.subject.key, now) {
+            match self.store.lease_status(&self.host, &w.subject.key, now) {
                 LeaseStatus::InProgress if now.saturating_sub(w.since_ms) <= lease_ttl + 1000 => {
                     self.remote_waiters.push(w)
                 }
@@ -1040,7 +1054,7 @@ impl Gateway {
                         continue;
                     }
                     match self.store.try_lease(
-                        &HostStore,
+                        &self.host,
                         &w.subject.key,
                         self.worker_id,
                         now,
@@ -1107,8 +1121,7 @@ impl Gateway {
         let Some(callout) = self.callouts.remove(&token_id) else {
             return;
         };
-        let headers =
-            hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let headers = self.host.callout_headers();
         let header = |name: &str| {
             headers
                 .iter()
@@ -1128,12 +1141,9 @@ impl Gateway {
         } else if body_size == 0 {
             Vec::new()
         } else {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
+            self.host.callout_body(body_size).unwrap_or_default()
         };
-        let now = self.clock.observe(now_ms());
+        let now = self.clock.observe(self.host.now_ms());
         match callout {
             Callout::Jwks => self.on_jwks_response(status, &body, now),
             Callout::Exchange {
@@ -1164,7 +1174,8 @@ impl Gateway {
     ) {
         self.in_flight.remove(&subject.key);
         let elapsed = now.saturating_sub(started_ms);
-        self.metrics.record("exchange.latency_ms", elapsed);
+        self.metrics
+            .record(&self.host, "exchange.latency_ms", elapsed);
         let outcome = match outcome {
             // No response at all, at the timeout: Envoy gave up waiting.
             Err(ExchangeError::Unavailable { status: None, .. })
@@ -1192,7 +1203,7 @@ impl Gateway {
                 );
                 if let Some(until) = until {
                     self.store
-                        .put(&HostStore, &subject.key, &exchanged.access_token, until);
+                        .put(&self.host, &subject.key, &exchanged.access_token, until);
                 }
                 self.release_lease(&subject.key, None, now);
                 Step::Forward(Upstream::Exchanged {
@@ -1326,7 +1337,7 @@ impl Gateway {
         if matches!(step, Step::Wait) || !self.streams.contains_key(&context_id) {
             return;
         }
-        if hostcalls::set_effective_context(context_id).is_err() {
+        if self.host.set_effective_context(context_id).is_err() {
             // The request is gone (client disconnected); nothing to answer.
             self.streams.remove(&context_id);
             return;
@@ -1334,7 +1345,7 @@ impl Gateway {
         match step {
             Step::Forward(upstream) => {
                 if self.forward(context_id, &upstream).is_ok() {
-                    let _ = hostcalls::resume_http_request();
+                    self.host.resume_request();
                 } else {
                     self.answer(context_id, &Denial::Internal);
                 }
@@ -1346,22 +1357,15 @@ impl Gateway {
 
     /// Rewrites the request for the upstream: the backend token replaces the client's, and the
     /// identity headers are set from the verified claims (client-sent values never survive).
-    fn forward(
-        &mut self,
-        context_id: u32,
-        upstream: &Upstream,
-    ) -> Result<(), proxy_wasm::types::Status> {
+    fn forward(&mut self, context_id: u32, upstream: &Upstream) -> Result<(), HostError> {
         let Some(stream) = self.streams.remove(&context_id) else {
-            return Err(proxy_wasm::types::Status::NotFound);
+            return Err(HostError);
         };
         let backend_fingerprint = match upstream {
             Upstream::Exchanged { token, until } => {
                 let authorization: Rc<str> = format!("Bearer {token}").into();
-                hostcalls::set_map_value(
-                    MapType::HttpRequestHeaders,
-                    "authorization",
-                    Some(&authorization),
-                )?;
+                self.host
+                    .set_request_header("authorization", Some(&authorization))?;
                 let fingerprint: Rc<str> = fingerprint(&token_digest(token)).into();
                 if let (Some(until), Some(target), Some(key), true) = (
                     until,
@@ -1386,7 +1390,7 @@ impl Gateway {
             }
             Upstream::Validated if self.policy.forward_token => None,
             Upstream::Validated => {
-                hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", None)?;
+                self.host.set_request_header("authorization", None)?;
                 None
             }
         };
@@ -1414,10 +1418,10 @@ impl Gateway {
 
     /// Identity headers from the verified claims; a header whose claim is absent is removed,
     /// so a client-sent value never reaches the upstream.
-    fn set_identity_headers(&self, p: &Principal) -> Result<(), proxy_wasm::types::Status> {
+    fn set_identity_headers(&self, p: &Principal) -> Result<(), HostError> {
         for (header, claim) in &self.policy.identity_headers {
             let value = identity_value(p, *claim);
-            hostcalls::set_map_value(MapType::HttpRequestHeaders, header, value.as_deref())?;
+            self.host.set_request_header(header, value.as_deref())?;
         }
         Ok(())
     }
@@ -1438,14 +1442,14 @@ impl Gateway {
         if let Some(s) = &stream {
             self.audit_stream(s, Some((denial, reply.status)), None);
         }
-        send_reply(&reply);
+        send_reply(&self.host, &reply);
     }
 
     /// Denials before a request has state (no route, no token).
     fn deny_unrouted(&mut self, denial: Denial) -> Action {
         self.metrics
             .inc(&format!("requests.denied.{}", denial.reason()));
-        send_reply(&denial.reply(&Default::default(), &[]));
+        send_reply(&self.host, &denial.reply(&Default::default(), &[]));
         Action::Pause
     }
 
@@ -1460,7 +1464,7 @@ impl Gateway {
             info!(
                 "{}",
                 AuditRecord {
-                    time_ms: now_ms(),
+                    time_ms: self.host.now_ms(),
                     allowed: false,
                     reason: denial.reason(),
                     detail: Some(error.as_str()),
@@ -1470,7 +1474,7 @@ impl Gateway {
                 .to_json()
             );
         }
-        send_reply(&reply);
+        send_reply(&self.host, &reply);
         Action::Pause
     }
 
@@ -1493,16 +1497,16 @@ impl Gateway {
                 .to_json()
             );
         }
-        send_reply(&reply);
+        send_reply(&self.host, &reply);
         Action::Pause
     }
 
     /// Public routes and passed-through unmatched paths: no authentication, and nothing of the
     /// client's credentials or claimed identity reaches the upstream.
     fn pass_unauthenticated(&mut self) -> Action {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", None);
+        let _ = self.host.set_request_header("authorization", None);
         for (header, _) in &self.policy.identity_headers {
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, header, None);
+            let _ = self.host.set_request_header(header, None);
         }
         self.metrics.inc("requests.public");
         Action::Continue
@@ -1531,7 +1535,7 @@ impl Gateway {
         if !self.policy.audit_log {
             return;
         }
-        let now = now_ms();
+        let now = self.host.now_ms();
         let principal = facts.principal;
         let token_label = principal
             .and_then(|p| p.jti.as_deref())
@@ -1603,28 +1607,25 @@ fn identity_value(p: &Principal, claim: IdentityClaim) -> Option<String> {
     (!v.chars().any(|c| c.is_control())).then_some(v)
 }
 
-fn read_request_body(body_size: usize) -> Result<Vec<Call>, BodyError> {
+fn read_request_body(host: &impl Host, body_size: usize) -> Result<Vec<Call>, BodyError> {
     if body_size == 0 {
         return Ok(Vec::new());
     }
-    let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+    let body = host.request_body(body_size).unwrap_or_default();
     mcp::calls_in_body(&body)
 }
 
-fn send_reply(reply: &crate::reply::Reply) {
+fn send_reply(host: &impl Host, reply: &crate::reply::Reply) {
     let headers: Vec<(&str, &str)> = reply
         .headers
         .iter()
         .map(|(k, v)| (*k, v.as_str()))
         .collect();
-    let _ = hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+    host.send_reply(reply.status, &headers, Some(reply.body.as_bytes()));
 }
 
 /// RFC 9728 metadata, readable by browser-based MCP clients (CORS).
-fn serve_metadata(method: &[u8], document: &str) -> Action {
+fn serve_metadata(host: &impl Host, method: &[u8], document: &str) -> Action {
     let cors = [
         ("access-control-allow-origin", "*"),
         ("access-control-allow-methods", "GET, HEAD, OPTIONS"),
@@ -1633,19 +1634,19 @@ fn serve_metadata(method: &[u8], document: &str) -> Action {
     ];
     match method {
         b"OPTIONS" => {
-            let _ = hostcalls::send_http_response(204, cors.to_vec(), None);
+            host.send_reply(204, &cors, None);
         }
         b"GET" | b"HEAD" => {
             let mut headers = cors.to_vec();
             headers.push(("content-type", "application/json"));
             headers.push(("cache-control", "public, max-age=300"));
             let body = (method == b"GET").then_some(document.as_bytes());
-            let _ = hostcalls::send_http_response(200, headers, body);
+            host.send_reply(200, &headers, body);
         }
         _ => {
-            let _ = hostcalls::send_http_response(
+            host.send_reply(
                 405,
-                vec![("allow", "GET, HEAD, OPTIONS"), ("content-type", "application/json")],
+                &[("allow", "GET, HEAD, OPTIONS"), ("content-type", "application/json")],
                 Some(br#"{"error":"invalid_request","error_description":"metadata is read with GET"}"#),
             );
         }

@@ -1,12 +1,155 @@
-//! The few host services the flow needs, implemented over proxy-wasm host calls.
+//! Everything the request flow asks of Envoy, as one trait: the flow ([`Gateway`]) is generic
+//! over it, so it runs natively against a test host (`fake_host`) as well as in Envoy, where
+//! [`ProxyWasmHost`] makes the proxy-wasm host calls. `ProxyWasmHost` has no state, so the
+//! generic code compiles to the same calls it made before the trait.
+//!
+//! [`Gateway`]: crate::gateway::Gateway
 
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::Status;
+use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
 use crate::cache::{CasMismatch, SharedStore};
 use crate::header_map::SerializedHeaders;
+
+/// A host call failed (the host's status is logged where it matters, never acted on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError;
+
+impl From<Status> for HostError {
+    fn from(_: Status) -> Self {
+        HostError
+    }
+}
+
+/// What the flow needs from Envoy. Request-scoped calls act on the *effective* context: the
+/// request whose callback is running, or the one `set_effective_context` chose.
+pub trait Host: SharedStore {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+    /// All request headers, in one call. `None` if the host refuses.
+    fn request_headers(&self) -> Option<SerializedHeaders>;
+    /// Replaces (or with `None` removes) a request header.
+    fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError>;
+    /// The first `size` bytes of the buffered request body.
+    fn request_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// Answers the request locally.
+    fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>);
+    /// Makes `context_id` the request later calls act on; fails if it is gone.
+    fn set_effective_context(&self, context_id: u32) -> Result<(), HostError>;
+    /// Lets a paused request continue upstream.
+    fn resume_request(&self);
+    /// Starts an HTTP callout to an Envoy cluster; the token identifies its answer.
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<u32, HostError>;
+    /// The headers of the callout answer being delivered.
+    fn callout_headers(&self) -> Vec<(String, Vec<u8>)>;
+    /// The first `size` bytes of the callout answer's body.
+    fn callout_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// How often the root context's tick runs.
+    fn set_tick_period(&self, period: Duration);
+    /// Defines (or finds) a stat; `None` if the host refuses.
+    fn define_metric(&self, kind: MetricType, name: &str) -> Option<u32>;
+    fn increment_metric(&self, id: u32, by: u64);
+    fn record_metric(&self, id: u32, value: u64);
+}
+
+/// The real host: proxy-wasm host calls.
+#[derive(Clone, Copy, Default)]
+pub struct ProxyWasmHost;
+
+impl SharedStore for ProxyWasmHost {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, u32) {
+        HostStore.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
+        HostStore.set(key, value, cas)
+    }
+}
+
+impl Host for ProxyWasmHost {
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+
+    fn request_headers(&self) -> Option<SerializedHeaders> {
+        request_headers()
+    }
+
+    fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
+        Ok(hostcalls::set_map_value(
+            MapType::HttpRequestHeaders,
+            name,
+            value,
+        )?)
+    }
+
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+            .ok()
+            .flatten()
+    }
+
+    fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>) {
+        let _ = hostcalls::send_http_response(status, headers.to_vec(), body);
+    }
+
+    fn set_effective_context(&self, context_id: u32) -> Result<(), HostError> {
+        Ok(hostcalls::set_effective_context(context_id)?)
+    }
+
+    fn resume_request(&self) {
+        let _ = hostcalls::resume_http_request();
+    }
+
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<u32, HostError> {
+        hostcalls::dispatch_http_call(cluster, headers.to_vec(), body, vec![], timeout).map_err(
+            |status| {
+                log::warn!("callout to cluster {cluster} could not be dispatched: {status:?}");
+                HostError
+            },
+        )
+    }
+
+    fn callout_headers(&self) -> Vec<(String, Vec<u8>)> {
+        hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default()
+    }
+
+    fn callout_body(&self, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size)
+            .ok()
+            .flatten()
+    }
+
+    fn set_tick_period(&self, period: Duration) {
+        let _ = hostcalls::set_tick_period(period);
+    }
+
+    fn define_metric(&self, kind: MetricType, name: &str) -> Option<u32> {
+        hostcalls::define_metric(kind, name).ok()
+    }
+
+    fn increment_metric(&self, id: u32, by: u64) {
+        let _ = hostcalls::increment_metric(id, by as i64);
+    }
+
+    fn record_metric(&self, id: u32, value: u64) {
+        let _ = hostcalls::record_metric(id, value);
+    }
+}
 
 #[cfg(target_arch = "wasm32")]
 #[link(wasm_import_module = "env")]

@@ -29,6 +29,12 @@ mod metrics;
 mod root;
 
 #[cfg(test)]
+mod fake_host;
+#[cfg(test)]
+mod flow_properties;
+#[cfg(test)]
+mod flow_tests;
+#[cfg(test)]
 mod test_keys;
 
 proxy_wasm::main! {{

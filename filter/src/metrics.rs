@@ -8,8 +8,9 @@
 
 use std::collections::HashMap;
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
+
+use crate::host::Host;
 
 pub const PREFIX: &str = "mcp_token_exchange";
 
@@ -17,6 +18,8 @@ pub const PREFIX: &str = "mcp_token_exchange";
 pub struct CounterId(usize);
 
 struct Counter {
+    name: String,
+    /// Envoy's id, once defined (on the first flush after the counter was named).
     id: Option<u32>,
     pending: u64,
 }
@@ -29,13 +32,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The counter named `name` (defined in Envoy on first use), for [`Metrics::add`].
+    /// The counter named `name` (defined in Envoy when first flushed), for [`Metrics::add`].
     pub fn counter(&mut self, name: &str) -> CounterId {
         if let Some(i) = self.counter_index.get(name) {
             return CounterId(*i);
         }
-        let id = hostcalls::define_metric(MetricType::Counter, &format!("{PREFIX}.{name}")).ok();
-        self.counters.push(Counter { id, pending: 0 });
+        self.counters.push(Counter {
+            name: format!("{PREFIX}.{name}"),
+            id: None,
+            pending: 0,
+        });
         let index = self.counters.len() - 1;
         self.counter_index.insert(name.to_string(), index);
         CounterId(index)
@@ -54,30 +60,32 @@ impl Metrics {
     }
 
     /// Hands the counts gathered since the last flush to Envoy.
-    pub fn flush(&mut self) {
+    pub fn flush(&mut self, host: &impl Host) {
         for c in &mut self.counters {
+            // Defined even at zero, so a counter shows in Envoy's stats before it first counts.
+            if c.id.is_none() {
+                c.id = host.define_metric(MetricType::Counter, &c.name);
+            }
             if c.pending > 0 {
                 if let Some(id) = c.id {
-                    let _ = hostcalls::increment_metric(id, c.pending as i64);
+                    host.increment_metric(id, c.pending);
                 }
                 c.pending = 0;
             }
         }
     }
 
-    pub fn record(&mut self, name: &str, value: u64) {
+    pub fn record(&mut self, host: &impl Host, name: &str, value: u64) {
         let id = match self.histograms.get(name) {
             Some(id) => *id,
             None => {
-                let id =
-                    hostcalls::define_metric(MetricType::Histogram, &format!("{PREFIX}.{name}"))
-                        .ok();
+                let id = host.define_metric(MetricType::Histogram, &format!("{PREFIX}.{name}"));
                 self.histograms.insert(name.to_string(), id);
                 id
             }
         };
         if let Some(id) = id {
-            let _ = hostcalls::record_metric(id, value);
+            host.record_metric(id, value);
         }
     }
 }

@@ -11,7 +11,7 @@ use proxy_wasm::types::ContextType;
 use crate::cache::{fingerprint, token_digest};
 use crate::config::parse_policy;
 use crate::gateway::{with_gateway, Gateway, SharedGateway, TICK};
-use crate::host::{allocate_worker_id, HostStore};
+use crate::host::{allocate_worker_id, HostStore, ProxyWasmHost};
 use crate::http::RequestContext;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -72,7 +72,7 @@ impl RootContext for Root {
                     &HostStore,
                     &format!("mcp_token_exchange/{namespace}/workers"),
                 );
-                let mut gateway = Gateway::new(policy, &namespace, worker_id);
+                let mut gateway = Gateway::new(ProxyWasmHost, policy, &namespace, worker_id);
                 gateway.prepare_shared_slots();
                 self.gateway = Some(Rc::new(RefCell::new(gateway)));
                 self.set_tick_period(TICK);

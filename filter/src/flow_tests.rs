@@ -1,0 +1,538 @@
+//! The request flow as scenarios, natively: one or more `Gateway`s (Envoy workers) over
+//! `FakeHost`s that share shared data, with the test playing Envoy (requests, callout answers,
+//! ticks, clients going away) and the IdP. Each test is one path through the flow; the property
+//! test at the end drives random interleavings against the flow's invariants.
+
+use std::collections::HashMap;
+
+use proxy_wasm::types::Action;
+use serde_json::{json, Value};
+
+use crate::cache::Digest32;
+use crate::config::parse_policy;
+use crate::fake_host::{Callout, FakeHost, Fate};
+use crate::gateway::{Admission, Gateway};
+use crate::test_keys;
+
+/// The fake clock's start, ms since the epoch.
+pub(crate) const T0_MS: u64 = 1_800_000_000_000;
+const ISSUER: &str = "https://idp.example.com/oauth2/mcp";
+const SECRET: &str = "s3cret-never-logged";
+
+pub(crate) fn config() -> Value {
+    json!({
+        "issuer": ISSUER,
+        "audiences": ["mcpserver"],
+        "required_scopes": ["mcp:tools:call"],
+        "jwks": {"inline": test_keys::jwks_json()},
+        "exchange": {
+            "cluster": "okta", "path": "/oauth2/backend/v1/token", "authority": "idp.example.com",
+            "client_id": "gw", "client_secret_env": "SECRET",
+            "audience": "backend", "scope": "backend-api:read"
+        }
+    })
+}
+
+/// The same with keys fetched from the `okta` cluster.
+fn remote_keys_config() -> Value {
+    let mut c = config();
+    c["jwks"] = json!({"cluster": "okta", "path": "/oauth2/mcp/v1/keys",
+                       "authority": "idp.example.com", "max_wait_ms": 2000,
+                       "min_refetch_interval_seconds": 30});
+    c
+}
+
+pub(crate) fn token_at(now_ms: u64, sub: &str, kid: &str) -> String {
+    let now = (now_ms / 1000) as i64;
+    test_keys::sign(
+        &json!({"alg": "RS256", "kid": kid, "typ": "JWT"}),
+        &json!({"iss": ISSUER, "aud": "mcpserver", "sub": sub, "scp": ["mcp:tools:call"],
+                "iat": now, "exp": now + 3600, "jti": format!("jti-{sub}")}),
+    )
+}
+
+fn user_token(sub: &str) -> String {
+    token_at(T0_MS, sub, "k1")
+}
+
+/// One Envoy worker: a gateway and the test's handle on its host.
+pub(crate) struct Worker {
+    pub(crate) host: FakeHost,
+    pub(crate) gw: Gateway<FakeHost>,
+    /// Requests forwarded on the cached path, with the key of their backend token: what
+    /// `http.rs` keeps in the request's context for the upstream's answer.
+    cached: HashMap<u32, Option<Digest32>>,
+}
+
+impl Worker {
+    pub(crate) fn new(host: FakeHost, config: &Value, worker_id: u32) -> Self {
+        let env = |name: &str| (name == "SECRET").then(|| SECRET.to_string());
+        let policy = match parse_policy(config.to_string().as_bytes(), &env) {
+            Ok(p) => p,
+            Err(e) => panic!("test configuration refused: {e}"),
+        };
+        let mut gw = Gateway::new(host.clone(), policy, "test", worker_id);
+        gw.prepare_shared_slots();
+        Self {
+            host,
+            gw,
+            cached: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn first(config: &Value) -> Self {
+        Self::new(FakeHost::at(T0_MS), config, 1)
+    }
+
+    /// Another worker of the same Envoy (same shared data, same clock).
+    pub(crate) fn sibling(&self, config: &Value, worker_id: u32) -> Self {
+        Self::new(self.host.sibling(), config, worker_id)
+    }
+
+    /// A request's headers arrive (`end_of_stream`: no body follows).
+    pub(crate) fn send_headers(
+        &mut self,
+        id: u32,
+        headers: &[(&str, &str)],
+        end_of_stream: bool,
+    ) -> Action {
+        self.host.arrive(id, headers, b"");
+        let action = match self.gw.on_request_headers(id, end_of_stream) {
+            Admission::Cached { backend_key } => {
+                self.cached.insert(id, backend_key);
+                Action::Continue
+            }
+            Admission::Full(action) => action,
+        };
+        if action == Action::Continue {
+            self.host.continued(id);
+        }
+        action
+    }
+
+    /// `POST /mcp` with this bearer token and no body.
+    pub(crate) fn send(&mut self, id: u32, token: &str) -> Action {
+        let auth = format!("Bearer {token}");
+        self.send_headers(
+            id,
+            &[
+                (":method", "POST"),
+                (":path", "/mcp"),
+                ("authorization", &auth),
+            ],
+            true,
+        )
+    }
+
+    /// The IdP (or JWKS endpoint) answers a callout.
+    pub(crate) fn answer(&mut self, callout: &Callout, status: Option<u16>, body: &str) {
+        self.host.answer_with(status, &[], body.as_bytes());
+        self.gw.on_http_call_response(callout.token, body.len());
+    }
+
+    /// The upstream's response headers arrive, as `http.rs` hands them on.
+    pub(crate) fn upstream_answers(&mut self, id: u32, status: &[u8]) {
+        self.host.enter(id);
+        match self.cached.get(&id) {
+            Some(Some(key)) => self.gw.on_backend_token_status(key, Some(status)),
+            Some(None) => {}
+            None => {
+                if self.gw.watches_response(id) {
+                    self.gw.on_upstream_status(id, Some(status));
+                }
+            }
+        }
+    }
+
+    pub(crate) fn tick(&mut self, ms: u64) {
+        self.host.advance(ms);
+        self.gw.on_tick();
+    }
+
+    /// Envoy deletes the request's context (it ended, or the client went away).
+    pub(crate) fn end(&mut self, id: u32) {
+        if self.cached.remove(&id).is_none() {
+            self.gw.forget(id);
+        }
+    }
+
+    pub(crate) fn abandon(&mut self, id: u32) {
+        self.host.abandon(id);
+        self.end(id);
+    }
+
+    pub(crate) fn exchanges(&self) -> Vec<Callout> {
+        self.host
+            .callouts()
+            .into_iter()
+            .filter(|c| c.path().ends_with("/v1/token"))
+            .collect()
+    }
+
+    pub(crate) fn jwks_fetches(&self) -> Vec<Callout> {
+        self.host
+            .callouts()
+            .into_iter()
+            .filter(|c| c.path().ends_with("/v1/keys"))
+            .collect()
+    }
+
+    pub(crate) fn authorization(&self, id: u32) -> Option<String> {
+        self.host
+            .request(id)
+            .header("authorization")
+            .map(str::to_string)
+    }
+}
+
+pub(crate) fn exchanged(access_token: &str) -> String {
+    json!({"access_token": access_token, "token_type": "Bearer", "expires_in": 3600,
+           "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+           "scope": "backend-api:read"})
+    .to_string()
+}
+
+pub(crate) fn idp_error(error: &str) -> String {
+    json!({"error": error, "error_description": "refused"}).to_string()
+}
+
+fn only<T: Clone>(items: &[T]) -> T {
+    assert_eq!(items.len(), 1, "expected exactly one");
+    items[0].clone()
+}
+
+#[test]
+fn a_miss_exchanges_once_and_forwards_only_the_backend_token() {
+    let mut w = Worker::first(&config());
+    let token = user_token("alice");
+    assert_eq!(w.send(1, &token), Action::Pause);
+    assert_eq!(w.host.fate(1), Fate::Waiting);
+    let call = only(&w.exchanges());
+    assert_eq!(call.cluster, "okta");
+    let form = String::from_utf8_lossy(&call.body).into_owned();
+    assert!(form.contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"));
+    assert!(form.contains(&format!("subject_token={token}")));
+    assert!(form.contains("audience=backend"));
+    assert!(
+        !form.contains(SECRET),
+        "client_secret_basic: the secret is not in the body"
+    );
+
+    w.answer(&call, Some(200), &exchanged("backend-alice"));
+    let r = w.host.request(1);
+    assert_eq!(r.fate, Fate::Forwarded);
+    assert_eq!(r.decisions, 1);
+    assert_eq!(r.header("authorization"), Some("Bearer backend-alice"));
+    assert!(r.headers.iter().all(|(_, v)| !v.contains(&token)));
+    w.end(1);
+    w.tick(500);
+    assert!(w.gw.is_idle());
+    assert_eq!(w.host.counter("requests.allowed"), 1);
+    assert_eq!(w.host.counter("cache.misses"), 1);
+}
+
+#[test]
+fn a_repeated_token_is_forwarded_from_the_cache_without_a_callout() {
+    let mut w = Worker::first(&config());
+    let token = user_token("alice");
+    w.send(1, &token);
+    let call = only(&w.exchanges());
+    w.answer(&call, Some(200), &exchanged("backend-alice"));
+    w.end(1);
+
+    assert_eq!(w.send(2, &token), Action::Continue);
+    assert_eq!(w.authorization(2).as_deref(), Some("Bearer backend-alice"));
+    assert_eq!(w.exchanges().len(), 1, "no second exchange");
+    w.end(2);
+    w.tick(500);
+    assert_eq!(w.host.counter("cache.hits"), 1);
+    assert!(w.gw.is_idle());
+}
+
+#[test]
+fn concurrent_requests_with_one_fresh_token_share_one_exchange() {
+    let mut w = Worker::first(&config());
+    let token = user_token("bob");
+    for id in 1..=8 {
+        assert_eq!(w.send(id, &token), Action::Pause);
+    }
+    let call = only(&w.exchanges());
+    w.answer(&call, Some(200), &exchanged("backend-bob"));
+    for id in 1..=8 {
+        let r = w.host.request(id);
+        assert_eq!((r.fate, r.decisions), (Fate::Forwarded, 1), "request {id}");
+        assert_eq!(r.header("authorization"), Some("Bearer backend-bob"));
+        w.end(id);
+    }
+    w.tick(500);
+    assert_eq!(w.host.counter("cache.coalesced"), 7);
+    assert!(w.gw.is_idle());
+}
+
+#[test]
+fn a_worker_waits_for_the_lease_holder_and_uses_its_token() {
+    let cfg = config();
+    let mut a = Worker::first(&cfg);
+    let mut b = a.sibling(&cfg, 2);
+    let token = user_token("carol");
+    a.send(1, &token);
+    let call = only(&a.exchanges());
+    assert_eq!(b.send(1, &token), Action::Pause, "B waits on A's lease");
+    assert!(b.exchanges().is_empty());
+    assert_eq!(
+        b.host.tick_period().as_millis(),
+        20,
+        "B polls the store quickly"
+    );
+
+    a.answer(&call, Some(200), &exchanged("backend-carol"));
+    b.tick(20);
+    assert_eq!(b.host.fate(1), Fate::Forwarded);
+    assert_eq!(b.authorization(1).as_deref(), Some("Bearer backend-carol"));
+    assert!(b.exchanges().is_empty(), "B never called the IdP");
+    b.end(1);
+    a.end(1);
+    b.tick(500);
+    assert_eq!(
+        b.host.tick_period().as_millis(),
+        500,
+        "back to the normal tick"
+    );
+    assert!(a.gw.is_idle() && b.gw.is_idle());
+}
+
+#[test]
+fn a_lease_whose_holder_went_away_is_taken_over() {
+    let cfg = config();
+    let mut a = Worker::first(&cfg);
+    let mut b = a.sibling(&cfg, 2);
+    let token = user_token("dave");
+    a.send(1, &token);
+    let a_call = only(&a.exchanges());
+    b.send(1, &token);
+    // Worker A never answers again (its VM is gone); its lease runs out (exchange timeout + 1 s).
+    let _ = a_call;
+    let mut waited = 0;
+    while b.exchanges().is_empty() && waited < 10_000 {
+        b.tick(20);
+        waited += 20;
+    }
+    let b_call = only(&b.exchanges());
+    assert!(
+        waited >= 5000,
+        "took over only after the lease expired ({waited} ms)"
+    );
+    b.answer(&b_call, Some(200), &exchanged("backend-dave"));
+    assert_eq!(b.host.fate(1), Fate::Forwarded);
+    assert_eq!(b.authorization(1).as_deref(), Some("Bearer backend-dave"));
+    b.end(1);
+    b.tick(500);
+    assert!(b.gw.is_idle());
+}
+
+#[test]
+fn a_failed_exchange_is_shared_for_its_window_then_retried() {
+    let cfg = config();
+    let mut a = Worker::first(&cfg);
+    let mut b = a.sibling(&cfg, 2);
+    let token = user_token("erin");
+    a.send(1, &token);
+    a.send(2, &token);
+    let call = only(&a.exchanges());
+    a.answer(&call, Some(503), &idp_error("temporarily_unavailable"));
+    for id in [1, 2] {
+        assert_eq!(a.host.fate(id), Fate::Replied(503));
+        assert!(a.host.request(id).reply_header("retry-after").is_some());
+    }
+    // Within the failure window another worker gets the same answer without calling the IdP.
+    b.send(1, &token);
+    assert_eq!(b.host.fate(1), Fate::Replied(503));
+    assert!(b.exchanges().is_empty());
+    // After it, the next request tries again.
+    b.host.advance(1001);
+    b.send(2, &token);
+    let retry = only(&b.exchanges());
+    b.answer(&retry, Some(200), &exchanged("backend-erin"));
+    assert_eq!(b.host.fate(2), Fate::Forwarded);
+    for id in [1, 2] {
+        a.end(id);
+        b.end(id);
+    }
+    assert!(a.gw.is_idle() && b.gw.is_idle());
+}
+
+#[test]
+fn requests_wait_for_the_first_key_set_and_resume_when_it_arrives() {
+    let mut w = Worker::first(&remote_keys_config());
+    let token = user_token("frank");
+    assert_eq!(w.send(1, &token), Action::Pause);
+    assert_eq!(w.send(2, &token), Action::Pause);
+    let fetch = only(&w.jwks_fetches());
+    assert!(
+        w.exchanges().is_empty(),
+        "nothing is exchanged before the token is verified"
+    );
+
+    w.answer(&fetch, Some(200), &test_keys::jwks_json());
+    let call = only(&w.exchanges());
+    w.answer(&call, Some(200), &exchanged("backend-frank"));
+    for id in [1, 2] {
+        assert_eq!(w.host.fate(id), Fate::Forwarded);
+        w.end(id);
+    }
+    assert!(w.gw.is_idle());
+}
+
+#[test]
+fn requests_waiting_for_keys_get_503_after_max_wait() {
+    let mut w = Worker::first(&remote_keys_config());
+    w.send(1, &user_token("gina"));
+    let _fetch = only(&w.jwks_fetches());
+    w.tick(500);
+    assert_eq!(w.host.fate(1), Fate::Waiting);
+    for _ in 0..4 {
+        w.tick(500);
+    }
+    let r = w.host.request(1);
+    assert_eq!(r.fate, Fate::Replied(503));
+    assert!(r.reply_header("retry-after").is_some());
+    w.end(1);
+    assert!(w.gw.is_idle());
+}
+
+#[test]
+fn an_unknown_kid_triggers_one_refetch_per_interval() {
+    let mut w = Worker::first(&remote_keys_config());
+    w.send(1, &user_token("hank"));
+    let first = only(&w.jwks_fetches());
+    w.answer(&first, Some(200), &test_keys::jwks_json());
+    let call = only(&w.exchanges());
+    w.answer(&call, Some(200), &exchanged("backend-hank"));
+    w.end(1);
+
+    // A token signed under a kid the set does not have: one refetch, then a 401.
+    w.tick(31_000);
+    let stranger = token_at(w.host.now(), "ivy", "k9");
+    assert_eq!(w.send(2, &stranger), Action::Pause);
+    let fetches = w.jwks_fetches();
+    assert_eq!(fetches.len(), 2, "one refetch");
+    w.answer(&fetches[1], Some(200), &test_keys::jwks_json());
+    assert_eq!(w.host.fate(2), Fate::Replied(401));
+    // More unknown kids within the interval: refused at once, no fetch.
+    for id in 3..10 {
+        w.send(id, &stranger);
+        assert_eq!(w.host.fate(id), Fate::Replied(401));
+    }
+    assert_eq!(w.jwks_fetches().len(), 2);
+    for id in 2..10 {
+        w.end(id);
+    }
+    assert!(w.gw.is_idle());
+}
+
+#[test]
+fn a_body_that_breaks_tool_policy_is_refused_after_the_headers_went_upstream() {
+    let mut cfg = config();
+    cfg["routes"] = json!([{"path_prefix": "/mcp", "deny_unlisted_tools": true,
+                            "tools": {"whoami": {}}}]);
+    let mut w = Worker::first(&cfg);
+    let auth = format!("Bearer {}", user_token("jack"));
+    let headers = [
+        (":method", "POST"),
+        (":path", "/mcp"),
+        ("authorization", auth.as_str()),
+    ];
+    w.send_headers(1, &headers, false);
+    let call = only(&w.exchanges());
+    w.answer(&call, Some(200), &exchanged("backend-jack"));
+    assert_eq!(
+        w.host.fate(1),
+        Fate::Forwarded,
+        "headers released with the backend token"
+    );
+
+    let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"rm_rf"}}"#;
+    // The body arrives in request 1's own callback.
+    w.host.set_body(1, body);
+    w.host.enter(1);
+    assert_eq!(w.gw.on_request_body(1, body.len(), true), Action::Pause);
+    assert_eq!(w.host.request(1).reply_status, Some(403));
+    w.end(1);
+    assert!(w.gw.is_idle());
+}
+
+#[test]
+fn a_client_that_leaves_mid_exchange_leaves_nothing_behind() {
+    let mut w = Worker::first(&config());
+    let token = user_token("kate");
+    w.send(1, &token);
+    let call = only(&w.exchanges());
+    w.abandon(1);
+    w.answer(&call, Some(200), &exchanged("backend-kate"));
+    assert_eq!(
+        w.host.fate(1),
+        Fate::Gone,
+        "the late answer forwards nothing"
+    );
+    assert_eq!(w.host.request(1).decisions, 0);
+    w.tick(500);
+    assert!(w.gw.is_idle());
+    assert_eq!(w.host.counter("requests.abandoned"), 1);
+}
+
+#[test]
+fn an_upstream_401_drops_the_backend_token_on_every_worker() {
+    let cfg = config();
+    let mut a = Worker::first(&cfg);
+    let mut b = a.sibling(&cfg, 2);
+    let token = user_token("liam");
+    a.send(1, &token);
+    let call = only(&a.exchanges());
+    a.answer(&call, Some(200), &exchanged("backend-liam-1"));
+    a.end(1);
+    b.send(1, &token);
+    assert_eq!(b.authorization(1).as_deref(), Some("Bearer backend-liam-1"));
+    b.end(1);
+    // B now holds the backend token in front of the store; the upstream rejects it on A.
+    a.send(2, &token);
+    a.upstream_answers(2, b"401");
+    a.end(2);
+    b.tick(500);
+
+    b.send(3, &token);
+    assert_eq!(b.host.fate(3), Fate::Waiting, "B exchanges afresh");
+    let fresh = only(&b.exchanges());
+    b.answer(&fresh, Some(200), &exchanged("backend-liam-2"));
+    assert_eq!(b.authorization(3).as_deref(), Some("Bearer backend-liam-2"));
+    b.end(3);
+    a.tick(500);
+    assert_eq!(a.host.counter("cache.invalidated"), 1);
+    assert!(a.gw.is_idle() && b.gw.is_idle());
+}
+
+#[test]
+fn the_number_of_requests_waiting_for_keys_is_capped() {
+    let mut w = Worker::first(&remote_keys_config());
+    let token = user_token("mia");
+    const CAP: u32 = 4096;
+    for id in 1..=CAP {
+        assert_eq!(w.send(id, &token), Action::Pause);
+    }
+    assert_eq!(w.host.fate(CAP), Fate::Waiting);
+    w.send(CAP + 1, &token);
+    assert_eq!(w.host.fate(CAP + 1), Fate::Replied(503));
+    for id in 1..=CAP + 1 {
+        w.end(id);
+    }
+    assert!(w.gw.is_idle());
+}
+
+#[test]
+fn a_dispatch_the_host_refuses_is_a_503_not_a_pass() {
+    let mut w = Worker::first(&config());
+    w.host.refuse_dispatch(true);
+    w.send(1, &user_token("noah"));
+    assert_eq!(w.host.fate(1), Fate::Replied(503));
+    w.end(1);
+    assert!(w.gw.is_idle());
+}
