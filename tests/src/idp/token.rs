@@ -127,12 +127,40 @@ pub(crate) fn handle(state: &State, server: &AsState, req: &TokenHttpRequest<'_>
     }
 }
 
+/// The exchange in Okta's order: the HTTP request and its form, the client, the exchange's
+/// parameters and subject token, the AS's policy for the client, and then the token. The first
+/// failing check is the answer, so the order of the steps (and of the checks inside them) is what
+/// decides which error a request with several faults gets.
 fn exchange(
     state: &State,
     server: &AsState,
     req: &TokenHttpRequest<'_>,
     record: &mut RecordedExchange,
 ) -> Result<String, OAuthError> {
+    let form = parse_form(req, record)?;
+    let client = authenticate_client(state, server, req.authorization, &|n| form.param(n), record)?;
+    let request = exchange_request(state, server, &client, &form)?;
+    check_policy(server, &client, &request.scopes)?;
+    issue(state, server, &client, request)
+}
+
+/// The fields of a token request's form, each at most once.
+struct Form(Vec<(String, String)>);
+
+impl Form {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A POST of a form, each field once. Records the fields (but the client secret) for the tests.
+fn parse_form(
+    req: &TokenHttpRequest<'_>,
+    record: &mut RecordedExchange,
+) -> Result<Form, OAuthError> {
     if req.method != "POST" {
         return Err(OAuthError::new(
             405,
@@ -168,17 +196,47 @@ fn exchange(
             )));
         }
     }
-    let param = |name: &str| {
-        form.iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    Ok(Form(form))
+}
 
-    // Client authentication.
-    let client = authenticate_client(state, server, req.authorization, &param, record)?;
+/// A token exchange the authenticated client may ask for, with its subject token verified.
+struct ExchangeRequest<'f> {
+    subject: Subject,
+    /// The actor's id, when an actor token was sent and accepted.
+    actor: Option<String>,
+    /// The requested scopes, each once, in request order.
+    scopes: Vec<&'f str>,
+}
 
-    // The grant.
-    match param("grant_type") {
+/// The grant and the exchange's parameters, then the subject token.
+fn exchange_request<'f>(
+    state: &State,
+    server: &AsState,
+    client: &Client,
+    form: &'f Form,
+) -> Result<ExchangeRequest<'f>, OAuthError> {
+    check_grant(form, client)?;
+    let subject_token = subject_token_param(form)?;
+    let actor = actor(
+        state,
+        server,
+        client,
+        form.param("actor_token"),
+        form.param("actor_token_type"),
+    )?;
+    check_target(server, form)?;
+    let scopes = requested_scopes(server, form)?;
+    let subject = verify_subject_token(state, server, subject_token)?;
+    Ok(ExchangeRequest {
+        subject,
+        actor,
+        scopes,
+    })
+}
+
+/// RFC 8693 token exchange, which the client must be allowed to use.
+fn check_grant(form: &Form, client: &Client) -> Result<(), OAuthError> {
+    match form.param("grant_type") {
         None | Some("") => {
             return Err(OAuthError::invalid_request(
                 "The 'grant_type' parameter is required.",
@@ -203,9 +261,12 @@ fn exchange(
             "The client is not authorized to use the provided grant type.",
         ));
     }
+    Ok(())
+}
 
-    // Request parameters.
-    match param("subject_token_type") {
+/// The subject token (not yet verified), of the one type Okta exchanges.
+fn subject_token_param(form: &Form) -> Result<&str, OAuthError> {
+    match form.param("subject_token_type") {
         None | Some("") => {
             return Err(OAuthError::invalid_request(
                 "The 'subject_token_type' parameter is required.",
@@ -218,22 +279,18 @@ fn exchange(
             )))
         }
     }
-    let subject_token = match param("subject_token") {
-        None | Some("") => {
-            return Err(OAuthError::invalid_request(
-                "The 'subject_token' parameter is required.",
-            ))
-        }
-        Some(t) => t,
-    };
-    let actor = actor(
-        state,
-        server,
-        &client,
-        param("actor_token"),
-        param("actor_token_type"),
-    )?;
-    if let Some(t) = param("requested_token_type") {
+    match form.param("subject_token") {
+        None | Some("") => Err(OAuthError::invalid_request(
+            "The 'subject_token' parameter is required.",
+        )),
+        Some(t) => Ok(t),
+    }
+}
+
+/// What is asked for: an access token for this AS's audience (`audience`, and `resource` if
+/// sent).
+fn check_target(server: &AsState, form: &Form) -> Result<(), OAuthError> {
+    if let Some(t) = form.param("requested_token_type") {
         if t != ACCESS_TOKEN_TYPE {
             return Err(OAuthError::invalid_request(format!(
                 "The 'requested_token_type' is not supported; it must be {ACCESS_TOKEN_TYPE}."
@@ -241,7 +298,7 @@ fn exchange(
         }
     }
     let audience = &server.config.audience;
-    match param("audience") {
+    match form.param("audience") {
         None | Some("") => {
             return Err(OAuthError::invalid_request(
                 "The 'audience' parameter is required.",
@@ -256,7 +313,7 @@ fn exchange(
             ))
         }
     }
-    if let Some(r) = param("resource") {
+    if let Some(r) = form.param("resource") {
         if r != audience {
             return Err(OAuthError::new(
                 400,
@@ -265,8 +322,15 @@ fn exchange(
             ));
         }
     }
+    Ok(())
+}
+
+/// The `scope` parameter's scopes, each once: at least one, all configured at this AS, and none
+/// that a token exchange cannot grant.
+fn requested_scopes<'f>(server: &AsState, form: &'f Form) -> Result<Vec<&'f str>, OAuthError> {
     let mut scopes: Vec<&str> = Vec::new();
-    for s in param("scope")
+    for s in form
+        .param("scope")
         .unwrap_or("")
         .split(' ')
         .filter(|s| !s.is_empty())
@@ -298,11 +362,11 @@ fn exchange(
             ));
         }
     }
+    Ok(scopes)
+}
 
-    // The subject token.
-    let subject = verify_subject_token(state, server, subject_token)?;
-
-    // The exchange policy.
+/// The AS's exchange policy: one for the client, granting every requested scope.
+fn check_policy(server: &AsState, client: &Client, scopes: &[&str]) -> Result<(), OAuthError> {
     let denied = || {
         OAuthError::new(
             400,
@@ -319,13 +383,26 @@ fn exchange(
     if !scopes.iter().all(|s| policy.scopes.iter().any(|p| p == s)) {
         return Err(denied());
     }
+    Ok(())
+}
 
-    // Issue.
+/// The backend token for the subject, signed by this AS, and the success body around it.
+fn issue(
+    state: &State,
+    server: &AsState,
+    client: &Client,
+    request: ExchangeRequest<'_>,
+) -> Result<String, OAuthError> {
+    let ExchangeRequest {
+        subject,
+        actor,
+        scopes,
+    } = request;
     let now = now_secs();
     let ttl = state.config.exchange_ttl_secs;
     let mut claims = access_token_claims(AccessTokenClaims {
         issuer: &server.issuer,
-        audience,
+        audience: &server.config.audience,
         iat: now,
         exp: now.saturating_add(ttl),
         client_id: &client.client_id,
