@@ -22,7 +22,7 @@ use gateway_tests::idp::MintRequest;
 use gateway_tests::mcp;
 use serde_json::{json, Map, Value};
 
-use corpus::{bearer_header, build_corpus};
+use corpus::{bearer_header, build_corpus, Case};
 use expect::{check, Expect};
 use forge::{claims_of, Forge};
 use raw_http::send_raw;
@@ -41,6 +41,55 @@ async fn attacker_listener() -> Result<(String, Arc<AtomicUsize>)> {
         }
     });
     Ok((url, hits))
+}
+
+/// What sending the corpus came to.
+struct Sent {
+    /// One line per case that got the wrong answer, failed, or reached the upstream.
+    failures: Vec<String>,
+    /// Cases answered 2xx.
+    accepted: usize,
+    /// The slowest case and how long it took.
+    slowest: (Duration, String),
+}
+
+/// Sends every case, one after the other, and checks each answer.
+async fn send_all(stack: &Stack, cases: &[Case]) -> Sent {
+    let mut failures = Vec::new();
+    let mut accepted = 0;
+    let mut slowest = (Duration::ZERO, String::new());
+    let mut upstream_seen = 0;
+    for case in cases {
+        let started = std::time::Instant::now();
+        let answer = send_raw(stack.envoy.port, &case.path, &case.headers).await;
+        if started.elapsed() > slowest.0 {
+            slowest = (started.elapsed(), case.name.clone());
+        }
+        if started.elapsed() > Duration::from_millis(300) {
+            eprintln!("slow case {:?}: {:?}", case.name, started.elapsed());
+        }
+        let upstream_now = stack.upstream.seen_requests().len();
+        if upstream_now > upstream_seen {
+            failures.push(format!("{}: reached the upstream", case.name));
+            upstream_seen = upstream_now;
+        }
+        match answer {
+            Ok(a) => {
+                if (200..300).contains(&a.status) {
+                    accepted += 1;
+                }
+                if let Err(why) = check(&a, case.expect) {
+                    failures.push(format!("{}: {why}", case.name));
+                }
+            }
+            Err(e) => failures.push(format!("{}: request failed: {e:#}", case.name)),
+        }
+    }
+    Sent {
+        failures,
+        accepted,
+        slowest,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,36 +123,11 @@ async fn adversarial_corpus_is_refused_and_the_gateway_keeps_serving() -> Result
     let total = corpus.cases.len();
     assert!(total >= 150, "only {total} cases");
 
-    let mut failures = Vec::new();
-    let mut accepted = 0;
-    let mut slowest = (Duration::ZERO, String::new());
-    let mut upstream_seen = 0;
-    for case in &corpus.cases {
-        let started = std::time::Instant::now();
-        let answer = send_raw(stack.envoy.port, &case.path, &case.headers).await;
-        if started.elapsed() > slowest.0 {
-            slowest = (started.elapsed(), case.name.clone());
-        }
-        if started.elapsed() > Duration::from_millis(300) {
-            eprintln!("slow case {:?}: {:?}", case.name, started.elapsed());
-        }
-        let upstream_now = stack.upstream.seen_requests().len();
-        if upstream_now > upstream_seen {
-            failures.push(format!("{}: reached the upstream", case.name));
-            upstream_seen = upstream_now;
-        }
-        match answer {
-            Ok(a) => {
-                if (200..300).contains(&a.status) {
-                    accepted += 1;
-                }
-                if let Err(why) = check(&a, case.expect) {
-                    failures.push(format!("{}: {why}", case.name));
-                }
-            }
-            Err(e) => failures.push(format!("{}: request failed: {e:#}", case.name)),
-        }
-    }
+    let Sent {
+        failures,
+        accepted,
+        slowest,
+    } = send_all(&stack, &corpus.cases).await;
     eprintln!(
         "adversarial corpus: {total} cases, {} failed; slowest {:?} ({:?})",
         failures.len(),
