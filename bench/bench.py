@@ -60,7 +60,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -805,56 +807,138 @@ def sequential_requests(port: int, token: str, n: int, parallel: int = 8) -> lis
 # The run.
 
 
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's throughput targets for a setup: its req/s ÷ `baseline`'s req/s must
+    reach `minimum`. The report lists the targets in `report_order` (the issue's order), not in
+    table order."""
+
+    report_order: int
+    measure: str
+    baseline: str
+    minimum: float
+    shown: str  # the target as the report prints it; in parentheses for the stricter rows
+    # Measured on this other setup (with `stand_in_note` after the measure) while this one has
+    # no result, e.g. before the filter had a validate-only mode.
+    stand_in: str | None = None
+    stand_in_note: str = ""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One throughput setup: how it is built and measured, and how the report and chart show it.
+
+    `chain` builds the HTTP filters in front of the router; None means the filter itself with
+    `demo.yaml`'s plugin config, BENCH_FILTER_PATCH and then `patch`."""
+
+    sid: str
+    label: str
+    desc: str  # concise description of the filter chain, for the report
+    color: str  # its bars in results.svg
+    chain: Callable[[Idp], list[dict]] | None = None
+    patch: dict | None = None
+    # Why this filter build cannot run the setup (a missing config knob): reported as n/a.
+    unavailable: str | None = None
+    # Depends on a config knob: a failure is reported on the row, not fatal.
+    optional: bool = False
+    # A new token per request (the exchange-miss run): measured after the distinct tokens are
+    # minted, with wrk/rotate.lua, not by the common one-token loop.
+    new_token_per_request: bool = False
+    targets: tuple[Target, ...] = ()
+
+
+def noop_chain(wasm: Path, plugin: str | None = None) -> Callable[[Idp], list[dict]]:
+    return lambda _idp: [wasm_filter("noop", wasm, plugin, [])]
+
+
+def knob_missing(*needs: tuple[dict | None, str]) -> str | None:
+    """The n/a text of the first (patch, text) whose patch this filter build has not got."""
+    return next((text for patch, text in needs if patch is None), None)
+
+
+NO_VALIDATE_ONLY = (VALIDATE_ONLY_PATCH,
+                    "n/a until the filter exposes a validate-only mode (BENCH_VALIDATE_ONLY_PATCH)")
+FILTER_COLOR = "#2ca02c"
+
+# The one table of setups: run in this order, reported and charted in this order.
 SCENARIOS = [
-    # id, label, concise description of the filter chain
-    ("bare", "bare Envoy", "no HTTP filter but the router"),
-    ("jwt", "native jwt_authn, no cache", "envoy.filters.http.jwt_authn, RS256, local_jwks, no jwt_cache_config"),
-    ("jwt_cache", "native jwt_authn + jwt_cache", "same, jwt_cache_config { jwt_cache_size: 1000 }"),
-    ("noop", "no-op Wasm (floor)", "bench/noop-filter: reads `authorization`, sets nothing; built with the proxy-wasm Rust SDK, which exports every callback"),
-    ("noop_lean", "no-op Wasm, trimmed exports", "the same no-op through the filter's wasm-opt step: only the callbacks the filter exports, so Envoy makes the filter's VM calls per request"),
-    ("noop_host", "trimmed no-op + the filter's host calls", f"the trimmed no-op configured `{NOOP_HOST_CALLS}`: exactly the VM calls and host calls of the filter's cached full path (all request headers in one call, one header write of an exchanged token's size, the response `:status`) and no logic"),
-    ("validate_uncached", "filter: validate-only, uncached", "mcp_token_exchange, exchange off, verified-token cache off"),
-    ("validate_cached", "filter: validate-only, cached", "mcp_token_exchange, exchange off, one token (verified-token cache)"),
-    ("full_cached", "filter: full path, exchange cached", "mcp_token_exchange, one token: every request reuses the cached exchange"),
-    ("full_audit", "filter: full path, cached, + audit log line", "same, with the per-request audit line in Envoy's log (the filter's default)"),
-    ("full_noverify", "filter: full path, verify uncached", "same, verified-token cache off: an RS256 verify per request, then the exchange-cache hit"),
-    ("full_miss", "filter: full path, exchange miss", "mcp_token_exchange, a new token per request: every request exchanges"),
+    Scenario("bare", "bare Envoy", "no HTTP filter but the router", "#7f7f7f",
+             chain=lambda _idp: []),
+    Scenario("jwt", "native jwt_authn, no cache",
+             "envoy.filters.http.jwt_authn, RS256, local_jwks, no jwt_cache_config", "#1f77b4",
+             chain=lambda idp: [jwt_authn_filter(idp, cache=False)]),
+    Scenario("jwt_cache", "native jwt_authn + jwt_cache",
+             "same, jwt_cache_config { jwt_cache_size: 1000 }", "#1f77b4",
+             chain=lambda idp: [jwt_authn_filter(idp, cache=True)]),
+    Scenario("noop", "no-op Wasm (floor)",
+             "bench/noop-filter: reads `authorization`, sets nothing; built with the proxy-wasm Rust SDK, which exports every callback",
+             "#9467bd", chain=noop_chain(NOOP_WASM)),
+    Scenario("noop_lean", "no-op Wasm, trimmed exports",
+             "the same no-op through the filter's wasm-opt step: only the callbacks the filter exports, so Envoy makes the filter's VM calls per request",
+             "#b39bd1", chain=noop_chain(NOOP_LEAN_WASM)),
+    Scenario("noop_host", "trimmed no-op + the filter's host calls",
+             f"the trimmed no-op configured `{NOOP_HOST_CALLS}`: exactly the VM calls and host calls of the filter's cached full path (all request headers in one call, one header write of an exchanged token's size, the response `:status`) and no logic",
+             "#c5b0d5", chain=noop_chain(NOOP_LEAN_WASM, NOOP_HOST_CALLS)),
+    Scenario("validate_uncached", "filter: validate-only, uncached",
+             "mcp_token_exchange, exchange off, verified-token cache off", FILTER_COLOR,
+             patch=merge_patch(VALIDATE_ONLY_PATCH, NO_VERIFY_CACHE_PATCH)
+             if VALIDATE_ONLY_PATCH is not None and NO_VERIFY_CACHE_PATCH is not None else None,
+             unavailable=knob_missing(NO_VALIDATE_ONLY, (
+                 NO_VERIFY_CACHE_PATCH,
+                 "n/a until the filter can turn its verified-token cache off (BENCH_NO_VERIFY_CACHE_PATCH)")),
+             optional=True,
+             targets=(Target(6, "uncached RS256 validation ÷ native `jwt_authn` without cache", "jwt",
+                             0.5, "≥ 0.5×", stand_in="full_noverify",
+                             stand_in_note=" (proxy until validate-only exists: full path with the verified-token cache off, which adds an exchange-cache hit)"),)),
+    Scenario("validate_cached", "filter: validate-only, cached",
+             "mcp_token_exchange, exchange off, one token (verified-token cache)", FILTER_COLOR,
+             patch=VALIDATE_ONLY_PATCH, unavailable=knob_missing(NO_VALIDATE_ONLY), optional=True,
+             targets=(Target(2, "validate cached ÷ no-op Wasm floor", "noop", 0.95, "≥ 0.95×"),
+                      Target(4, "*stricter:* validate cached ÷ trimmed no-op", "noop_lean", 0.95,
+                             "(≥ 0.95×)"))),
+    Scenario("full_cached", "filter: full path, exchange cached",
+             "mcp_token_exchange, one token: every request reuses the cached exchange", FILTER_COLOR,
+             targets=(Target(1, "full path, exchange cached ÷ no-op Wasm floor (throughput)", "noop",
+                             0.90, "≥ 0.90×"),
+                      Target(3, "*stricter:* full path, exchange cached ÷ trimmed no-op (same VM calls as the filter)",
+                             "noop_lean", 0.90, "(≥ 0.90×)"),
+                      Target(5, "full path, exchange cached ÷ native `jwt_authn` with cache", "jwt_cache",
+                             0.75, "≥ 0.75×"))),
+    # The per-request audit log line (the filter's default): what that line costs.
+    Scenario("full_audit", "filter: full path, cached, + audit log line",
+             "same, with the per-request audit line in Envoy's log (the filter's default)", "#98df8a",
+             patch=AUDIT_PATCH, optional=True),
+    # The verified-token cache off: what an uncached RS256 verify costs in Wasm.
+    Scenario("full_noverify", "filter: full path, verify uncached",
+             "same, verified-token cache off: an RS256 verify per request, then the exchange-cache hit",
+             "#ff7f0e", patch=NO_VERIFY_CACHE_PATCH,
+             unavailable=knob_missing((
+                 NO_VERIFY_CACHE_PATCH,
+                 "n/a: the filter has no way to turn its verified-token cache off (BENCH_NO_VERIFY_CACHE_PATCH)")),
+             optional=True),
+    Scenario("full_miss", "filter: full path, exchange miss",
+             "mcp_token_exchange, a new token per request: every request exchanges", "#d62728",
+             new_token_per_request=True),
 ]
 
 
-def main() -> int:
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGALRM, on_signal)
-    signal.alarm(MAX_SECONDS)
-    started = time.monotonic()
-    for tool, hint in (("wrk", "apt-get install -y wrk"), ):
-        if not shutil.which(tool):
-            raise BenchError(f"{tool} not found ({hint}; `make bench` installs it)")
-    for path, hint in ((ENVOY, "make envoy"), (FILTER_WASM, "make wasm"), (NOOP_WASM, "make bench"), (NOOP_LEAN_WASM, "make bench"),
-                       (IDP_BIN, "make services")):
-        if not path.exists():
-            raise BenchError(f"{path} is missing ({hint})")
-    if RUN.exists():
-        shutil.rmtree(RUN)
-    RUN.mkdir(parents=True)
+class Run:
+    """One bench run against one IdP: the setups measured so far and what the report needs."""
 
-    facts = machine_facts()
-    log(f"{facts['cpu']} x{facts['nproc']}, Envoy {facts['envoy_version']}, "
-        f"wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION}s (+{WARMUP}s warm-up)")
+    def __init__(self, idp: Idp) -> None:
+        self.idp = idp
+        self.one_token = idp.mint("bench-user")
+        self.results: dict[str, dict] = {}
+        self.notes: list[str] = []
+        self.extra: dict = {}
 
-    idp = Idp()
-    log(f"IdP on 127.0.0.1:{idp.port}")
-    one_token = idp.mint("bench-user")
-    results: dict[str, dict] = {}
-    notes: list[str] = []
-
-    def measure(sid: str, envoy: Envoy, token: str | None) -> None:
+    def measure(self, sid: str, envoy: Envoy, token: str | None) -> None:
+        idp, results = self.idp, self.results
         if ONLY and sid not in ONLY:
             envoy.stop()
             return
         try:
-            envoy.probe(token or one_token)
+            envoy.probe(token or self.one_token)
             wait_quiet(sid)
             run_wrk(envoy, f"{sid}-warmup", WARMUP, token=token, idp=idp)
             runs = []
@@ -881,53 +965,41 @@ def main() -> int:
             f"{r['envoy_cores']:.2f}/{r['wrk_cores']:.2f}/{r['other_cores']:.2f}  errors {r['errors']}"
             f"  runs {r['rps_runs']}")
 
-    # 1-4: references.
-    measure("bare", Envoy("bare", [], idp), one_token)
-    measure("jwt", Envoy("jwt", [jwt_authn_filter(idp, cache=False)], idp), one_token)
-    measure("jwt_cache", Envoy("jwt_cache", [jwt_authn_filter(idp, cache=True)], idp), one_token)
-    measure("noop", Envoy("noop", [wasm_filter("noop", NOOP_WASM, None, [])], idp), one_token)
-    measure("noop_lean", Envoy("noop_lean", [wasm_filter("noop", NOOP_LEAN_WASM, None, [])], idp),
-            one_token)
-    measure("noop_host",
-            Envoy("noop_host", [wasm_filter("noop", NOOP_LEAN_WASM, NOOP_HOST_CALLS, [])], idp),
-            one_token)
+    def filter_envoy(self, name: str, patch=None, concurrency: int = 1) -> Envoy:
+        f = wasm_filter("mcp_token_exchange", FILTER_WASM, filter_plugin(self.idp, patch), [SECRET_ENV])
+        return Envoy(name, [f], self.idp, concurrency=concurrency, wait_jwks=True)
 
-    def filter_envoy(name: str, patch=None, concurrency: int = 1) -> Envoy:
-        f = wasm_filter("mcp_token_exchange", FILTER_WASM, filter_plugin(idp, patch), [SECRET_ENV])
-        return Envoy(name, [f], idp, concurrency=concurrency, wait_jwks=True)
+    def setup_envoy(self, s: Scenario) -> Envoy:
+        if s.chain is None:
+            return self.filter_envoy(s.sid, s.patch)
+        return Envoy(s.sid, s.chain(self.idp), self.idp)
 
-    def optional(sid: str, patch) -> None:
+    def measure_optional(self, s: Scenario) -> None:
         """A filter mode that depends on a config knob: a failure is reported, not fatal."""
+        results = self.results
         try:
-            measure(sid, filter_envoy(sid, patch), one_token)
+            self.measure(s.sid, self.setup_envoy(s), self.one_token)
         except BenchError as e:
-            results[sid] = {"na": f"failed: {str(e).splitlines()[0]}"}
-            log(f"{sid}: {results[sid]['na']}")
-        if "rps" in results.get(sid, {}):
-            results[sid]["patch"] = patch
+            results[s.sid] = {"na": f"failed: {str(e).splitlines()[0]}"}
+            log(f"{s.sid}: {results[s.sid]['na']}")
+        if "rps" in results.get(s.sid, {}):
+            results[s.sid]["patch"] = s.patch
 
-    # Validate-only modes, when the filter has the knobs.
-    if VALIDATE_ONLY_PATCH is None:
-        results["validate_cached"] = {"na": "n/a until the filter exposes a validate-only mode (BENCH_VALIDATE_ONLY_PATCH)"}
-        results["validate_uncached"] = {"na": "n/a until the filter exposes a validate-only mode (BENCH_VALIDATE_ONLY_PATCH)"}
-    else:
-        optional("validate_cached", VALIDATE_ONLY_PATCH)
-        if NO_VERIFY_CACHE_PATCH is None:
-            results["validate_uncached"] = {"na": "n/a until the filter can turn its verified-token cache off (BENCH_NO_VERIFY_CACHE_PATCH)"}
-        else:
-            optional("validate_uncached", merge_patch(VALIDATE_ONLY_PATCH, NO_VERIFY_CACHE_PATCH))
+    def one_token_setups(self) -> None:
+        """Every setup of the table that runs with one token, in table order."""
+        for s in SCENARIOS:
+            if s.new_token_per_request:
+                continue
+            if s.unavailable:
+                self.results[s.sid] = {"na": s.unavailable}
+            elif s.optional:
+                self.measure_optional(s)
+            else:
+                self.measure(s.sid, self.setup_envoy(s), self.one_token)
 
-    # Full path, one token, exchange cached after the first request.
-    measure("full_cached", filter_envoy("full_cached"), one_token)
-    # The same with the per-request audit log line (the filter's default): what that line costs.
-    optional("full_audit", AUDIT_PATCH)
-    # The same with the verified-token cache off: what an uncached RS256 verify costs in Wasm.
-    if NO_VERIFY_CACHE_PATCH is None:
-        results["full_noverify"] = {"na": "n/a: the filter has no way to turn its verified-token cache off (BENCH_NO_VERIFY_CACHE_PATCH)"}
-    else:
-        optional("full_noverify", NO_VERIFY_CACHE_PATCH)
-
-    if ONLY:
+    def log_only_summary(self) -> None:
+        """BENCH_ONLY's quick loop: the selected setups, nothing else."""
+        results = self.results
         base = results.get("bare", {}).get("rps")
         for sid in ONLY:
             r = results.get(sid, {})
@@ -936,125 +1008,178 @@ def main() -> int:
                 log(f"{sid:18} {r['rps']:9.0f} req/s  envoy {r['envoy_cpu_us']:5.1f} µs-cpu/req{ratio_txt}")
             else:
                 log(f"{sid:18} {r.get('na', 'not measured')}")
+
+    def mint_distinct_tokens(self) -> list[str]:
+        """Distinct tokens for the exchange-miss run and the RSS measure."""
+        log(f"minting {N_TOKENS} distinct tokens ({MINT_THREADS} concurrent admin calls)")
+        t0 = time.monotonic()
+        tokens = self.idp.mint_many(N_TOKENS, "bench-user")
+        mint_s = time.monotonic() - t0
+        mint_rate = N_TOKENS / mint_s
+        log(f"minted {N_TOKENS} in {mint_s:.0f} s ({mint_rate:.0f}/s)")
+        self.extra["mint"] = {"n": N_TOKENS, "seconds": mint_s, "rate": mint_rate}
+        return tokens
+
+    def exchange_miss(self, s: Scenario, tokens: list[str]) -> None:
+        """The full path with a new token per request. Warm-up and run use disjoint slices of the
+        pool."""
+        idp = self.idp
+        warm_n = min(len(tokens) // 10, 10_000)
+        warm_file = write_tokens(RUN / "tokens-miss-warmup.txt", tokens[:warm_n])
+        run_file = write_tokens(RUN / "tokens-miss-run.txt", tokens[warm_n:])
+        envoy = self.filter_envoy(s.sid, s.patch)
+        try:
+            envoy.probe(self.one_token)
+            wait_quiet(s.sid)
+            run_wrk(envoy, f"{s.sid}-warmup", WARMUP, script=ROTATE_LUA, args=[str(warm_file)], idp=idp)
+            r = run_wrk(envoy, s.sid, DURATION, script=ROTATE_LUA, args=[str(run_file)], idp=idp)
+        finally:
+            envoy.stop()
+        if r.get("wraps"):
+            self.notes.append(f"exchange-miss run: the {r['tokens_loaded']} tokens wrapped {r['wraps']}x, so some "
+                              "requests reused a token (raise BENCH_TOKENS)")
+        self.results[s.sid] = r
+        log(f"{s.sid:18} {r['rps']:9.0f} req/s  p50 {r['p50_us']:6.0f} µs  p99 {r['p99_us']:6.0f} µs"
+            f"  IdP calls/request {r['idp_calls'] / max(r['requests'], 1):.3f}  errors {r['errors']}")
+
+    def idp_calls(self) -> None:
+        """IdP calls over 2 workers: one user's 1,000 requests, then 64-request bursts of one fresh
+        token (with the IdP's injected latency, and without)."""
+        idp, extra = self.idp, self.extra
+        envoy = self.filter_envoy("idp_calls", concurrency=2)
+        try:
+            user_token = idp.mint("bench-one-user")
+            before = idp.token_requests()
+            cx0 = envoy.worker_connections()
+            statuses = sequential_requests(envoy.port, user_token, 1000)
+            cx1 = envoy.worker_connections()
+            extra["one_user"] = {
+                "calls": idp.token_requests() - before,
+                "requests": len(statuses),
+                "ok": sum(1 for s in statuses if s == 200),
+                "spread": [b - a for a, b in zip(cx0, cx1)],
+            }
+            log(f"1000 requests, one user, 2 workers: {extra['one_user']}")
+            for label, delay in (("burst", BURST_DELAY_MS), ("burst_nodelay", 0)):
+                if label == "burst_nodelay" and BURST_DELAY_MS == 0:
+                    continue
+                extra[label] = self.bursts(envoy, label, delay)
+                log(f"64 concurrent, one fresh token, 2 workers, IdP +{delay} ms: {extra[label]}")
+        finally:
+            envoy.stop()
+
+    def bursts(self, envoy: Envoy, label: str, delay: int) -> dict:
+        """BURST_TRIALS bursts, each with its own fresh token: a race shows up as an occasional 2."""
+        idp = self.idp
+        calls, oks, spreads = [], 0, []
+        for trial in range(BURST_TRIALS):
+            fresh = idp.mint(f"bench-{label}-{trial}")
+            idp.set_token_delay(delay)
+            try:
+                before = idp.token_requests()
+                cx0 = envoy.worker_connections()
+                statuses = concurrent_burst(envoy.port, fresh, 64)
+                time.sleep(0.2)  # a straggling exchange would still be counted
+                cx1 = envoy.worker_connections()
+                calls.append(idp.token_requests() - before)
+            finally:
+                idp.set_token_delay(0)
+            oks += sum(1 for s in statuses if s == 200)
+            spreads.append([b - a for a, b in zip(cx0, cx1)])
+        return {
+            "calls": max(calls),
+            "calls_list": calls,
+            "requests": 64 * BURST_TRIALS,
+            "ok": oks,
+            "spread": spreads,
+            "delay_ms": delay,
+        }
+
+    def rss(self, tokens: list[str]) -> None:
+        """Envoy's RSS after 1k and after N distinct tokens."""
+        idp = self.idp
+        envoy = self.filter_envoy("rss")
+        try:
+            envoy.probe(self.one_token)
+            rss0 = envoy.rss_kib()
+            first = min(1000, len(tokens))
+            f1 = write_tokens(RUN / "tokens-rss-1k.txt", tokens[:first])
+            r1 = run_wrk(envoy, "rss-1k", 120, script=ROTATE_LUA, args=[str(f1), str(first)], idp=idp,
+                         stop_when_completed=first)
+            time.sleep(1)
+            rss1 = envoy.rss_kib()
+            rest = tokens[first:]
+            r2 = None
+            if rest:
+                f2 = write_tokens(RUN / "tokens-rss-rest.txt", rest)
+                budget = int(len(rest) / 100) + 120  # >= 100 exchanges/s, or give up
+                r2 = run_wrk(envoy, "rss-rest", budget, script=ROTATE_LUA, args=[str(f2), str(len(rest))],
+                             idp=idp, stop_when_completed=len(rest))
+            time.sleep(1)
+            rss2 = envoy.rss_kib()
+            hwm = proc_status_kib(envoy.pid, "VmHWM")
+            sent = r1["requests"] + (r2["requests"] if r2 else 0)
+            calls = r1["idp_calls"] + (r2["idp_calls"] if r2 else 0)
+            self.extra["rss"] = {
+                "start_kib": rss0, "after_1k_kib": rss1, "after_n_kib": rss2, "hwm_kib": hwm,
+                "n": first + len(rest), "requests": sent, "idp_calls": calls,
+                "errors": r1["errors"] + (r2["errors"] if r2 else 0),
+                "rate": r2["rps"] if r2 else r1["rps"],
+            }
+            log(f"RSS: start {rss0} KiB, after {first} tokens {rss1} KiB, after {first + len(rest)} "
+                f"tokens {rss2} KiB (HWM {hwm} KiB); {sent} requests, {calls} IdP calls")
+        finally:
+            envoy.stop()
+
+
+def check_prerequisites() -> None:
+    for tool, hint in (("wrk", "apt-get install -y wrk"), ):
+        if not shutil.which(tool):
+            raise BenchError(f"{tool} not found ({hint}; `make bench` installs it)")
+    for path, hint in ((ENVOY, "make envoy"), (FILTER_WASM, "make wasm"), (NOOP_WASM, "make bench"), (NOOP_LEAN_WASM, "make bench"),
+                       (IDP_BIN, "make services")):
+        if not path.exists():
+            raise BenchError(f"{path} is missing ({hint})")
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGALRM, on_signal)
+    signal.alarm(MAX_SECONDS)
+    started = time.monotonic()
+    check_prerequisites()
+    if RUN.exists():
+        shutil.rmtree(RUN)
+    RUN.mkdir(parents=True)
+
+    facts = machine_facts()
+    log(f"{facts['cpu']} x{facts['nproc']}, Envoy {facts['envoy_version']}, "
+        f"wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION}s (+{WARMUP}s warm-up)")
+
+    idp = Idp()
+    log(f"IdP on 127.0.0.1:{idp.port}")
+    run = Run(idp)
+    run.one_token_setups()
+    if ONLY:
+        run.log_only_summary()
         return 0
 
-    # Distinct tokens for the exchange-miss run and the RSS measure.
-    log(f"minting {N_TOKENS} distinct tokens ({MINT_THREADS} concurrent admin calls)")
-    t0 = time.monotonic()
-    tokens = idp.mint_many(N_TOKENS, "bench-user")
-    mint_s = time.monotonic() - t0
-    mint_rate = N_TOKENS / mint_s
-    log(f"minted {N_TOKENS} in {mint_s:.0f} s ({mint_rate:.0f}/s)")
-
-    # 7: full path, a new token per request. Warm-up and run use disjoint slices of the pool.
-    warm_n = min(len(tokens) // 10, 10_000)
-    warm_file = write_tokens(RUN / "tokens-miss-warmup.txt", tokens[:warm_n])
-    run_file = write_tokens(RUN / "tokens-miss-run.txt", tokens[warm_n:])
-    envoy = filter_envoy("full_miss")
-    try:
-        envoy.probe(one_token)
-        wait_quiet("full_miss")
-        run_wrk(envoy, "full_miss-warmup", WARMUP, script=ROTATE_LUA, args=[str(warm_file)], idp=idp)
-        r = run_wrk(envoy, "full_miss", DURATION, script=ROTATE_LUA, args=[str(run_file)], idp=idp)
-    finally:
-        envoy.stop()
-    if r.get("wraps"):
-        notes.append(f"exchange-miss run: the {r['tokens_loaded']} tokens wrapped {r['wraps']}x, so some "
-                     "requests reused a token (raise BENCH_TOKENS)")
-    results["full_miss"] = r
-    log(f"full_miss          {r['rps']:9.0f} req/s  p50 {r['p50_us']:6.0f} µs  p99 {r['p99_us']:6.0f} µs"
-        f"  IdP calls/request {r['idp_calls'] / max(r['requests'], 1):.3f}  errors {r['errors']}")
-
-    # IdP calls over 2 workers.
-    extra = {}
-    envoy = filter_envoy("idp_calls", concurrency=2)
-    try:
-        user_token = idp.mint("bench-one-user")
-        before = idp.token_requests()
-        cx0 = envoy.worker_connections()
-        statuses = sequential_requests(envoy.port, user_token, 1000)
-        cx1 = envoy.worker_connections()
-        extra["one_user"] = {
-            "calls": idp.token_requests() - before,
-            "requests": len(statuses),
-            "ok": sum(1 for s in statuses if s == 200),
-            "spread": [b - a for a, b in zip(cx0, cx1)],
-        }
-        log(f"1000 requests, one user, 2 workers: {extra['one_user']}")
-        for label, delay in (("burst", BURST_DELAY_MS), ("burst_nodelay", 0)):
-            if label == "burst_nodelay" and BURST_DELAY_MS == 0:
-                continue
-            # Several trials, each with its own fresh token: a race shows up as an occasional 2.
-            calls, oks, spreads = [], 0, []
-            for trial in range(BURST_TRIALS):
-                fresh = idp.mint(f"bench-{label}-{trial}")
-                idp.set_token_delay(delay)
-                try:
-                    before = idp.token_requests()
-                    cx0 = envoy.worker_connections()
-                    statuses = concurrent_burst(envoy.port, fresh, 64)
-                    time.sleep(0.2)  # a straggling exchange would still be counted
-                    cx1 = envoy.worker_connections()
-                    calls.append(idp.token_requests() - before)
-                finally:
-                    idp.set_token_delay(0)
-                oks += sum(1 for s in statuses if s == 200)
-                spreads.append([b - a for a, b in zip(cx0, cx1)])
-            extra[label] = {
-                "calls": max(calls),
-                "calls_list": calls,
-                "requests": 64 * BURST_TRIALS,
-                "ok": oks,
-                "spread": spreads,
-                "delay_ms": delay,
-            }
-            log(f"64 concurrent, one fresh token, 2 workers, IdP +{delay} ms: {extra[label]}")
-    finally:
-        envoy.stop()
-
-    # RSS after 1k and after N distinct tokens.
-    envoy = filter_envoy("rss")
-    try:
-        envoy.probe(one_token)
-        rss0 = envoy.rss_kib()
-        first = min(1000, len(tokens))
-        f1 = write_tokens(RUN / "tokens-rss-1k.txt", tokens[:first])
-        r1 = run_wrk(envoy, "rss-1k", 120, script=ROTATE_LUA, args=[str(f1), str(first)], idp=idp,
-                     stop_when_completed=first)
-        time.sleep(1)
-        rss1 = envoy.rss_kib()
-        rest = tokens[first:]
-        r2 = None
-        if rest:
-            f2 = write_tokens(RUN / "tokens-rss-rest.txt", rest)
-            budget = int(len(rest) / 100) + 120  # >= 100 exchanges/s, or give up
-            r2 = run_wrk(envoy, "rss-rest", budget, script=ROTATE_LUA, args=[str(f2), str(len(rest))],
-                         idp=idp, stop_when_completed=len(rest))
-        time.sleep(1)
-        rss2 = envoy.rss_kib()
-        hwm = proc_status_kib(envoy.pid, "VmHWM")
-        sent = r1["requests"] + (r2["requests"] if r2 else 0)
-        calls = r1["idp_calls"] + (r2["idp_calls"] if r2 else 0)
-        extra["rss"] = {
-            "start_kib": rss0, "after_1k_kib": rss1, "after_n_kib": rss2, "hwm_kib": hwm,
-            "n": first + len(rest), "requests": sent, "idp_calls": calls,
-            "errors": r1["errors"] + (r2["errors"] if r2 else 0),
-            "rate": r2["rps"] if r2 else r1["rps"],
-        }
-        log(f"RSS: start {rss0} KiB, after {first} tokens {rss1} KiB, after {first + len(rest)} "
-            f"tokens {rss2} KiB (HWM {hwm} KiB); {sent} requests, {calls} IdP calls")
-    finally:
-        envoy.stop()
+    tokens = run.mint_distinct_tokens()
+    for s in SCENARIOS:
+        if s.new_token_per_request:
+            run.exchange_miss(s, tokens)
+    run.idp_calls()
+    run.rss(tokens)
     PROCS.stop(idp.proc)
 
-    extra["mint"] = {"n": N_TOKENS, "seconds": mint_s, "rate": mint_rate}
-    extra["total_s"] = time.monotonic() - started
-    md = render_markdown(facts, results, extra, notes)
+    run.extra["total_s"] = time.monotonic() - started
+    md = render_markdown(facts, run.results, run.extra, run.notes)
     (BENCH / "results.md").write_text(md)
-    (BENCH / "results.svg").write_text(render_svg(facts, results))
+    (BENCH / "results.svg").write_text(render_svg(facts, run.results))
     print()
     print(md)
-    log(f"done in {extra['total_s']:.0f} s; wrote bench/results.md and bench/results.svg "
+    log(f"done in {run.extra['total_s']:.0f} s; wrote bench/results.md and bench/results.svg "
         f"(raw output in bench/.run/)")
     return 0
 
@@ -1113,8 +1238,39 @@ def ratio(results: dict, a: str, b: str, key: str = "rps") -> float | None:
     return ra[key] / rb[key]
 
 
+def cpu_ratio(results: dict, a: str, b: str) -> float | None:
+    """`a` compared with `b` by Envoy CPU per request (inverse ratio: higher is better for `a`)."""
+    ra, rb = results.get(a, {}), results.get(b, {})
+    if "envoy_cpu_us" not in ra or "envoy_cpu_us" not in rb:
+        return None
+    return rb["envoy_cpu_us"] / ra["envoy_cpu_us"]
+
+
+def scenario_target_rows(results: dict) -> list[tuple]:
+    """The targets of the scenario table as rows of the report's target table (measure, target,
+    value, ok, fmt, by_cpu), in the issue's order."""
+    rows = []
+    for s in SCENARIOS:
+        for t in s.targets:
+            sid, measure = s.sid, t.measure
+            if t.stand_in and "rps" not in results.get(sid, {}) and "rps" in results.get(t.stand_in, {}):
+                sid, measure = t.stand_in, measure + t.stand_in_note
+            rows.append((t.report_order, (
+                measure, t.shown, ratio(results, sid, t.baseline),
+                lambda v, minimum=t.minimum: v >= minimum, fmt_ratio,
+                cpu_ratio(results, sid, t.baseline))))
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
+
+
 def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -> str:
-    bare = results["bare"]
+    out = facts_section(facts, extra)
+    out += throughput_section(facts, results)
+    out += targets_section(facts, results, extra)
+    out += idp_and_memory_section(extra, notes)
+    return "\n".join(out)
+
+
+def facts_section(facts: dict, extra: dict) -> list[str]:
     out = []
     out.append("# `make bench` results\n")
     out.append("Ratios, not absolute times, are the result: every number below comes from one run on one "
@@ -1136,6 +1292,12 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
         f"| `make bench` | {extra['total_s'] / 60:.1f} min of measuring (builds not included) |",
     ]
     out.append("")
+    return out
+
+
+def throughput_section(facts: dict, results: dict) -> list[str]:
+    bare = results["bare"]
+    out = []
     out.append("## Throughput and latency (1 worker)\n")
     out.append("`Envoy µs/req` = CPU time of the whole Envoy process (all threads) per request served; "
                "`+µs` = that minus bare Envoy's, i.e. what the filter chain costs per request whatever "
@@ -1145,7 +1307,8 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
                "(other tenants, builds): above ~0.2 the row is disturbed.\n")
     out.append("| # | setup | req/s | ÷ bare | p50 µs | ÷ bare | p99 µs | ÷ bare | Envoy µs/req | +µs | cores Envoy / wrk / other | errors | req/s of each run |")
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for i, (sid, label, _desc) in enumerate(SCENARIOS, start=1):
+    for i, sc in enumerate(SCENARIOS, start=1):
+        sid, label = sc.sid, sc.label
         r = results.get(sid, {})
         if "na" in r:
             out.append(f"| {i} | {label} | {r['na']} | | | | | | | | | | |")
@@ -1160,16 +1323,16 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
             f"{', '.join(f'{x:,}' for x in r.get('rps_runs', []))} |"
         )
     out.append("")
-    for i, (sid, label, desc) in enumerate(SCENARIOS, start=1):
-        patch = results.get(sid, {}).get("patch")
+    for i, sc in enumerate(SCENARIOS, start=1):
+        patch = results.get(sc.sid, {}).get("patch")
         extra_txt = f" Plugin config patch: `{json.dumps(patch)}`." if patch else ""
-        out.append(f"{i}. **{label}**: {desc}.{extra_txt}")
+        out.append(f"{i}. **{sc.label}**: {sc.desc}.{extra_txt}")
     out.append("")
     out.append("The filter rows run `envoy/demo.yaml`'s plugin configuration with "
                f"`{json.dumps(FILTER_PATCH)}` (the references write no per-request log line either) and the "
                "patch named on the row, if any; Envoy logs at `info` (its default), so the filter's other "
                "info lines (one per exchange) are written.")
-    disturbed = [label for sid, label, _ in SCENARIOS if results.get(sid, {}).get("other_cores", 0) > 0.2]
+    disturbed = [sc.label for sc in SCENARIOS if results.get(sc.sid, {}).get("other_cores", 0) > 0.2]
     if disturbed:
         out.append("")
         out.append(f"**Warning**: other work used more than 0.2 cores during: {', '.join(disturbed)}. "
@@ -1186,8 +1349,13 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
             "exchange round trip more than the filter."
         )
     out.append("")
+    return out
 
-    o, b1, b2, rss = extra.get("one_user", {}), extra.get("burst", {}), extra.get("burst_nodelay"), extra.get("rss", {})
+
+def targets_section(facts: dict, results: dict, extra: dict) -> list[str]:
+    """The issue's targets: the scenario table's, then the IdP-call, memory and size targets."""
+    out = []
+    o, b1, rss = extra.get("one_user", {}), extra.get("burst", {}), extra.get("rss", {})
     rss_ratio = rss["after_n_kib"] / rss["after_1k_kib"] if rss.get("after_1k_kib") else None
     wasm_kib = facts["filter_wasm"] / KIB
 
@@ -1196,31 +1364,7 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
             return "n/a"
         return "**pass**" if ok(value) else "**miss**"
 
-    uncached = "validate_uncached"
-    uncached_label = "uncached RS256 validation ÷ native `jwt_authn` without cache"
-    if "rps" not in results.get(uncached, {}) and "rps" in results.get("full_noverify", {}):
-        uncached = "full_noverify"
-        uncached_label += " (proxy until validate-only exists: full path with the verified-token cache off, which adds an exchange-cache hit)"
-
-    def cpu_ratio(a: str, b: str) -> float | None:
-        ra, rb = results.get(a, {}), results.get(b, {})
-        if "envoy_cpu_us" not in ra or "envoy_cpu_us" not in rb:
-            return None
-        return rb["envoy_cpu_us"] / ra["envoy_cpu_us"]
-
-    rows = [
-        ("full path, exchange cached ÷ no-op Wasm floor (throughput)", "≥ 0.90×",
-         ratio(results, "full_cached", "noop"), lambda v: v >= 0.90, fmt_ratio, cpu_ratio("full_cached", "noop")),
-        ("validate cached ÷ no-op Wasm floor", "≥ 0.95×",
-         ratio(results, "validate_cached", "noop"), lambda v: v >= 0.95, fmt_ratio, cpu_ratio("validate_cached", "noop")),
-        ("*stricter:* full path, exchange cached ÷ trimmed no-op (same VM calls as the filter)", "(≥ 0.90×)",
-         ratio(results, "full_cached", "noop_lean"), lambda v: v >= 0.90, fmt_ratio, cpu_ratio("full_cached", "noop_lean")),
-        ("*stricter:* validate cached ÷ trimmed no-op", "(≥ 0.95×)",
-         ratio(results, "validate_cached", "noop_lean"), lambda v: v >= 0.95, fmt_ratio, cpu_ratio("validate_cached", "noop_lean")),
-        ("full path, exchange cached ÷ native `jwt_authn` with cache", "≥ 0.75×",
-         ratio(results, "full_cached", "jwt_cache"), lambda v: v >= 0.75, fmt_ratio, cpu_ratio("full_cached", "jwt_cache")),
-        (uncached_label, "≥ 0.5×",
-         ratio(results, uncached, "jwt"), lambda v: v >= 0.5, fmt_ratio, cpu_ratio(uncached, "jwt")),
+    rows = scenario_target_rows(results) + [
         ("IdP calls: 1,000 requests, one user, 2 workers", "1",
          o.get("calls"), lambda v: v == 1, lambda v: "—" if v is None else f"{v}", None),
         (f"IdP calls: 64 concurrent requests, one fresh token, 2 workers (IdP +{b1.get('delay_ms', 0)} ms; worst of {BURST_TRIALS})", "1",
@@ -1247,19 +1391,25 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
                f"no-op Wasm ÷ bare {fmt_ratio(ratio(results, 'noop', 'bare'))}, "
                f"no-op Wasm ÷ `jwt_authn` with cache {fmt_ratio(ratio(results, 'noop', 'jwt_cache'))}, "
                f"trimmed no-op ÷ no-op floor {fmt_ratio(ratio(results, 'noop_lean', 'noop'))} "
-               f"(by Envoy CPU {fmt_ratio(cpu_ratio('noop_lean', 'noop'))}), "
+               f"(by Envoy CPU {fmt_ratio(cpu_ratio(results, 'noop_lean', 'noop'))}), "
                f"trimmed no-op making the filter's host calls ÷ no-op floor {fmt_ratio(ratio(results, 'noop_host', 'noop'))} "
-               f"(by Envoy CPU {fmt_ratio(cpu_ratio('noop_host', 'noop'))}): the ceiling for the cached full path, "
+               f"(by Envoy CPU {fmt_ratio(cpu_ratio(results, 'noop_host', 'noop'))}): the ceiling for the cached full path, "
                f"which reaches {fmt_ratio(ratio(results, 'full_cached', 'noop_host'))} of it "
-               f"(by Envoy CPU {fmt_ratio(cpu_ratio('full_cached', 'noop_host'))}), "
+               f"(by Envoy CPU {fmt_ratio(cpu_ratio(results, 'full_cached', 'noop_host'))}), "
                f"`jwt_authn` without cache ÷ bare {fmt_ratio(ratio(results, 'jwt', 'bare'))}, "
                f"with cache ÷ bare {fmt_ratio(ratio(results, 'jwt_cache', 'bare'))}, "
                f"full path cached ÷ `jwt_authn` without cache {fmt_ratio(ratio(results, 'full_cached', 'jwt'))}, "
                f"full path cached with the audit log line ÷ no-op floor {fmt_ratio(ratio(results, 'full_audit', 'noop'))} "
-               f"(by Envoy CPU {fmt_ratio(cpu_ratio('full_audit', 'noop'))}), "
+               f"(by Envoy CPU {fmt_ratio(cpu_ratio(results, 'full_audit', 'noop'))}), "
                f"÷ `jwt_authn` with cache {fmt_ratio(ratio(results, 'full_audit', 'jwt_cache'))} "
-               f"(by Envoy CPU {fmt_ratio(cpu_ratio('full_audit', 'jwt_cache'))}).")
+               f"(by Envoy CPU {fmt_ratio(cpu_ratio(results, 'full_audit', 'jwt_cache'))}).")
     out.append("")
+    return out
+
+
+def idp_and_memory_section(extra: dict, notes: list[str]) -> list[str]:
+    out = []
+    o, b1, b2, rss = extra.get("one_user", {}), extra.get("burst", {}), extra.get("burst_nodelay"), extra.get("rss", {})
     out.append("## IdP calls and memory\n")
     if o:
         out.append(f"- **1,000 requests, one user, 2 workers**: {o['calls']} IdP token call(s); "
@@ -1293,17 +1443,17 @@ def render_markdown(facts: dict, results: dict, extra: dict, notes: list[str]) -
                "the required scope and rewrites `Authorization`. Raw wrk output, Envoy configs and logs of "
                "the last run: `bench/.run/`. Chart: `bench/results.svg`.")
     out.append("")
-    return "\n".join(out)
+    return out
 
 
 def render_svg(facts: dict, results: dict) -> str:
     rows = []
-    for sid, label, _ in SCENARIOS:
-        r = results.get(sid, {})
+    for sc in SCENARIOS:
+        r = results.get(sc.sid, {})
         if "rps" in r:
-            rows.append((label, r["rps"] / results["bare"]["rps"], r["p99_us"] / results["bare"]["p99_us"]))
+            rows.append((sc.label, r["rps"] / results["bare"]["rps"], r["p99_us"] / results["bare"]["p99_us"]))
         else:
-            rows.append((label, None, None))
+            rows.append((sc.label, None, None))
     W, label_w, panel_w, gap = 980, 270, 300, 60
     row_h, top = 30, 78
     H = top + row_h * len(rows) + 56
@@ -1328,12 +1478,9 @@ def render_svg(facts: dict, results: dict) -> str:
          f'Envoy {e(facts["envoy_version"])} · filter .wasm {facts["filter_wasm"] / KIB:.0f} KiB</text>',
          f'<text x="{x1}" y="{top - 12}" font-weight="bold">throughput ÷ bare (higher is better)</text>',
          f'<text x="{x2}" y="{top - 12}" font-weight="bold">p99 latency ÷ bare (log scale, lower is better)</text>']
-    colors = {"bare": "#7f7f7f", "jwt": "#1f77b4", "jwt_cache": "#1f77b4", "noop": "#9467bd",
-              "noop_lean": "#b39bd1", "noop_host": "#c5b0d5",
-              "full_noverify": "#ff7f0e", "full_audit": "#98df8a"}
-    for i, ((label, tp, p99), (sid, _, _)) in enumerate(zip(rows, SCENARIOS)):
+    for i, ((label, tp, p99), scenario) in enumerate(zip(rows, SCENARIOS)):
         y = top + i * row_h
-        color = colors.get(sid, "#d62728" if sid == "full_miss" else "#2ca02c")
+        color = scenario.color
         s.append(f'<text x="{label_w - 8}" y="{y + 17}" text-anchor="end">{e(label)}</text>')
         if tp is None:
             s.append(f'<text x="{x1 + 4}" y="{y + 17}" fill="#999">n/a (no such mode in the filter yet)</text>')

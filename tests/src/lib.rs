@@ -4,8 +4,11 @@
 //!   token exchange with Okta's rules and error shapes, fault injection).
 //! - [`mcp`]: a real MCP server (Streamable HTTP) that validates the exchanged token itself, and
 //!   a real MCP client used by the tests and the demo.
+//! - [`harness`] starts them with a real Envoy; [`client`] is how the tests send requests through
+//!   it and see the answers.
 
 pub mod cli;
+pub mod client;
 pub mod harness;
 pub mod idp;
 pub mod mcp;

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use gateway_tests::client::{bearer, jsonrpc_post};
 use gateway_tests::harness::{Stack, StackOptions};
 use gateway_tests::harness::{CLIENT_ID, CLIENT_SECRET};
 use gateway_tests::idp::{Endpoint, Fault, IdpConfig, MintRequest};
@@ -18,7 +19,7 @@ async fn call(stack: &Stack, token: &str) -> Result<u16> {
         .build()?;
     let resp = client
         .get(stack.envoy.url("/healthz"))
-        .header("authorization", format!("Bearer {token}"))
+        .header("authorization", bearer(token))
         .header("connection", "close")
         .send()
         .await?;
@@ -37,7 +38,7 @@ async fn burst(stack: &Stack, token: &str, n: usize) -> Result<Vec<u16>> {
                 .build()?;
             let resp = client
                 .get(url)
-                .header("authorization", format!("Bearer {token}"))
+                .header("authorization", bearer(&token))
                 .send()
                 .await?;
             anyhow::Ok(resp.status().as_u16())
@@ -52,20 +53,14 @@ async fn burst(stack: &Stack, token: &str, n: usize) -> Result<Vec<u16>> {
 
 /// An MCP `initialize` on a fresh connection: the upstream checks the token on `/mcp`.
 async fn initialize(stack: &Stack, token: &str) -> Result<u16> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()?;
-    let resp = client
-        .post(stack.mcp_url())
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("connection", "close")
-        .body(
-            r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"caching-test","version":"1"}}}"#,
-        )
-        .send()
-        .await?;
+    let resp = jsonrpc_post(
+        &stack.mcp_url(),
+        Some(&bearer(token)),
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"caching-test","version":"1"}}}"#,
+    )
+    .header("connection", "close")
+    .send()
+    .await?;
     Ok(resp.status().as_u16())
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
+use gateway_tests::client::{bearer, jsonrpc_post, Answer};
 use gateway_tests::harness::{
     demo_config, envoy_bin, filter_counter, filter_wasm, merge_patch, plugin_config,
     wasm_filter_config, Stack, StackOptions, CLIENT_ID, CLIENT_SECRET, SECRET_ENV,
@@ -22,70 +23,20 @@ type Result<T = ()> = anyhow::Result<T>;
 
 const TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-    elapsed: Duration,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn error(&self) -> Value {
-        serde_json::from_str::<Value>(&self.body)
-            .map(|b| b["error"].clone())
-            .unwrap_or(Value::Null)
-    }
-}
-
 async fn call(stack: &Stack, token: &str) -> Result<Answer> {
     call_url(stack.mcp_url(), token.to_string()).await
 }
 
 async fn call_url(url: String, token: String) -> Result<Answer> {
     let started = Instant::now();
-    let resp = reqwest::Client::new()
-        .post(url)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("authorization", format!("Bearer {token}"))
-        // `initialize` needs no MCP session: 200 from the upstream when the gateway lets it pass.
-        .body(
-            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-                "protocolVersion": "2025-06-18", "capabilities": {},
-                "clientInfo": {"name": "faults", "version": "1"}}})
-            .to_string(),
-        )
+    // `initialize` needs no MCP session: 200 from the upstream when the gateway lets it pass.
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "faults", "version": "1"}}});
+    let resp = jsonrpc_post(&url, Some(&bearer(&token)), body.to_string())
         .send()
         .await?;
-    let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
-    let body = if status == 200 {
-        String::new()
-    } else {
-        resp.text().await?
-    };
-    Ok(Answer {
-        status,
-        headers,
-        body,
-        elapsed: started.elapsed(),
-    })
+    Answer::read_refusal(resp, started).await
 }
 
 /// A fresh user token (every mint has its own `jti`, so no cache entry applies to it).

@@ -1,73 +1,46 @@
 //! The gateway flow end to end, through a real Envoy loading the built filter: validate →
 //! exchange → rewrite, and each documented answer when something is wrong.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use gateway_tests::client::{bearer, jsonrpc_post, Answer, TOOLS_LIST};
 use gateway_tests::harness::{Stack, StackOptions, CLIENT_ID, CLIENT_SECRET};
 use gateway_tests::idp::{Endpoint, Fault, MintRequest, ScopeStyle};
 use gateway_tests::mcp;
-use serde_json::{json, Value};
+use serde_json::json;
 
 type Result<T = ()> = anyhow::Result<T>;
 
-struct Answer {
-    status: u16,
-    challenge: Option<String>,
-    retry_after: Option<String>,
-    body: Value,
-}
-
 async fn post_mcp(stack: &Stack, authorization: Option<&str>) -> Result<Answer> {
-    let mut req = reqwest::Client::new()
-        .post(stack.mcp_url())
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#);
-    if let Some(a) = authorization {
-        req = req.header("authorization", a);
-    }
-    let resp = req.send().await?;
-    let header = |n: &str| {
-        resp.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let (challenge, retry_after) = (header("www-authenticate"), header("retry-after"));
-    let status = resp.status().as_u16();
-    let text = resp.text().await?;
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Ok(Answer {
-        status,
-        challenge,
-        retry_after,
-        body,
-    })
+    let started = Instant::now();
+    let resp = jsonrpc_post(&stack.mcp_url(), authorization, TOOLS_LIST)
+        .send()
+        .await?;
+    Answer::read(resp, started).await
 }
 
 async fn with_bearer(stack: &Stack, token: &str) -> Result<Answer> {
-    post_mcp(stack, Some(&format!("Bearer {token}"))).await
+    post_mcp(stack, Some(&bearer(token))).await
 }
 
 fn assert_challenge(a: &Answer, status: u16, error: Option<&str>) {
     assert_eq!(a.status, status, "body: {}", a.body);
     let c = a
-        .challenge
-        .as_deref()
+        .challenge()
         .unwrap_or_else(|| panic!("no WWW-Authenticate on {status}"));
     assert!(c.starts_with("Bearer"), "{c}");
     assert!(c.contains("realm=\"mcp\""), "{c}");
     match error {
         Some(e) => {
             assert!(c.contains(&format!("error=\"{e}\"")), "{c}");
-            assert_eq!(a.body["error"], e, "{}", a.body);
+            assert_eq!(a.json()["error"], e, "{}", a.body);
         }
         None => assert!(
             !c.contains("error="),
             "a request without credentials gets no error code: {c}"
         ),
     }
-    assert!(a.body["error_description"].is_string(), "{}", a.body);
+    assert!(a.json()["error_description"].is_string(), "{}", a.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +127,7 @@ async fn rejections_before_the_exchange() -> Result {
 
     let a = post_mcp(&stack, None).await?;
     assert_challenge(&a, 401, None);
-    let c = a.challenge.unwrap_or_default();
+    let c = a.challenge().unwrap_or_default();
     assert!(c.contains("scope=\"mcp:tools:call\""), "{c}");
 
     let expired = stack.mint(&MintRequest {
@@ -217,7 +190,7 @@ async fn rejections_before_the_exchange() -> Result {
     let a = with_bearer(&stack, &no_scope).await?;
     assert_challenge(&a, 403, Some("insufficient_scope"));
     assert!(a
-        .challenge
+        .challenge()
         .unwrap_or_default()
         .contains("scope=\"mcp:tools:call\""));
 
@@ -275,9 +248,9 @@ async fn gateway_with_a_wrong_client_secret_is_a_bad_gateway() -> Result {
     .await?;
     let a = with_bearer(&stack, &stack.user_token()).await?;
     assert_eq!(a.status, 502, "{}", a.body);
-    assert_eq!(a.body["error"], "server_error");
+    assert_eq!(a.json()["error"], "server_error");
     assert!(
-        a.challenge.is_none(),
+        a.challenge().is_none(),
         "not the client's fault: no challenge"
     );
     // The IdP's refusal is logged for the operator, the secret is not.
@@ -307,8 +280,8 @@ async fn idp_outage_and_timeout() -> Result {
     stack.idp.set_fault(Endpoint::Token, Fault::Status(503));
     let a = with_bearer(&stack, &fresh("503")).await?;
     assert_eq!(a.status, 503, "{}", a.body);
-    assert!(a.retry_after.is_some(), "503 carries Retry-After");
-    assert_eq!(a.body["error"], "temporarily_unavailable");
+    assert!(a.header("retry-after").is_some(), "503 carries Retry-After");
+    assert_eq!(a.json()["error"], "temporarily_unavailable");
 
     stack.idp.set_fault(Endpoint::Token, Fault::Status(500));
     assert_eq!(with_bearer(&stack, &fresh("500")).await?.status, 503);
@@ -403,7 +376,7 @@ async fn unreachable_jwks_answers_503_and_never_passes() -> Result {
     .await?;
     let a = with_bearer(&stack, &stack.user_token()).await?;
     assert_eq!(a.status, 503, "{}", a.body);
-    assert!(a.retry_after.is_some());
+    assert!(a.header("retry-after").is_some());
     assert!(stack.upstream.seen_requests().is_empty());
     Ok(())
 }

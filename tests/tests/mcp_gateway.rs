@@ -2,8 +2,9 @@
 //! several upstreams with their own backend audiences, per-tool scopes and downscoping, identity
 //! headers, audit lines and Envoy stats.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use gateway_tests::client::{bearer, jsonrpc_post, Answer};
 use gateway_tests::harness::{ExtraUpstream, Stack, StackOptions, CLIENT_ID, CLIENT_SECRET};
 use gateway_tests::idp::{
     AuthServerConfig, Endpoint, ExchangePolicy, Fault, IdpConfig, MintRequest,
@@ -68,32 +69,12 @@ fn two_routes() -> StackOptions {
     }
 }
 
-async fn post_jsonrpc(
-    stack: &Stack,
-    path: &str,
-    token: &str,
-    body: &str,
-) -> Result<(u16, Option<String>, Value)> {
-    let resp = reqwest::Client::new()
-        .post(stack.envoy.url(path))
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(body.to_string())
+async fn post_jsonrpc(stack: &Stack, path: &str, token: &str, body: &str) -> Result<Answer> {
+    let started = Instant::now();
+    let resp = jsonrpc_post(&stack.envoy.url(path), Some(&bearer(token)), body)
         .send()
         .await?;
-    let status = resp.status().as_u16();
-    let challenge = resp
-        .headers()
-        .get("www-authenticate")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let text = resp.text().await?;
-    Ok((
-        status,
-        challenge,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    ))
+    Answer::read(resp, started).await
 }
 
 fn call_tool_body(tool: &str) -> String {
@@ -213,10 +194,10 @@ async fn tools_need_their_scopes_and_get_narrower_tokens() -> Result {
     let user = stack.user_token();
 
     // write_data needs mcp:tools:admin, which this user lacks: 403 naming it, nothing upstream.
-    let (status, challenge, body) =
-        post_jsonrpc(&stack, "/mcp", &user, &call_tool_body("write_data")).await?;
-    assert_eq!(status, 403, "{body}");
-    let challenge = challenge.unwrap_or_default();
+    let a = post_jsonrpc(&stack, "/mcp", &user, &call_tool_body("write_data")).await?;
+    let body = a.json();
+    assert_eq!(a.status, 403, "{body}");
+    let challenge = a.challenge().unwrap_or_default();
     assert!(
         challenge.contains("error=\"insufficient_scope\""),
         "{challenge}"
@@ -249,7 +230,10 @@ async fn tools_need_their_scopes_and_get_narrower_tokens() -> Result {
         call_tool_body("read_data"),
         call_tool_body("write_data")
     );
-    assert_eq!(post_jsonrpc(&stack, "/mcp", &user, &batch).await?.0, 403);
+    assert_eq!(
+        post_jsonrpc(&stack, "/mcp", &user, &batch).await?.status,
+        403
+    );
 
     // An admin may call it.
     let admin = stack.mint(&MintRequest {
@@ -330,12 +314,13 @@ async fn mcp_bodies_are_inspected_but_reach_the_upstream_unchanged() -> Result {
     let stack = Stack::start_with(two_routes()).await?;
     let user = stack.user_token();
 
-    let (status, challenge, body) = post_jsonrpc(&stack, "/mcp", &user, "{not json").await?;
-    assert_eq!(status, 400);
-    assert!(challenge.is_none());
+    let a = post_jsonrpc(&stack, "/mcp", &user, "{not json").await?;
+    let body = a.json();
+    assert_eq!(a.status, 400);
+    assert!(a.challenge().is_none());
     assert_eq!(body["jsonrpc"], "2.0");
     assert_eq!(body["error"]["code"], -32700);
-    let (status, _, body) = post_jsonrpc(
+    let a = post_jsonrpc(
         &stack,
         "/mcp",
         &user,
@@ -343,14 +328,14 @@ async fn mcp_bodies_are_inspected_but_reach_the_upstream_unchanged() -> Result {
     )
     .await?;
     assert_eq!(
-        (status, body["error"]["code"].clone()),
+        (a.status, a.json()["error"]["code"].clone()),
         (400, json!(-32600))
     );
     let big = format!(
         r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{}"}}}}}}"#,
         "x".repeat(70 * 1024)
     );
-    assert_eq!(post_jsonrpc(&stack, "/mcp", &user, &big).await?.0, 413);
+    assert_eq!(post_jsonrpc(&stack, "/mcp", &user, &big).await?.status, 413);
     // The headers of these requests went upstream before their bodies were checked (see
     // on_request_body); the bodies never did, so the upstream recorded no complete request.
     assert!(stack.upstream.seen_requests().is_empty());
@@ -373,7 +358,7 @@ async fn a_slow_exchange_never_lets_the_body_run_ahead_of_the_token_swap() -> Re
         .set_fault(Endpoint::Token, Fault::Delay(Duration::from_millis(600)));
     let token = stack.user_token();
     let body = call_tool_body("whoami");
-    let (status, _, _) = post_jsonrpc(&stack, "/mcp", &token, &body).await?;
+    let status = post_jsonrpc(&stack, "/mcp", &token, &body).await?.status;
     assert_ne!(status, 401, "the upstream accepted what it got");
     let seen = stack.upstream.seen_requests();
     assert_eq!(seen.len(), 1);

@@ -8,16 +8,18 @@
 
 use std::collections::HashSet;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::client_jwt::{check_client_jwt, JwtRules, MAX_ASSERTION_LIFETIME_SECS};
+mod client_auth;
+
+use client_auth::authenticate_client;
+
+use super::client_jwt::{check_client_jwt, JwtRules};
 use super::keys::parse_jws;
 use super::{
     access_token_claims, now_secs, AccessTokenClaims, AsState, RecordedExchange, State,
-    ACCESS_TOKEN_TYPE, CLIENT_ASSERTION_TYPE, JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT,
+    ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT,
 };
 
 /// What the HTTP layer hands over.
@@ -127,12 +129,40 @@ pub(crate) fn handle(state: &State, server: &AsState, req: &TokenHttpRequest<'_>
     }
 }
 
+/// The exchange in Okta's order: the HTTP request and its form, the client, the exchange's
+/// parameters and subject token, the AS's policy for the client, and then the token. The first
+/// failing check is the answer, so the order of the steps (and of the checks inside them) is what
+/// decides which error a request with several faults gets.
 fn exchange(
     state: &State,
     server: &AsState,
     req: &TokenHttpRequest<'_>,
     record: &mut RecordedExchange,
 ) -> Result<String, OAuthError> {
+    let form = parse_form(req, record)?;
+    let client = authenticate_client(state, server, req.authorization, &|n| form.param(n), record)?;
+    let request = exchange_request(state, server, &client, &form)?;
+    check_policy(server, &client, &request.scopes)?;
+    issue(state, server, &client, request)
+}
+
+/// The fields of a token request's form, each at most once.
+struct Form(Vec<(String, String)>);
+
+impl Form {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A POST of a form, each field once. Records the fields (but the client secret) for the tests.
+fn parse_form(
+    req: &TokenHttpRequest<'_>,
+    record: &mut RecordedExchange,
+) -> Result<Form, OAuthError> {
     if req.method != "POST" {
         return Err(OAuthError::new(
             405,
@@ -168,17 +198,47 @@ fn exchange(
             )));
         }
     }
-    let param = |name: &str| {
-        form.iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    Ok(Form(form))
+}
 
-    // Client authentication.
-    let client = authenticate_client(state, server, req.authorization, &param, record)?;
+/// A token exchange the authenticated client may ask for, with its subject token verified.
+struct ExchangeRequest<'f> {
+    subject: Subject,
+    /// The actor's id, when an actor token was sent and accepted.
+    actor: Option<String>,
+    /// The requested scopes, each once, in request order.
+    scopes: Vec<&'f str>,
+}
 
-    // The grant.
-    match param("grant_type") {
+/// The grant and the exchange's parameters, then the subject token.
+fn exchange_request<'f>(
+    state: &State,
+    server: &AsState,
+    client: &Client,
+    form: &'f Form,
+) -> Result<ExchangeRequest<'f>, OAuthError> {
+    check_grant(form, client)?;
+    let subject_token = subject_token_param(form)?;
+    let actor = actor(
+        state,
+        server,
+        client,
+        form.param("actor_token"),
+        form.param("actor_token_type"),
+    )?;
+    check_target(server, form)?;
+    let scopes = requested_scopes(server, form)?;
+    let subject = verify_subject_token(state, server, subject_token)?;
+    Ok(ExchangeRequest {
+        subject,
+        actor,
+        scopes,
+    })
+}
+
+/// RFC 8693 token exchange, which the client must be allowed to use.
+fn check_grant(form: &Form, client: &Client) -> Result<(), OAuthError> {
+    match form.param("grant_type") {
         None | Some("") => {
             return Err(OAuthError::invalid_request(
                 "The 'grant_type' parameter is required.",
@@ -203,9 +263,12 @@ fn exchange(
             "The client is not authorized to use the provided grant type.",
         ));
     }
+    Ok(())
+}
 
-    // Request parameters.
-    match param("subject_token_type") {
+/// The subject token (not yet verified), of the one type Okta exchanges.
+fn subject_token_param(form: &Form) -> Result<&str, OAuthError> {
+    match form.param("subject_token_type") {
         None | Some("") => {
             return Err(OAuthError::invalid_request(
                 "The 'subject_token_type' parameter is required.",
@@ -218,22 +281,18 @@ fn exchange(
             )))
         }
     }
-    let subject_token = match param("subject_token") {
-        None | Some("") => {
-            return Err(OAuthError::invalid_request(
-                "The 'subject_token' parameter is required.",
-            ))
-        }
-        Some(t) => t,
-    };
-    let actor = actor(
-        state,
-        server,
-        &client,
-        param("actor_token"),
-        param("actor_token_type"),
-    )?;
-    if let Some(t) = param("requested_token_type") {
+    match form.param("subject_token") {
+        None | Some("") => Err(OAuthError::invalid_request(
+            "The 'subject_token' parameter is required.",
+        )),
+        Some(t) => Ok(t),
+    }
+}
+
+/// What is asked for: an access token for this AS's audience (`audience`, and `resource` if
+/// sent).
+fn check_target(server: &AsState, form: &Form) -> Result<(), OAuthError> {
+    if let Some(t) = form.param("requested_token_type") {
         if t != ACCESS_TOKEN_TYPE {
             return Err(OAuthError::invalid_request(format!(
                 "The 'requested_token_type' is not supported; it must be {ACCESS_TOKEN_TYPE}."
@@ -241,7 +300,7 @@ fn exchange(
         }
     }
     let audience = &server.config.audience;
-    match param("audience") {
+    match form.param("audience") {
         None | Some("") => {
             return Err(OAuthError::invalid_request(
                 "The 'audience' parameter is required.",
@@ -256,7 +315,7 @@ fn exchange(
             ))
         }
     }
-    if let Some(r) = param("resource") {
+    if let Some(r) = form.param("resource") {
         if r != audience {
             return Err(OAuthError::new(
                 400,
@@ -265,8 +324,15 @@ fn exchange(
             ));
         }
     }
+    Ok(())
+}
+
+/// The `scope` parameter's scopes, each once: at least one, all configured at this AS, and none
+/// that a token exchange cannot grant.
+fn requested_scopes<'f>(server: &AsState, form: &'f Form) -> Result<Vec<&'f str>, OAuthError> {
     let mut scopes: Vec<&str> = Vec::new();
-    for s in param("scope")
+    for s in form
+        .param("scope")
         .unwrap_or("")
         .split(' ')
         .filter(|s| !s.is_empty())
@@ -298,11 +364,11 @@ fn exchange(
             ));
         }
     }
+    Ok(scopes)
+}
 
-    // The subject token.
-    let subject = verify_subject_token(state, server, subject_token)?;
-
-    // The exchange policy.
+/// The AS's exchange policy: one for the client, granting every requested scope.
+fn check_policy(server: &AsState, client: &Client, scopes: &[&str]) -> Result<(), OAuthError> {
     let denied = || {
         OAuthError::new(
             400,
@@ -319,13 +385,26 @@ fn exchange(
     if !scopes.iter().all(|s| policy.scopes.iter().any(|p| p == s)) {
         return Err(denied());
     }
+    Ok(())
+}
 
-    // Issue.
+/// The backend token for the subject, signed by this AS, and the success body around it.
+fn issue(
+    state: &State,
+    server: &AsState,
+    client: &Client,
+    request: ExchangeRequest<'_>,
+) -> Result<String, OAuthError> {
+    let ExchangeRequest {
+        subject,
+        actor,
+        scopes,
+    } = request;
     let now = now_secs();
     let ttl = state.config.exchange_ttl_secs;
     let mut claims = access_token_claims(AccessTokenClaims {
         issuer: &server.issuer,
-        audience,
+        audience: &server.config.audience,
         iat: now,
         exp: now.saturating_add(ttl),
         client_id: &client.client_id,
@@ -422,235 +501,6 @@ fn actor(
     Ok(Some(client.client_id.clone()))
 }
 
-/// `private_key_jwt` (RFC 7523 §2.2): the client is whoever signed `assertion` with a key
-/// registered for it.
-fn authenticate_with_assertion<'f>(
-    state: &State,
-    server: &AsState,
-    assertion: &str,
-    param: &impl Fn(&str) -> Option<&'f str>,
-    record: &mut RecordedExchange,
-) -> Result<Client, OAuthError> {
-    let body_id = param("client_id");
-    record.client_id = body_id.map(str::to_string);
-    if param("client_secret").is_some() {
-        return Err(OAuthError::invalid_request(
-            "Cannot supply multiple client credentials. Use one of the following: credentials \
-             in the Authorization header, credentials in the post body, or a client_assertion \
-             in the post body.",
-        ));
-    }
-    match param("client_assertion_type") {
-        Some(CLIENT_ASSERTION_TYPE) => {}
-        None | Some("") => {
-            return Err(OAuthError::invalid_request(
-                "The 'client_assertion_type' parameter is required with a 'client_assertion'.",
-            ))
-        }
-        Some(_) => {
-            return Err(OAuthError::invalid_request(format!(
-                "The 'client_assertion_type' is invalid; it must be {CLIENT_ASSERTION_TYPE}."
-            )))
-        }
-    }
-    // The client is named by `client_id` in the body if present, else by the assertion's `sub`
-    // (checked against the signature below either way).
-    let claimed = match body_id {
-        Some(id) => Some(id.to_string()),
-        None => parse_jws(assertion).and_then(|j| {
-            j.claims
-                .get("sub")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        }),
-    };
-    let Some(client_id) = claimed.filter(|id| !id.is_empty()) else {
-        return Err(OAuthError::invalid_client(
-            "The client_assertion is invalid: no client is named.",
-            false,
-        ));
-    };
-    record.client_id = Some(client_id.clone());
-    let Some(client) = state
-        .config
-        .clients
-        .iter()
-        .find(|c| c.client_id == client_id)
-    else {
-        return Err(OAuthError::invalid_client(
-            "Invalid value for 'client_id' parameter.",
-            false,
-        ));
-    };
-    let Some(keys) = state.client_keys.get(&client.client_id) else {
-        return Err(OAuthError::invalid_client(
-            "Client authentication with a client_assertion is not enabled for this client.",
-            false,
-        ));
-    };
-    let audiences = client_jwt_audiences(server);
-    let checked = check_client_jwt(
-        keys,
-        assertion,
-        &JwtRules {
-            client_id: &client.client_id,
-            audiences: &audiences,
-            now: now_secs(),
-            max_lifetime_secs: Some(MAX_ASSERTION_LIFETIME_SECS),
-            require_jti: true,
-        },
-    )
-    .map_err(|why| {
-        OAuthError::invalid_client(format!("The client_assertion is invalid: {why}."), false)
-    })?;
-    let jti = checked.jti.unwrap_or_default();
-    if !state.claim_assertion_id(&client.client_id, &jti, checked.exp) {
-        return Err(OAuthError::invalid_client(
-            "The client_assertion is invalid: its jti has already been used.",
-            false,
-        ));
-    }
-    Ok(Client {
-        client_id: client.client_id.clone(),
-        token_exchange_enabled: client.token_exchange_enabled,
-    })
-}
-
-fn authenticate_client<'f>(
-    state: &State,
-    server: &AsState,
-    authorization: Option<&str>,
-    param: &impl Fn(&str) -> Option<&'f str>,
-    record: &mut RecordedExchange,
-) -> Result<Client, OAuthError> {
-    let basic = authorization.and_then(|h| {
-        let (scheme, rest) = h.trim_start().split_once(' ')?;
-        scheme.eq_ignore_ascii_case("basic").then(|| rest.trim())
-    });
-    let body_id = param("client_id");
-    let body_secret = param("client_secret");
-
-    let (client_id, secret, basic_used) = if let Some(credentials) = basic {
-        record.client_auth = "client_secret_basic".into();
-        if body_secret.is_some() || param("client_assertion").is_some() {
-            return Err(OAuthError::invalid_request(
-                "Cannot supply multiple client credentials. Use one of the following: credentials \
-                 in the Authorization header, credentials in the post body, or a client_assertion \
-                 in the post body.",
-            ));
-        }
-        let Some((id, secret)) = decode_basic(credentials) else {
-            return Err(OAuthError::invalid_client(
-                "The client credentials in the Authorization header are malformed.",
-                true,
-            ));
-        };
-        record.client_id = Some(id.clone());
-        if body_id.is_some_and(|b| b != id) {
-            return Err(OAuthError::invalid_request(
-                "The 'client_id' in the body does not match the Authorization header.",
-            ));
-        }
-        (id, secret, true)
-    } else if let Some(assertion) = param("client_assertion") {
-        record.client_auth = "private_key_jwt".into();
-        return authenticate_with_assertion(state, server, assertion, param, record);
-    } else if let Some(secret) = body_secret {
-        record.client_auth = "client_secret_post".into();
-        record.client_id = body_id.map(str::to_string);
-        let Some(id) = body_id else {
-            return Err(OAuthError::invalid_client(
-                "No client credentials found.",
-                false,
-            ));
-        };
-        (id.to_string(), secret.to_string(), false)
-    } else {
-        record.client_id = body_id.map(str::to_string);
-        return Err(OAuthError::invalid_client(
-            if body_id.is_some() {
-                "Client authentication failed: this confidential client must present its secret."
-            } else {
-                "No client credentials found."
-            },
-            false,
-        ));
-    };
-
-    let Some(client) = state
-        .config
-        .clients
-        .iter()
-        .find(|c| c.client_id == client_id)
-    else {
-        return Err(OAuthError::invalid_client(
-            "Invalid value for 'client_id' parameter.",
-            basic_used,
-        ));
-    };
-    if client.client_secret.is_empty() {
-        return Err(OAuthError::invalid_client(
-            "The client does not authenticate with a client secret.",
-            basic_used,
-        ));
-    }
-    if !constant_time_eq(client.client_secret.as_bytes(), secret.as_bytes()) {
-        return Err(OAuthError::invalid_client(
-            "The client secret supplied for a confidential client is invalid.",
-            basic_used,
-        ));
-    }
-    Ok(Client {
-        client_id: client.client_id.clone(),
-        token_exchange_enabled: client.token_exchange_enabled,
-    })
-}
-
-/// `base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 §2.3.1).
-fn decode_basic(credentials: &str) -> Option<(String, String)> {
-    let raw = STANDARD
-        .decode(credentials)
-        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(credentials))
-        .ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (id, secret) = text.split_once(':')?;
-    let id = form_decode(id)?;
-    if id.is_empty() {
-        return None;
-    }
-    Some((id, form_decode(secret)?))
-}
-
-/// application/x-www-form-urlencoded decoding of one value: `+` is a space, `%XX` a byte.
-fn form_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                if !hex.iter().all(u8::is_ascii_hexdigit) {
-                    return None;
-                }
-                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// The parts of a verified subject token the new token carries over.
 struct Subject {
     sub: String,
@@ -732,26 +582,4 @@ fn verify_subject_token(
         sub: sub.to_string(),
         uid: uid.map(str::to_string),
     })
-}
-
-#[cfg(test)]
-mod unit {
-    use super::{decode_basic, form_decode};
-    use base64::Engine as _;
-
-    #[test]
-    fn basic_credentials_are_form_decoded() {
-        let header = base64::engine::general_purpose::STANDARD.encode("my%3Aid:s%2Bec+ret%25");
-        assert_eq!(
-            decode_basic(&header),
-            Some(("my:id".to_string(), "s+ec ret%".to_string()))
-        );
-        assert_eq!(decode_basic("!!!"), None);
-        let no_colon = base64::engine::general_purpose::STANDARD.encode("abc");
-        assert_eq!(decode_basic(&no_colon), None);
-        assert_eq!(form_decode("%zz"), None);
-        assert_eq!(form_decode("%4"), None);
-        assert_eq!(form_decode("%+1"), None);
-        assert_eq!(form_decode("%e2%82%ac"), Some("€".into()));
-    }
 }
