@@ -123,9 +123,10 @@ struct Stream {
     digest: Option<Digest32>,
     principal: Option<Rc<Principal>>,
     body: Body,
-    /// The call named by the MCP 2026-07-28 `Mcp-Method`/`Mcp-Name` headers, on routes with
-    /// per-tool policy. It decides the exchange target up front; the body must agree with it.
-    header_call: Option<Call>,
+    /// The call named by the MCP 2026-07-28 `Mcp-Method`/`Mcp-Name` headers (decoded), on routes
+    /// with per-tool policy. It decides the exchange target up front; the body must agree with
+    /// it. An error: the headers are unreadable, refused once the token is verified.
+    header_call: Result<Option<Call>, BodyError>,
     /// Every scope this request needs (route and tools): the challenge's `scope`.
     required_scopes: Vec<String>,
     tool_label: Option<String>,
@@ -395,9 +396,11 @@ impl<H: Host> Gateway<H> {
             }
         };
         let header_call = if route.inspects_tools() {
-            mcp::call_from_headers(headers.get("mcp-method"), headers.get("mcp-name"))
+            let methods: Vec<&[u8]> = headers.values("mcp-method").collect();
+            let names: Vec<&[u8]> = headers.values("mcp-name").collect();
+            mcp::call_from_headers(&methods, &names)
         } else {
-            None
+            Ok(None)
         };
         let skew = policy.inbound.clock_skew_seconds;
         let digest = match self.verified.get(token, secs(now), skew) {
@@ -543,7 +546,7 @@ impl<H: Host> Gateway<H> {
             return Action::Pause;
         } else {
             match read_request_body(&self.host, body_size) {
-                Ok(calls) => self.check_body_calls(context_id, &calls),
+                Ok(body) => self.check_body_calls(context_id, &body),
                 Err(e) => Err(Denial::McpBody(e)),
             }
         };
@@ -567,25 +570,23 @@ impl<H: Host> Gateway<H> {
         }
     }
 
-    /// The body's calls against the route's tool policy (and against the `Mcp-Name` header the
-    /// forwarded token was chosen by). Ok carries the tool label for audit.
+    /// The body's calls against the route's tool policy (and against the `Mcp-Method`/`Mcp-Name`
+    /// headers the forwarded token was chosen by). Ok carries the tool label for audit.
     fn check_body_calls(
         &mut self,
         context_id: u32,
-        calls: &[Call],
+        body: &mcp::Body,
     ) -> Result<Option<String>, Denial> {
         let policy = Rc::clone(&self.policy);
         let Some(check) = self.body_checks.get_mut(&context_id) else {
             return Err(Denial::Internal);
         };
         let route = &policy.routes[check.stream.route];
-        if let Some(named) = &check.stream.header_call {
+        if let Ok(Some(named)) = &check.stream.header_call {
             // The token was chosen for the call the headers named; the body must be that call.
-            if calls.len() != 1 || calls[0] != *named {
-                return Err(Denial::McpBody(BodyError::HeaderMismatch));
-            }
+            mcp::check_announced(named, body).map_err(Denial::McpBody)?;
         }
-        let req = tool_requirements(route, calls);
+        let req = tool_requirements(route, &body.calls);
         check.stream.tool_label = req.label.clone();
         if req.unlisted.is_some() {
             return Err(Denial::ToolNotAllowed);
@@ -632,7 +633,11 @@ impl<H: Host> Gateway<H> {
         let Some(stream) = self.streams.get_mut(&context_id) else {
             return Step::Deny(Denial::Internal);
         };
-        if let Some(call) = &stream.header_call {
+        let header_call = match &stream.header_call {
+            Ok(call) => call.as_ref(),
+            Err(e) => return Step::Deny(Denial::McpBody(e.clone())),
+        };
+        if let Some(call) = header_call {
             let req = tool_requirements(route, std::slice::from_ref(call));
             stream.tool_label = req.label;
             if req.unlisted.is_some() {
@@ -1607,9 +1612,9 @@ fn identity_value(p: &Principal, claim: IdentityClaim) -> Option<String> {
     (!v.chars().any(|c| c.is_control())).then_some(v)
 }
 
-fn read_request_body(host: &impl Host, body_size: usize) -> Result<Vec<Call>, BodyError> {
+fn read_request_body(host: &impl Host, body_size: usize) -> Result<mcp::Body, BodyError> {
     if body_size == 0 {
-        return Ok(Vec::new());
+        return Ok(mcp::Body::default());
     }
     let body = host.request_body(body_size).unwrap_or_default();
     mcp::calls_in_body(&body)

@@ -28,7 +28,7 @@ pub fn tool_requirements(route: &Route, calls: &[Call]) -> ToolRequirements {
     let mut names: Vec<&str> = Vec::new();
     let mut targets: Vec<Option<Rc<ExchangeTarget>>> = Vec::new();
     for call in calls {
-        let Some(tool) = &call.tool else {
+        let Some(tool) = call.tool() else {
             targets.push(None);
             continue;
         };
@@ -44,7 +44,7 @@ pub fn tool_requirements(route: &Route, calls: &[Call]) -> ToolRequirements {
             }
             None => {
                 if route.deny_unlisted_tools && req.unlisted.is_none() {
-                    req.unlisted = Some(tool.clone());
+                    req.unlisted = Some(tool.to_string());
                 }
                 targets.push(None);
             }
@@ -162,7 +162,7 @@ mod tests {
     fn call(method: &str, tool: Option<&str>) -> Call {
         Call {
             method: method.into(),
-            tool: tool.map(str::to_string),
+            name: tool.map(str::to_string),
         }
     }
 

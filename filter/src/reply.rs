@@ -2,7 +2,9 @@
 //! `WWW-Authenticate` challenge and JSON body.
 //!
 //! Descriptions are fixed strings chosen here (or scope names from the configuration): nothing
-//! from the token, the IdP's answer or the request is echoed back to the client.
+//! from the token, the IdP's answer or the request is echoed back to the client, except the
+//! JSON-RPC `id` (a string or number, re-serialised) of a request refused for a header mismatch,
+//! which JSON-RPC requires the error to carry.
 
 use crate::config::ChallengeConfig;
 use crate::exchange::ExchangeError;
@@ -64,6 +66,9 @@ impl Denial {
             Self::Token(_) | Self::WrongAudience => "invalid_token",
             Self::InsufficientScope { .. } => "insufficient_scope",
             Self::ToolNotAllowed => "tool_not_allowed",
+            Self::McpBody(BodyError::HeaderMismatch { .. } | BodyError::HeaderInvalid) => {
+                "mcp_header_mismatch"
+            }
             Self::McpBody(_) => "invalid_mcp_request",
             Self::NoRoute => "no_route",
             Self::Path(_) => "invalid_path",
@@ -425,6 +430,21 @@ mod tests {
         );
         let r = Denial::NoRoute.reply(&cfg(), &scopes());
         assert_eq!((r.status, header(&r, "www-authenticate")), (404, None));
+        // MCP 2026-07-28: a header mismatch is 400 with -32020 and the request's id.
+        let d = Denial::McpBody(BodyError::HeaderMismatch {
+            id: Some(serde_json::json!(42)),
+        });
+        let r = d.reply(&cfg(), &scopes());
+        assert_eq!((r.status, header(&r, "www-authenticate")), (400, None));
+        assert_eq!(body(&r)["error"]["code"], -32020);
+        assert_eq!(body(&r)["id"], 42);
+        assert_eq!(d.reason(), "mcp_header_mismatch");
+        let d = Denial::McpBody(BodyError::HeaderInvalid);
+        let r = d.reply(&cfg(), &scopes());
+        assert_eq!(r.status, 400);
+        assert_eq!(body(&r)["error"]["code"], -32020);
+        assert_eq!(body(&r)["id"], serde_json::Value::Null);
+        assert_eq!(d.reason(), "mcp_header_mismatch");
         let r = Denial::WrongAudience.reply(&cfg(), &scopes());
         assert!(header(&r, "www-authenticate")
             .unwrap()

@@ -51,12 +51,40 @@ pub const MAX_PUBLIC_EXPONENT: u64 = (1 << 33) - 1;
 
 /// Limb width for moduli whose limb count at 28 bits stays within [`MAX_LIMBS_28`].
 const RADIX_BITS: u32 = 28;
-/// A column of a product receives at most 2·limbs products below 2^(2r) plus one carry below
-/// 2^(64−r); with r = 28 that fits in 64 bits while 2·limbs < 256, so up to 127 limbs
-/// (~3500-bit moduli, margin kept). Larger moduli use 27-bit limbs: 2·limbs < 1024, far above
-/// the 304 limbs of an 8192-bit modulus.
+/// A column of a product receives at most 2·limbs products, each at most (2^r − 1)², plus one
+/// carry below 2^(64−r); with r = 28 that fits in 64 bits up to 128 limbs (the exact bound,
+/// checked at compile time by [`column_fits_u64`]; the rounder 2·limbs < 256 gives 127), so
+/// 120 (~3350-bit moduli) keeps a margin. Larger moduli use 27-bit limbs: up to 512 limbs, far
+/// above the 304 limbs of an 8192-bit modulus.
 const MAX_LIMBS_28: usize = 120;
 const RADIX_BITS_LARGE: u32 = 27;
+/// Limbs of the largest accepted modulus at 27 bits (`limbs = ⌈(bits + 2) / radix⌉`, as in
+/// [`RsaVerifyingKey::from_components`]): the most any key uses at that width.
+const MAX_LIMBS_LARGE: usize = (MAX_RSA_BITS + 2).div_ceil(RADIX_BITS_LARGE as usize);
+
+/// The carry bound the lazy-carry Montgomery loops rely on: with `limbs` limbs of `radix` bits,
+/// a column of the accumulator receives at most 2·limbs limb products (limbs of the operands
+/// and of n times the multipliers m_i, all normalised below 2^radix, so each product is at most
+/// (2^radix − 1)²) and at most one carry, taken from a column that itself fits in 64 bits, so
+/// below 2^(64 − radix). That sum must fit in a `u64`, or the column silently wraps.
+const fn column_fits_u64(radix: u32, limbs: usize) -> bool {
+    let limb_max = (1u128 << radix) - 1;
+    let products = 2 * (limbs as u128) * limb_max * limb_max;
+    let carry_max = (1u128 << (64 - radix)) - 1;
+    products + carry_max <= u64::MAX as u128
+}
+
+// Every limb count in use: 28-bit limbs up to MAX_LIMBS_28 (larger moduli switch to 27 bits),
+// 27-bit limbs up to the largest modulus. Raising a limb count or a width past the bound fails
+// the build instead of corrupting verification.
+const _: () = assert!(
+    column_fits_u64(RADIX_BITS, MAX_LIMBS_28),
+    "28-bit limbs: MAX_LIMBS_28 overflows a column of the Montgomery accumulator"
+);
+const _: () = assert!(
+    column_fits_u64(RADIX_BITS_LARGE, MAX_LIMBS_LARGE),
+    "27-bit limbs: MAX_RSA_BITS overflows a column of the Montgomery accumulator"
+);
 
 /// The hash a signature was made over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

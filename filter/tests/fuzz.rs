@@ -1645,10 +1645,10 @@ proptest! {
         jsonrpc_message().prop_map(|v| v.to_string().into_bytes()),
         prop::collection::vec(jsonrpc_message(), 0..4).prop_map(|v| Value::Array(v).to_string().into_bytes()),
     ]) {
-        if let Ok(calls) = jsonrpc::calls_in_body(&body) {
-            for c in calls {
+        if let Ok(body) = jsonrpc::calls_in_body(&body) {
+            for c in body.calls {
                 // A tools/call is always attributed to a tool: per-tool policy cannot be dodged.
-                prop_assert!(c.method != "tools/call" || c.tool.is_some(), "{:?}", c);
+                prop_assert!(c.method != "tools/call" || c.tool().is_some(), "{:?}", c);
             }
         }
     }
@@ -1661,9 +1661,16 @@ proptest! {
         ]),
         name in prop::option::of(prop::collection::vec(any::<u8>(), 0..20)),
     ) {
-        if let Some(c) = jsonrpc::call_from_headers(method.as_deref(), name.as_deref()) {
+        let methods: Vec<&[u8]> = method.as_deref().into_iter().collect();
+        let names: Vec<&[u8]> = name.as_deref().into_iter().collect();
+        if let Ok(Some(c)) = jsonrpc::call_from_headers(&methods, &names) {
             prop_assert!(!c.method.is_empty());
-            prop_assert!(c.method != "tools/call" || c.tool.is_some());
+            // A decoded value is what an encoding of it would carry: re-encoding round-trips.
+            if let Some(n) = &c.name {
+                let encoded = format!("=?base64?{}?=", STANDARD.encode(n));
+                let decoded = jsonrpc::decode_header_value(encoded.as_bytes());
+                prop_assert_eq!(decoded.as_deref(), Some(n.as_str()));
+            }
         }
     }
 }

@@ -286,7 +286,7 @@ async fn tools_need_their_scopes_and_get_narrower_tokens() -> Result {
         .await?;
     assert_eq!(resp.status(), 400);
     let err: Value = resp.json().await?;
-    assert_eq!(err["error"]["code"], -32600);
+    assert_eq!(err["error"]["code"], -32020);
     // The write call never reached the upstream complete.
     assert!(!stack
         .upstream
