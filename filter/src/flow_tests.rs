@@ -536,3 +536,17 @@ fn a_dispatch_the_host_refuses_is_a_503_not_a_pass() {
     w.end(1);
     assert!(w.gw.is_idle());
 }
+
+#[test]
+fn remote_keys_are_fetched_on_the_first_tick_and_refreshed_on_schedule() {
+    let mut w = Worker::first(&remote_keys_config());
+    w.tick(500);
+    let first = only(&w.jwks_fetches());
+    w.answer(&first, Some(200), &test_keys::jwks_json());
+    w.tick(500);
+    assert_eq!(w.jwks_fetches().len(), 1, "no refetch before the refresh interval");
+    // The default refresh interval is 600 s.
+    w.tick(600_000);
+    assert_eq!(w.jwks_fetches().len(), 2, "refreshed");
+    assert!(w.gw.is_idle());
+}

@@ -22,10 +22,13 @@ pub mod rsa_public;
 pub mod token;
 pub mod verify;
 
+mod exchange_coordinator;
 mod gateway;
 mod host;
 mod http;
+mod key_manager;
 mod metrics;
+mod request;
 mod root;
 
 #[cfg(test)]

@@ -85,6 +85,15 @@ impl Denial {
         }
     }
 
+    /// What exactly was wrong, where `reason` names a class: for the audit record, never the
+    /// client.
+    pub fn detail(&self) -> Option<&'static str> {
+        match self {
+            Self::Path(e) => Some(e.as_str()),
+            _ => None,
+        }
+    }
+
     /// The one table: status, challenge, OAuth error code, description.
     fn table(&self) -> (u32, Challenge, &'static str, String) {
         use Challenge::{Bare, None as NoChallenge, WithError};

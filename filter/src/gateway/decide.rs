@@ -1,0 +1,373 @@
+//! Deciding a request on the full path: verify → audience → scopes → tools → target → backend
+//! token (stored, joined, exchanged here, or waited for from another worker).
+
+use std::rc::Rc;
+
+use log::{debug, info, warn};
+use sha2::Digest as _;
+
+use crate::audit::CacheUse;
+use crate::cache::{exchange_key, fingerprint, token_digest, Digest32};
+use crate::config::ExchangeTarget;
+use crate::exchange::{ExchangeError, ExchangeRequest};
+use crate::exchange_coordinator::{Join, Subject};
+use crate::host::Host;
+use crate::jwks::sanitize;
+use crate::key_manager::JwksFetch;
+use crate::mcp;
+use crate::policy::{audience_allowed, missing_scopes, tool_requirements};
+use crate::reply::Denial;
+use crate::request::RequestState;
+use crate::verify::{self, Principal, TokenError, VerifyError};
+
+use super::{secs, CalloutPurpose, Gateway};
+
+/// What goes upstream in place of the client's credentials.
+#[derive(Clone)]
+pub(super) enum Upstream {
+    /// This backend token; `until`: how long it may be reused (`None`: not at all).
+    Exchanged { token: Rc<str>, until: Option<i64> },
+    /// `validate_only` mode: no backend token.
+    Validated,
+}
+
+/// What the flow decided for one request.
+#[derive(Clone)]
+pub(super) enum Step {
+    /// Forward upstream.
+    Forward(Upstream),
+    /// Answer the client now.
+    Deny(Denial),
+    /// Stay paused: a callout, the request body or another worker will finish the request.
+    Wait,
+}
+
+pub(super) enum PrincipalWait {
+    Deny(Denial),
+    /// Keys are missing or being refetched: park the request.
+    Park,
+}
+
+impl<H: Host> Gateway<H> {
+    /// Verify → audience → scopes → tools → cached token or exchange.
+    pub(super) fn advance(&mut self, context_id: u32, now: u64) -> Step {
+        let policy = Rc::clone(&self.policy);
+        let (token, digest, route_index) = match self.requests.get(&context_id) {
+            Some(r) => (r.token.clone(), r.digest, r.route),
+            None => return Step::Deny(Denial::Internal),
+        };
+        let digest = digest.unwrap_or_else(|| token_digest(&token));
+        let route = &policy.routes[route_index];
+        let principal = match self.principal(&token, Some(&digest), now, false) {
+            Ok(p) => p,
+            Err(PrincipalWait::Deny(d)) => return Step::Deny(d),
+            Err(PrincipalWait::Park) => return self.park(context_id, now),
+        };
+        let Some(request) = self.requests.get_mut(&context_id) else {
+            return Step::Deny(Denial::Internal);
+        };
+        request.principal = Some(Rc::clone(&principal));
+        if !audience_allowed(&principal, &route.audiences) {
+            return Step::Deny(Denial::WrongAudience);
+        }
+        let missing = missing_scopes(&principal, &route.required_scopes);
+        if !missing.is_empty() {
+            return Step::Deny(Denial::InsufficientScope { missing });
+        }
+        let header_call = match &request.header_call {
+            Ok(call) => call.as_ref(),
+            Err(e) => return Step::Deny(Denial::McpBody(e.clone())),
+        };
+        if let Some(call) = header_call {
+            let req = tool_requirements(route, std::slice::from_ref(call));
+            request.tool_label = req.label;
+            if req.unlisted.is_some() {
+                return Step::Deny(Denial::ToolNotAllowed);
+            }
+            for s in req.scopes {
+                if !request.required_scopes.contains(&s) {
+                    request.required_scopes.push(s);
+                }
+            }
+            request.target = req.target;
+        }
+        let missing = missing_scopes(&principal, &request.required_scopes);
+        if !missing.is_empty() {
+            return Step::Deny(Denial::InsufficientScope { missing });
+        }
+        let Some(target) = request.target.clone().or_else(|| route.target.clone()) else {
+            return Step::Forward(Upstream::Validated);
+        };
+        request.target = Some(Rc::clone(&target));
+        self.exchange(context_id, &token, &digest, &principal, target, now)
+    }
+
+    /// The verified principal for `token`: from the verified-token cache, or by verifying.
+    /// `after_fetch`: the key set was just refetched, so an unknown `kid` is final.
+    pub(super) fn principal(
+        &mut self,
+        token: &str,
+        digest: Option<&Digest32>,
+        now_ms: u64,
+        after_fetch: bool,
+    ) -> Result<Rc<Principal>, PrincipalWait> {
+        let now = secs(now_ms);
+        let digest = || digest.copied().unwrap_or_else(|| token_digest(token));
+        let skew = self.policy.inbound.clock_skew_seconds;
+        if let Some(entry) = self.verified.get(token, now, skew) {
+            return Ok(Rc::clone(&entry.principal));
+        }
+        let Some(keys) = self.keys.keys().cloned() else {
+            return Err(PrincipalWait::Park);
+        };
+        match verify::verify(token, &keys, &self.policy.inbound, now) {
+            Ok(p) => {
+                let p = Rc::new(p);
+                if self.policy.inbound.verified_cache_max_entries > 0 {
+                    self.verified.put(token, digest(), Rc::clone(&p));
+                }
+                Ok(p)
+            }
+            Err(VerifyError::Invalid(e)) => {
+                debug!("token {} rejected: {e}", fingerprint(&digest()));
+                Err(PrincipalWait::Deny(Denial::Token(e)))
+            }
+            Err(VerifyError::NoKeys) => Err(PrincipalWait::Park),
+            Err(VerifyError::UnknownKid) if after_fetch => {
+                Err(PrincipalWait::Deny(Denial::Token(TokenError::UnknownKey)))
+            }
+            Err(VerifyError::UnknownKid) => {
+                if self.keys.may_refetch(now_ms) {
+                    info!(
+                        "token {} names an unknown key; refetching the JWKS",
+                        fingerprint(&digest())
+                    );
+                    self.start_jwks_fetch(now_ms);
+                }
+                if self.keys.is_fetching() {
+                    Err(PrincipalWait::Park)
+                } else {
+                    Err(PrincipalWait::Deny(Denial::Token(TokenError::UnknownKey)))
+                }
+            }
+        }
+    }
+
+    /// Parks the request until keys arrive (fetching them if no fetch runs), or refuses it.
+    fn park(&mut self, context_id: u32, now_ms: u64) -> Step {
+        if self.keys.park(context_id, now_ms).is_err() {
+            return Step::Deny(Denial::KeysUnavailable);
+        }
+        if !self.keys.is_fetching() {
+            self.start_jwks_fetch(now_ms);
+        }
+        self.set_state(context_id, RequestState::WaitingForKeys);
+        Step::Wait
+    }
+
+    pub(super) fn start_jwks_fetch(&mut self, now_ms: u64) {
+        if let Some(fetch) = self.keys.begin_fetch(now_ms) {
+            self.dispatch_jwks(&fetch, now_ms);
+        }
+    }
+
+    pub(super) fn dispatch_jwks(&mut self, fetch: &JwksFetch, now_ms: u64) {
+        let headers = [
+            (":method", "GET"),
+            (":path", fetch.path.as_str()),
+            (":authority", fetch.authority.as_str()),
+            ("accept", "application/json"),
+        ];
+        match self
+            .host
+            .dispatch(&fetch.cluster, &headers, None, fetch.timeout)
+        {
+            Ok(token) => {
+                self.keys.dispatched(token, now_ms);
+                self.callouts.insert(token, CalloutPurpose::Jwks);
+            }
+            Err(_) => {
+                self.metrics.inc("jwks.fetch_failed");
+                warn!(
+                    "JWKS callout to cluster {} could not be dispatched",
+                    fetch.cluster
+                );
+            }
+        }
+    }
+
+    fn exchange(
+        &mut self,
+        context_id: u32,
+        token: &str,
+        digest: &Digest32,
+        principal: &Principal,
+        target: Rc<ExchangeTarget>,
+        now_ms: u64,
+    ) -> Step {
+        let subject = Subject {
+            key: exchange_key(digest, &target.identity),
+            expires_at: principal.expires_at,
+            fingerprint: fingerprint(digest),
+            sub: sanitize(&principal.sub),
+        };
+        if let Some(r) = self.requests.get_mut(&context_id) {
+            r.exchange_key = Some(subject.key);
+        }
+        match self
+            .exchanges
+            .join(&self.host, context_id, &subject, &target, now_ms)
+        {
+            Join::Stored { token, until } => {
+                self.set_cache_use(context_id, CacheUse::Hit);
+                Step::Forward(Upstream::Exchanged {
+                    token: token.into(),
+                    until: Some(until),
+                })
+            }
+            Join::Joined => {
+                self.set_cache_use(context_id, CacheUse::Coalesced);
+                self.set_state(context_id, RequestState::Exchanging);
+                Step::Wait
+            }
+            Join::Lead => {
+                self.set_cache_use(context_id, CacheUse::Miss);
+                self.dispatch_exchange(token, subject, target, vec![context_id], now_ms)
+            }
+            Join::Failed(e) => Step::Deny(Denial::Exchange(e)),
+            Join::Remote => {
+                self.set_cache_use(context_id, CacheUse::Coalesced);
+                self.set_state(context_id, RequestState::Exchanging);
+                self.set_fast_tick(true);
+                Step::Wait
+            }
+        }
+    }
+
+    fn set_cache_use(&mut self, context_id: u32, cache: CacheUse) {
+        if let Some(r) = self.requests.get_mut(&context_id) {
+            r.cache = cache;
+        }
+        self.metrics.inc(match cache {
+            CacheUse::Hit => "cache.hits",
+            CacheUse::Miss => "cache.misses",
+            CacheUse::Coalesced => "cache.coalesced",
+            CacheUse::None => return,
+        });
+    }
+
+    pub(super) fn set_state(&mut self, context_id: u32, state: RequestState) {
+        if let Some(r) = self.requests.get_mut(&context_id) {
+            r.state = state;
+        }
+    }
+
+    /// Starts the exchange this worker leads (it holds the lease for `subject.key`).
+    pub(super) fn dispatch_exchange(
+        &mut self,
+        token: &str,
+        subject: Subject,
+        target: Rc<ExchangeTarget>,
+        waiters: Vec<u32>,
+        now_ms: u64,
+    ) -> Step {
+        let nonce = self.nonce(now_ms);
+        let request = match ExchangeRequest::build(&target, token, secs(now_ms), &nonce) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("token exchange request could not be built: {e}");
+                self.exchanges
+                    .release(&self.host, &subject.key, None, now_ms);
+                return Step::Deny(Denial::Internal);
+            }
+        };
+        let headers: Vec<(&str, &str)> = request
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        match self.host.dispatch(
+            &target.cluster,
+            &headers,
+            Some(&request.body),
+            target.timeout,
+        ) {
+            Ok(callout) => {
+                for w in &waiters {
+                    self.set_state(*w, RequestState::Exchanging);
+                }
+                self.callouts
+                    .insert(callout, CalloutPurpose::Exchange(subject.key));
+                self.exchanges
+                    .dispatched(callout, subject, target, waiters, now_ms);
+                Step::Wait
+            }
+            Err(_) => {
+                warn!(
+                    "token exchange callout to cluster {} could not be dispatched",
+                    target.cluster
+                );
+                let e = ExchangeError::Unavailable {
+                    status: None,
+                    retry_after: None,
+                };
+                self.metrics.inc("exchanges.unavailable");
+                self.exchanges
+                    .release(&self.host, &subject.key, Some(&e), now_ms);
+                Step::Deny(Denial::Exchange(e))
+            }
+        }
+    }
+
+    /// A value unique to this call (for the `jti` of client assertions and actor tokens): a hash
+    /// of a per-VM random seed, the worker, a counter and the time.
+    fn nonce(&mut self, now_ms: u64) -> String {
+        self.nonce_counter = self.nonce_counter.wrapping_add(1);
+        let mut h = sha2::Sha256::new();
+        h.update(self.nonce_seed.to_le_bytes());
+        h.update(self.worker_id.to_le_bytes());
+        h.update(self.nonce_counter.to_le_bytes());
+        h.update(now_ms.to_le_bytes());
+        h.finalize()
+            .iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// The body's calls against the route's tool policy (and against the `Mcp-Method`/`Mcp-Name`
+    /// headers the forwarded token was chosen by). Ok carries the tool label for audit.
+    pub(super) fn check_body_calls(
+        &mut self,
+        context_id: u32,
+        body: &mcp::Body,
+    ) -> Result<Option<String>, Denial> {
+        let policy = Rc::clone(&self.policy);
+        let Some(request) = self.requests.get_mut(&context_id) else {
+            return Err(Denial::Internal);
+        };
+        let route = &policy.routes[request.route];
+        if let Ok(Some(named)) = &request.header_call {
+            // The token was chosen for the call the headers named; the body must be that call.
+            mcp::check_announced(named, body).map_err(Denial::McpBody)?;
+        }
+        let req = tool_requirements(route, &body.calls);
+        request.tool_label = req.label.clone();
+        if req.unlisted.is_some() {
+            return Err(Denial::ToolNotAllowed);
+        }
+        for s in &req.scopes {
+            if !request.required_scopes.contains(s) {
+                request.required_scopes.push(s.clone());
+            }
+        }
+        let Some(principal) = request.principal.clone() else {
+            return Err(Denial::Internal);
+        };
+        let missing = missing_scopes(&principal, &request.required_scopes);
+        if !missing.is_empty() {
+            return Err(Denial::InsufficientScope { missing });
+        }
+        Ok(req.label)
+    }
+}
