@@ -12,15 +12,17 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+mod fields;
+
 use crate::client_key::ClientKey;
-use crate::config_fields::{list, strings, value, Fields, UniqueKeys};
 use crate::jwks::KeySet;
 use crate::request_path::{is_configurable, prefix_covers, NormalPath};
+use fields::{list, strings, value, Fields, UniqueKeys};
 
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// The raw configuration document. Field docs live in the README's configuration reference.
-/// Read by [`FilterConfig::read`] (see `config_fields` for why not `#[derive(Deserialize)]`).
+/// Read by [`FilterConfig::read`] (see `fields` for why not `#[derive(Deserialize)]`).
 #[derive(Debug)]
 pub struct FilterConfig {
     pub issuer: String,
