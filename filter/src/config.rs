@@ -12,12 +12,21 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+mod checks;
 mod document;
+mod exchange_target;
 mod fields;
+mod identity_headers;
+mod key_source;
 
 use crate::client_key::ClientKey;
 use crate::jwks::KeySet;
 use crate::request_path::{is_configurable, prefix_covers, NormalPath};
+use checks::{
+    require_audiences, require_header_value, require_non_empty, require_quotable, require_range,
+    require_route_path, require_scope_list, require_scopes, split_url,
+};
+use exchange_target::parse_exchange;
 use fields::UniqueKeys;
 
 pub use document::{
@@ -261,6 +270,10 @@ impl Policy {
 
 pub const WELL_KNOWN_PRM: &str = "/.well-known/oauth-protected-resource";
 
+/// Resolves an environment variable by name (WASI's `std::env::var` in the filter; a map in
+/// tests).
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 /// Parses and validates a configuration document. `env` resolves environment variables (WASI's
 /// `std::env::var` in the filter; a map in tests).
 pub fn parse_policy(
@@ -280,125 +293,6 @@ pub fn parse_policy(
         .end()
         .map_err(|e| ConfigError::new("", format!("trailing data after the JSON object: {e}")))?;
     FilterConfig::read(doc)?.validate(env)
-}
-
-fn require_non_empty(field: &str, value: &str) -> Result<(), ConfigError> {
-    if value.trim().is_empty() {
-        return Err(ConfigError::new(field, "must not be empty"));
-    }
-    Ok(())
-}
-
-fn require_path(field: &str, value: &str) -> Result<(), ConfigError> {
-    if !value.starts_with('/') || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(ConfigError::new(
-            field,
-            "must be an absolute request path starting with '/' and without whitespace",
-        ));
-    }
-    Ok(())
-}
-
-/// A route prefix: a path the filter can match a request's normal form against (see
-/// `request_path`), so a prefix with escapes, dot segments or `//` is refused rather than never
-/// matching.
-fn require_route_path(field: &str, value: &str) -> Result<(), ConfigError> {
-    require_path(field, value)?;
-    if !is_configurable(value) {
-        return Err(ConfigError::new(
-            field,
-            "must be a path in normal form: visible ASCII without `%` escapes, `;`, `?`, `#`, \\, \
-             empty segments or segments ending in `.`",
-        ));
-    }
-    Ok(())
-}
-
-fn require_header_value(field: &str, value: &str) -> Result<(), ConfigError> {
-    if value.chars().any(|c| c.is_control()) {
-        return Err(ConfigError::new(
-            field,
-            "must not contain control characters",
-        ));
-    }
-    Ok(())
-}
-
-fn require_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
-    if value < min || value > max {
-        return Err(ConfigError::new(
-            field,
-            format!("must be between {min} and {max}, got {value}"),
-        ));
-    }
-    Ok(())
-}
-
-/// A scope token per RFC 6749 §3.3: printable ASCII except space, `"` and `\`.
-fn is_scope_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
-}
-
-fn require_scopes(field: &str, scopes: &[String]) -> Result<(), ConfigError> {
-    for (i, scope) in scopes.iter().enumerate() {
-        if !is_scope_token(scope) {
-            return Err(ConfigError::new(
-                &format!("{field}[{i}]"),
-                "must be a single scope token (no spaces, quotes or backslashes)",
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn require_audiences(field: &str, audiences: &[String]) -> Result<(), ConfigError> {
-    if audiences.is_empty() {
-        return Err(ConfigError::new(field, "must list at least one audience"));
-    }
-    for (i, aud) in audiences.iter().enumerate() {
-        require_non_empty(&format!("{field}[{i}]"), aud)?;
-    }
-    Ok(())
-}
-
-/// Values that end up inside a quoted `WWW-Authenticate` parameter or a JSON document.
-fn require_quotable(field: &str, v: &str) -> Result<(), ConfigError> {
-    require_non_empty(field, v)?;
-    if v.contains('"') || v.contains('\\') || v.chars().any(|c| c.is_control()) {
-        return Err(ConfigError::new(
-            field,
-            "must not contain quotes, backslashes or control characters (it is sent in WWW-Authenticate)",
-        ));
-    }
-    Ok(())
-}
-
-/// `https://host[:port]/path` → (`https://host[:port]`, `/path`).
-fn split_url(field: &str, url: &str) -> Result<(String, String), ConfigError> {
-    require_quotable(field, url)?;
-    let rest = url
-        .strip_prefix("https://")
-        .map(|r| ("https://", r))
-        .or_else(|| url.strip_prefix("http://").map(|r| ("http://", r)));
-    let Some((scheme, rest)) = rest else {
-        return Err(ConfigError::new(field, "must be an absolute http(s) URL"));
-    };
-    if rest.contains(['?', '#']) {
-        return Err(ConfigError::new(field, "must not have a query or fragment"));
-    }
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    if authority.is_empty() || authority.contains(char::is_whitespace) {
-        return Err(ConfigError::new(field, "must name a host"));
-    }
-    Ok((
-        format!("{scheme}{authority}"),
-        path.trim_end_matches('/').to_string(),
-    ))
 }
 
 fn metadata_for(
@@ -459,61 +353,6 @@ fn metadata_for(
     ))
 }
 
-fn parse_exchange(
-    field: &str,
-    raw: Map<String, Value>,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<ExchangeTarget, ConfigError> {
-    ExchangeConfig::read(field.to_string(), Value::Object(raw))?.validate(field, env)
-}
-
-fn parse_identity_claim(field: &str, claim: &str) -> Result<IdentityClaim, ConfigError> {
-    Ok(match claim {
-        "sub" => IdentityClaim::Sub,
-        "client_id" | "cid" => IdentityClaim::ClientId,
-        "email" => IdentityClaim::Email,
-        "jti" => IdentityClaim::Jti,
-        "scope" | "scp" => IdentityClaim::Scope,
-        "iss" => IdentityClaim::Iss,
-        other => {
-            return Err(ConfigError::new(
-                field,
-                format!("unknown claim {other:?}; one of sub, client_id, email, jti, scope, iss"),
-            ))
-        }
-    })
-}
-
-/// Header names that must never be set from claims: they route or authenticate the request.
-fn require_identity_header(field: &str, name: &str) -> Result<(), ConfigError> {
-    let valid = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if !valid {
-        return Err(ConfigError::new(field, "must be a lowercase header name"));
-    }
-    if matches!(
-        name,
-        "authorization"
-            | "host"
-            | "content-length"
-            | "content-type"
-            | "transfer-encoding"
-            | "cookie"
-            | "te"
-            | "connection"
-    ) || name.starts_with("x-envoy-")
-        || name.starts_with("mcp-")
-    {
-        return Err(ConfigError::new(
-            field,
-            "is reserved and cannot carry identity",
-        ));
-    }
-    Ok(())
-}
-
 impl FilterConfig {
     fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Policy, ConfigError> {
         require_non_empty("issuer", &self.issuer)?;
@@ -552,12 +391,7 @@ impl FilterConfig {
             1024,
             16 * 1024 * 1024,
         )?;
-        let mut identity_headers = Vec::new();
-        for (header, claim) in &self.identity_headers {
-            let field = format!("identity_headers.{header}");
-            require_identity_header(&field, header)?;
-            identity_headers.push((header.clone(), parse_identity_claim(&field, claim)?));
-        }
+        let identity_headers = identity_headers::identity_headers(&self.identity_headers)?;
         let authorization_servers = if self.authorization_servers.is_empty() {
             vec![self.issuer.clone()]
         } else {
@@ -694,12 +528,7 @@ impl FilterConfig {
                             ))
                         }
                         (Some(scope), Some(target)) => {
-                            if scope.split(' ').any(|s| !is_scope_token(s)) {
-                                return Err(ConfigError::new(
-                                    &format!("{tf}.exchange_scope"),
-                                    "must be scope tokens separated by single spaces",
-                                ));
-                            }
+                            require_scope_list(&format!("{tf}.exchange_scope"), &scope)?;
                             let mut t = (**target).clone();
                             t.scope = Some(scope);
                             Some(Rc::new(t.with_identity()))
@@ -770,202 +599,6 @@ impl FilterConfig {
             exchange_cache_slots,
             default_metadata,
         })
-    }
-}
-
-impl JwksConfig {
-    fn validate(self) -> Result<KeySource, ConfigError> {
-        match (self.inline, self.cluster) {
-            (Some(_), Some(_)) => Err(ConfigError::new(
-                "jwks",
-                "set either `inline` or `cluster`/`path`, not both",
-            )),
-            (None, None) => Err(ConfigError::new(
-                "jwks",
-                "set `inline` (a JWK Set) or `cluster` and `path` (where to fetch it)",
-            )),
-            (Some(inline), None) => {
-                let doc = match inline {
-                    serde_json::Value::String(s) => s.into_bytes(),
-                    other => serde_json::to_vec(&other)
-                        .map_err(|e| ConfigError::new("jwks.inline", e.to_string()))?,
-                };
-                let parsed = KeySet::parse(&doc)
-                    .map_err(|e| ConfigError::new("jwks.inline", e.to_string()))?;
-                if parsed.keys.is_empty() {
-                    return Err(ConfigError::new(
-                        "jwks.inline",
-                        "holds no usable signing key",
-                    ));
-                }
-                Ok(KeySource::Inline(parsed))
-            }
-            (None, Some(cluster)) => {
-                require_non_empty("jwks.cluster", &cluster)?;
-                let path = self
-                    .path
-                    .ok_or_else(|| ConfigError::new("jwks.path", "is required with `cluster`"))?;
-                require_path("jwks.path", &path)?;
-                let authority = self.authority.unwrap_or_else(|| cluster.clone());
-                require_non_empty("jwks.authority", &authority)?;
-                require_header_value("jwks.authority", &authority)?;
-                require_range(
-                    "jwks.refresh_interval_seconds",
-                    self.refresh_interval_seconds,
-                    1,
-                    7 * 24 * 3600,
-                )?;
-                require_range(
-                    "jwks.min_refetch_interval_seconds",
-                    self.min_refetch_interval_seconds,
-                    0,
-                    24 * 3600,
-                )?;
-                require_range("jwks.timeout_ms", self.timeout_ms, 1, 60_000)?;
-                require_range("jwks.max_wait_ms", self.max_wait_ms, 0, 60_000)?;
-                Ok(KeySource::Remote(RemoteJwks {
-                    cluster,
-                    path,
-                    authority,
-                    refresh_interval: Duration::from_secs(self.refresh_interval_seconds),
-                    min_refetch_interval: Duration::from_secs(self.min_refetch_interval_seconds),
-                    timeout: Duration::from_millis(self.timeout_ms),
-                    max_wait: Duration::from_millis(self.max_wait_ms),
-                }))
-            }
-        }
-    }
-}
-
-impl ExchangeConfig {
-    fn validate(
-        self,
-        prefix: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<ExchangeTarget, ConfigError> {
-        require_non_empty(&format!("{prefix}.cluster"), &self.cluster)?;
-        require_path(&format!("{prefix}.path"), &self.path)?;
-        require_non_empty(&format!("{prefix}.authority"), &self.authority)?;
-        require_header_value(&format!("{prefix}.authority"), &self.authority)?;
-        require_non_empty(&format!("{prefix}.client_id"), &self.client_id)?;
-        require_header_value(&format!("{prefix}.client_id"), &self.client_id)?;
-        let read_env = |field: &str,
-                        name: &Option<String>|
-         -> Result<Option<String>, ConfigError> {
-            let Some(name) = name else { return Ok(None) };
-            require_non_empty(field, name)?;
-            match env(name) {
-                Some(v) if !v.is_empty() => Ok(Some(v)),
-                _ => Err(ConfigError::new(
-                    field,
-                    format!(
-                        "environment variable {name} is unset or empty in the Wasm VM (pass it with vm_config.environment_variables)"
-                    ),
-                )),
-            }
-        };
-        let secret_field = format!("{prefix}.client_secret_env");
-        let key_field = format!("{prefix}.client_private_key_env");
-        let secret = read_env(&secret_field, &self.client_secret_env)?.map(Secret::new);
-        let client_key = match read_env(&key_field, &self.client_private_key_env)? {
-            Some(jwk) => Some(Rc::new(
-                ClientKey::from_jwk(&jwk).map_err(|e| ConfigError::new(&key_field, e))?,
-            )),
-            None => None,
-        };
-        match self.client_auth {
-            ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost if secret.is_none() => {
-                return Err(ConfigError::new(
-                    &secret_field,
-                    "is required for client_secret_basic and client_secret_post",
-                ))
-            }
-            ClientAuth::PrivateKeyJwt if client_key.is_none() => {
-                return Err(ConfigError::new(
-                    &key_field,
-                    "is required for private_key_jwt",
-                ))
-            }
-            _ => {}
-        }
-        if self.actor_token && client_key.is_none() {
-            return Err(ConfigError::new(
-                &key_field,
-                "is required to sign actor tokens (`actor_token: true`)",
-            ));
-        }
-        let assertion_audience = self
-            .client_assertion_audience
-            .clone()
-            .unwrap_or_else(|| format!("https://{}{}", self.authority, self.path));
-        require_quotable(
-            &format!("{prefix}.client_assertion_audience"),
-            &assertion_audience,
-        )?;
-        if self.audience.is_none() && self.resource.is_none() {
-            return Err(ConfigError::new(
-                &format!("{prefix}.audience"),
-                "set `audience` or `resource`: the token endpoint must know which backend the token is for",
-            ));
-        }
-        for (field, value) in [
-            (&format!("{prefix}.audience"), &self.audience),
-            (&format!("{prefix}.resource"), &self.resource),
-            (
-                &format!("{prefix}.requested_token_type"),
-                &self.requested_token_type,
-            ),
-        ] {
-            if let Some(v) = value {
-                require_non_empty(field, v)?;
-            }
-        }
-        if let Some(scope) = &self.scope {
-            if scope.split(' ').any(|s| !is_scope_token(s)) {
-                return Err(ConfigError::new(
-                    &format!("{prefix}.scope"),
-                    "must be scope tokens separated by single spaces",
-                ));
-            }
-        }
-        require_non_empty(
-            &format!("{prefix}.subject_token_type"),
-            &self.subject_token_type,
-        )?;
-        require_range(&format!("{prefix}.timeout_ms"), self.timeout_ms, 1, 60_000)?;
-        require_range(
-            &format!("{prefix}.cache_margin_seconds"),
-            self.cache_margin_seconds,
-            0,
-            3600,
-        )?;
-        require_range(
-            &format!("{prefix}.cache_max_entries"),
-            self.cache_max_entries as u64,
-            0,
-            1_000_000,
-        )?;
-        Ok(ExchangeTarget {
-            cluster: self.cluster,
-            path: self.path,
-            authority: self.authority,
-            client_id: self.client_id,
-            client_secret: secret,
-            client_key,
-            assertion_audience,
-            actor_token: self.actor_token,
-            client_auth: self.client_auth,
-            audience: self.audience,
-            scope: self.scope,
-            resource: self.resource,
-            subject_token_type: self.subject_token_type,
-            requested_token_type: self.requested_token_type,
-            timeout: Duration::from_millis(self.timeout_ms),
-            cache_margin_seconds: self.cache_margin_seconds as i64,
-            cache_max_entries: self.cache_max_entries,
-            identity: String::new(),
-        }
-        .with_identity())
     }
 }
 
