@@ -3,6 +3,9 @@
 //!
 //! Unknown fields and invalid values are refused with an error naming the field, so Envoy rejects
 //! the config instead of running half-configured.
+//!
+//! This file holds the validated types the filter uses; `document` the raw document as written;
+//! `validate` the order in which the sections are checked, each section in its own file.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,7 +13,6 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
 
 mod checks;
 mod document;
@@ -18,15 +20,13 @@ mod exchange_target;
 mod fields;
 mod identity_headers;
 mod key_source;
+mod resource_metadata;
+mod routes;
+mod validate;
 
 use crate::client_key::ClientKey;
 use crate::jwks::KeySet;
-use crate::request_path::{is_configurable, prefix_covers, NormalPath};
-use checks::{
-    require_audiences, require_header_value, require_non_empty, require_quotable, require_range,
-    require_route_path, require_scope_list, require_scopes, split_url,
-};
-use exchange_target::parse_exchange;
+use crate::request_path::{prefix_covers, NormalPath};
 use fields::UniqueKeys;
 
 pub use document::{
@@ -293,313 +293,6 @@ pub fn parse_policy(
         .end()
         .map_err(|e| ConfigError::new("", format!("trailing data after the JSON object: {e}")))?;
     FilterConfig::read(doc)?.validate(env)
-}
-
-fn metadata_for(
-    field: &str,
-    resource: &str,
-    authorization_servers: &[String],
-    scopes: &[String],
-    name: Option<&str>,
-    documentation: Option<&str>,
-) -> Result<(ResourceMetadata, String), ConfigError> {
-    let (origin, path) = split_url(field, resource)?;
-    let well_known = format!("{WELL_KNOWN_PRM}{path}");
-    if !is_configurable(&well_known) {
-        return Err(ConfigError::new(
-            field,
-            "the URL's path must be in normal form (no `%` escapes, `;`, dot segments or `//`): \
-             its metadata document is served at /.well-known/oauth-protected-resource<path>",
-        ));
-    }
-    let mut doc = Map::new();
-    doc.insert("resource".into(), Value::String(resource.to_string()));
-    doc.insert(
-        "authorization_servers".into(),
-        Value::Array(
-            authorization_servers
-                .iter()
-                .cloned()
-                .map(Value::String)
-                .collect(),
-        ),
-    );
-    if !scopes.is_empty() {
-        doc.insert(
-            "scopes_supported".into(),
-            Value::Array(scopes.iter().cloned().map(Value::String).collect()),
-        );
-    }
-    doc.insert(
-        "bearer_methods_supported".into(),
-        serde_json::json!(["header"]),
-    );
-    if let Some(n) = name {
-        doc.insert("resource_name".into(), Value::String(n.to_string()));
-    }
-    if let Some(d) = documentation {
-        doc.insert(
-            "resource_documentation".into(),
-            Value::String(d.to_string()),
-        );
-    }
-    let url = format!("{origin}{well_known}");
-    Ok((
-        ResourceMetadata {
-            path: well_known,
-            document: Value::Object(doc).to_string(),
-        },
-        url,
-    ))
-}
-
-impl FilterConfig {
-    fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Policy, ConfigError> {
-        require_non_empty("issuer", &self.issuer)?;
-        require_header_value("issuer", &self.issuer)?;
-        require_audiences("audiences", &self.audiences)?;
-        require_scopes("required_scopes", &self.required_scopes)?;
-        require_range("clock_skew_seconds", self.clock_skew_seconds, 0, 600)?;
-        require_range(
-            "max_token_bytes",
-            self.max_token_bytes as u64,
-            256,
-            64 * 1024,
-        )?;
-        require_range(
-            "verified_cache_max_entries",
-            self.verified_cache_max_entries as u64,
-            0,
-            1_000_000,
-        )?;
-        for (field, value) in [
-            ("realm", &self.realm),
-            ("resource_metadata_url", &self.resource_metadata_url),
-            ("resource_name", &self.resource_name),
-            ("resource_documentation", &self.resource_documentation),
-        ] {
-            if let Some(v) = value {
-                require_quotable(field, v)?;
-            }
-        }
-        for (i, a) in self.authorization_servers.iter().enumerate() {
-            split_url(&format!("authorization_servers[{i}]"), a)?;
-        }
-        require_range(
-            "mcp.max_body_bytes",
-            self.mcp.max_body_bytes as u64,
-            1024,
-            16 * 1024 * 1024,
-        )?;
-        let identity_headers = identity_headers::identity_headers(&self.identity_headers)?;
-        let authorization_servers = if self.authorization_servers.is_empty() {
-            vec![self.issuer.clone()]
-        } else {
-            self.authorization_servers.clone()
-        };
-
-        let keys = self.jwks.validate()?;
-        let raw_exchange = match (self.mode, &self.exchange) {
-            (Mode::Exchange, Some(raw)) => raw.clone(),
-            (Mode::Exchange, None) => {
-                return Err(ConfigError::new(
-                    "exchange",
-                    "is required (or set `mode: validate_only` to validate without exchanging)",
-                ))
-            }
-            (Mode::ValidateOnly, Some(_)) => {
-                return Err(ConfigError::new(
-                    "exchange",
-                    "must not be set with `mode: validate_only`",
-                ))
-            }
-            (Mode::ValidateOnly, None) => Map::new(),
-        };
-        if self.forward_token && self.mode != Mode::ValidateOnly {
-            return Err(ConfigError::new(
-                "forward_token",
-                "only applies to `mode: validate_only`; in exchange mode the client's token never goes upstream",
-            ));
-        }
-        let default_target = match self.mode {
-            Mode::Exchange => Some(Rc::new(parse_exchange(
-                "exchange",
-                raw_exchange.clone(),
-                env,
-            )?)),
-            Mode::ValidateOnly => None,
-        };
-        let exchange_cache_slots = default_target.as_ref().map_or(0, |t| t.cache_max_entries);
-
-        let mut routes = Vec::new();
-        let mut default_metadata = None;
-        if self.routes.is_empty() {
-            let (metadata, derived_url) = match &self.resource {
-                Some(resource) => {
-                    let (m, url) = metadata_for(
-                        "resource",
-                        resource,
-                        &authorization_servers,
-                        &self.required_scopes,
-                        self.resource_name.as_deref(),
-                        self.resource_documentation.as_deref(),
-                    )?;
-                    (Some(m), Some(url))
-                }
-                None => (None, None),
-            };
-            default_metadata = metadata.clone();
-            routes.push(Route {
-                name: "default".into(),
-                path_prefix: "/".into(),
-                public: false,
-                audiences: self.audiences.clone(),
-                required_scopes: self.required_scopes.clone(),
-                target: default_target.clone(),
-                challenge: ChallengeConfig {
-                    realm: self.realm.clone(),
-                    resource_metadata_url: self.resource_metadata_url.clone().or(derived_url),
-                },
-                metadata,
-                tools: HashMap::new(),
-                deny_unlisted_tools: false,
-            });
-        } else {
-            if self.resource.is_some() {
-                return Err(ConfigError::new(
-                    "resource",
-                    "with `routes`, set `resource` on each route instead",
-                ));
-            }
-            for (i, rc) in self.routes.into_iter().enumerate() {
-                let f = |name: &str| format!("routes[{i}].{name}");
-                require_route_path(&f("path_prefix"), &rc.path_prefix)?;
-                // Routes match ignoring case, so `/MCP` and `/mcp` would be one route.
-                let same = |a: &str, b: &str| {
-                    a.trim_end_matches('/')
-                        .eq_ignore_ascii_case(b.trim_end_matches('/'))
-                };
-                if routes
-                    .iter()
-                    .any(|r: &Route| same(&r.path_prefix, &rc.path_prefix))
-                {
-                    return Err(ConfigError::new(
-                        &f("path_prefix"),
-                        "duplicates another route's prefix",
-                    ));
-                }
-                let audiences = rc.audiences.unwrap_or_else(|| self.audiences.clone());
-                require_audiences(&f("audiences"), &audiences)?;
-                let required_scopes = rc
-                    .required_scopes
-                    .unwrap_or_else(|| self.required_scopes.clone());
-                require_scopes(&f("required_scopes"), &required_scopes)?;
-                let target = match (rc.exchange, &default_target) {
-                    (None, target) => target.clone(),
-                    (Some(_), None) => {
-                        return Err(ConfigError::new(
-                            &f("exchange"),
-                            "must not be set with `mode: validate_only`",
-                        ))
-                    }
-                    (Some(overrides), Some(_)) => {
-                        let mut merged = raw_exchange.clone();
-                        merged.extend(overrides);
-                        Some(Rc::new(parse_exchange(&f("exchange"), merged, env)?))
-                    }
-                };
-                let mut tools = HashMap::new();
-                let mut all_scopes = required_scopes.clone();
-                for (tool, tc) in rc.tools {
-                    let tf = f(&format!("tools.{tool}"));
-                    require_non_empty(&tf, &tool)?;
-                    require_scopes(&format!("{tf}.required_scopes"), &tc.required_scopes)?;
-                    for s in &tc.required_scopes {
-                        if !all_scopes.contains(s) {
-                            all_scopes.push(s.clone());
-                        }
-                    }
-                    let tool_target = match (tc.exchange_scope, &target) {
-                        (None, _) => None,
-                        (Some(_), None) => {
-                            return Err(ConfigError::new(
-                                &format!("{tf}.exchange_scope"),
-                                "must not be set with `mode: validate_only`",
-                            ))
-                        }
-                        (Some(scope), Some(target)) => {
-                            require_scope_list(&format!("{tf}.exchange_scope"), &scope)?;
-                            let mut t = (**target).clone();
-                            t.scope = Some(scope);
-                            Some(Rc::new(t.with_identity()))
-                        }
-                    };
-                    tools.insert(
-                        tool,
-                        ToolPolicy {
-                            required_scopes: tc.required_scopes,
-                            target: tool_target,
-                        },
-                    );
-                }
-                let (metadata, metadata_url) = match &rc.resource {
-                    Some(resource) => {
-                        let (m, url) = metadata_for(
-                            &f("resource"),
-                            resource,
-                            &authorization_servers,
-                            &all_scopes,
-                            rc.resource_name
-                                .as_deref()
-                                .or(self.resource_name.as_deref()),
-                            self.resource_documentation.as_deref(),
-                        )?;
-                        (Some(m), Some(url))
-                    }
-                    None => (None, None),
-                };
-                if default_metadata.is_none() {
-                    default_metadata = metadata.clone();
-                }
-                routes.push(Route {
-                    name: rc.name.unwrap_or_else(|| rc.path_prefix.clone()),
-                    path_prefix: rc.path_prefix,
-                    public: rc.public,
-                    audiences,
-                    required_scopes,
-                    target,
-                    challenge: ChallengeConfig {
-                        realm: self.realm.clone(),
-                        resource_metadata_url: metadata_url,
-                    },
-                    metadata,
-                    tools,
-                    deny_unlisted_tools: rc.deny_unlisted_tools,
-                });
-            }
-            routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.trim_end_matches('/').len()));
-        }
-
-        Ok(Policy {
-            inbound: InboundPolicy {
-                issuer: self.issuer,
-                clock_skew_seconds: self.clock_skew_seconds as i64,
-                max_token_bytes: self.max_token_bytes,
-                verified_cache_max_entries: self.verified_cache_max_entries,
-            },
-            keys,
-            routes,
-            unmatched: self.unmatched,
-            identity_headers,
-            audit_log: self.audit_log,
-            forward_token: self.forward_token,
-            mcp: McpPolicy {
-                max_body_bytes: self.mcp.max_body_bytes,
-            },
-            exchange_cache_slots,
-            default_metadata,
-        })
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The `exchange` section (and each route's, merged over it): where and how the backend token is
+//! The `exchange` section and a route's `exchange` overrides: where and how the backend token is
 //! obtained, with the client credentials taken from the VM's environment.
 
 use std::rc::Rc;
@@ -14,7 +14,44 @@ use super::fields::join;
 use super::{ClientAuth, ConfigError, Env, ExchangeConfig, ExchangeTarget, Secret};
 use crate::client_key::ClientKey;
 
-pub(super) fn parse_exchange(
+/// The top-level `exchange`: its validated target, and the raw object that route overrides are
+/// merged over (a route may change single fields, and the merge is validated as a whole).
+pub(super) struct DefaultExchange {
+    pub raw: Map<String, Value>,
+    pub target: Rc<ExchangeTarget>,
+}
+
+pub(super) fn default_exchange(
+    raw: Map<String, Value>,
+    env: Env<'_>,
+) -> Result<DefaultExchange, ConfigError> {
+    let target = Rc::new(parse_exchange("exchange", raw.clone(), env)?);
+    Ok(DefaultExchange { raw, target })
+}
+
+/// A route's target: the default one, or the default with the route's `exchange` fields merged
+/// over it. `default` is `None` in `validate_only` mode, where a route may not ask for one.
+pub(super) fn route_exchange(
+    field: &str,
+    overrides: Option<Map<String, Value>>,
+    default: Option<&DefaultExchange>,
+    env: Env<'_>,
+) -> Result<Option<Rc<ExchangeTarget>>, ConfigError> {
+    match (overrides, default) {
+        (None, default) => Ok(default.map(|d| Rc::clone(&d.target))),
+        (Some(_), None) => Err(ConfigError::new(
+            field,
+            "must not be set with `mode: validate_only`",
+        )),
+        (Some(overrides), Some(default)) => {
+            let mut merged = default.raw.clone();
+            merged.extend(overrides);
+            Ok(Some(Rc::new(parse_exchange(field, merged, env)?)))
+        }
+    }
+}
+
+fn parse_exchange(
     field: &str,
     raw: Map<String, Value>,
     env: Env<'_>,
