@@ -10,7 +10,6 @@ pub mod cache;
 pub mod client_key;
 mod clock;
 pub mod config;
-mod config_fields;
 pub mod exchange;
 pub mod header_map;
 pub mod jwks;
