@@ -372,12 +372,13 @@ pub fn reusable_until(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Secret;
     use std::time::Duration;
 
-    fn target(auth: ClientAuth) -> ExchangeTarget {
+    /// A target like the reference setup's (also for other modules' tests).
+    pub(crate) fn target(auth: ClientAuth) -> ExchangeTarget {
         ExchangeTarget {
             cluster: "okta".into(),
             path: "/oauth2/backend/v1/token".into(),

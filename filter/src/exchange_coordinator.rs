@@ -353,34 +353,14 @@ fn secs(ms: u64) -> i64 {
 mod tests {
     use super::*;
     use crate::cache::{exchange_key, token_digest, MemoryStore};
-    use crate::config::{ClientAuth, Secret, TOKEN_TYPE_ACCESS_TOKEN};
+    use crate::config::ClientAuth;
 
     const NOW_MS: u64 = 1_800_000_000_000;
 
     fn target() -> Rc<ExchangeTarget> {
-        Rc::new(
-            ExchangeTarget {
-                cluster: "okta".into(),
-                path: "/oauth2/backend/v1/token".into(),
-                authority: "idp.example.com".into(),
-                client_id: "gw".into(),
-                client_secret: Some(Secret::new("s".into())),
-                client_key: None,
-                assertion_audience: String::new(),
-                actor_token: false,
-                client_auth: ClientAuth::ClientSecretBasic,
-                audience: Some("backend".into()),
-                scope: None,
-                resource: None,
-                subject_token_type: TOKEN_TYPE_ACCESS_TOKEN.into(),
-                requested_token_type: None,
-                timeout: Duration::from_secs(5),
-                cache_margin_seconds: 30,
-                cache_max_entries: 100,
-                identity: String::new(),
-            }
-            .with_identity(),
-        )
+        Rc::new(crate::exchange::tests::target(
+            ClientAuth::ClientSecretBasic,
+        ))
     }
 
     fn subject(token: &str) -> Subject {

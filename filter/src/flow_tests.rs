@@ -544,7 +544,11 @@ fn remote_keys_are_fetched_on_the_first_tick_and_refreshed_on_schedule() {
     let first = only(&w.jwks_fetches());
     w.answer(&first, Some(200), &test_keys::jwks_json());
     w.tick(500);
-    assert_eq!(w.jwks_fetches().len(), 1, "no refetch before the refresh interval");
+    assert_eq!(
+        w.jwks_fetches().len(),
+        1,
+        "no refetch before the refresh interval"
+    );
     // The default refresh interval is 600 s.
     w.tick(600_000);
     assert_eq!(w.jwks_fetches().len(), 2, "refreshed");

@@ -208,31 +208,26 @@ impl<H: Host> Gateway<H> {
         self.metrics
             .inc(&format!("requests.denied.{}", denial.reason()));
         let denied = Some((denial, reply.status));
-        match &refused {
-            Refused::Request(r) => self.audit_request(r, denied, None),
-            Refused::OnRoute { route, started_ms } => self.audit(&AuditFacts {
-                started_ms: Some(*started_ms),
-                route: Some(*route),
-                digest: None,
-                principal: None,
-                tool: None,
-                target: None,
-                cache: CacheUse::None,
-                denied,
-                exchanged: None,
-            }),
-            Refused::Unrouted => self.audit(&AuditFacts {
-                started_ms: None,
-                route: None,
-                digest: None,
-                principal: None,
-                tool: None,
-                target: None,
-                cache: CacheUse::None,
-                denied,
-                exchanged: None,
-            }),
-        }
+        let (started_ms, route) = match &refused {
+            Refused::Request(r) => {
+                self.audit_request(r, denied, None);
+                send_reply(&self.host, &reply);
+                return Action::Pause;
+            }
+            Refused::OnRoute { route, started_ms } => (Some(*started_ms), Some(*route)),
+            Refused::Unrouted => (None, None),
+        };
+        self.audit(&AuditFacts {
+            started_ms,
+            route,
+            digest: None,
+            principal: None,
+            tool: None,
+            target: None,
+            cache: CacheUse::None,
+            denied,
+            exchanged: None,
+        });
         send_reply(&self.host, &reply);
         Action::Pause
     }
