@@ -39,6 +39,8 @@ pub struct FakeRequest {
     pub decisions: u32,
     /// The status of the local reply, if it got one.
     pub reply_status: Option<u32>,
+    /// The upstream's `:status`, once it answered.
+    pub upstream_status: Option<String>,
     pub reply_headers: Vec<(String, String)>,
     pub reply_body: Vec<u8>,
 }
@@ -146,6 +148,7 @@ impl FakeHost {
                 fate: Fate::Waiting,
                 decisions: 0,
                 reply_status: None,
+                upstream_status: None,
                 reply_headers: Vec::new(),
                 reply_body: Vec::new(),
             },
@@ -163,6 +166,14 @@ impl FakeHost {
         if let Some(r) = self.0.requests.borrow_mut().get_mut(&id) {
             r.body = body.to_vec();
         }
+    }
+
+    /// The upstream answers the request with this status (read in its response callback).
+    pub fn upstream_answers(&self, id: u32, status: &str) {
+        if let Some(r) = self.0.requests.borrow_mut().get_mut(&id) {
+            r.upstream_status = Some(status.to_string());
+        }
+        self.enter(id);
     }
 
     /// The client went away: the host forgets the request.
@@ -362,6 +373,11 @@ impl Host for FakeHost {
                 .take(size)
                 .collect(),
         )
+    }
+
+    fn upstream_status(&self) -> Option<Vec<u8>> {
+        self.with_current(|r| r.upstream_status.clone().map(String::into_bytes))
+            .flatten()
     }
 
     fn set_tick_period(&self, period: Duration) {

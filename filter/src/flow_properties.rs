@@ -161,7 +161,7 @@ impl Run {
             Event::Upstream { w, n, rejected } => {
                 let forwarded = self.ids_where(w, |f| f == Fate::Forwarded);
                 if let Some(id) = forwarded.get(n % forwarded.len().max(1)) {
-                    let status: &[u8] = if rejected { b"401" } else { b"200" };
+                    let status = if rejected { "401" } else { "200" };
                     self.workers[w].upstream_answers(*id, status);
                 }
             }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::cache::Digest32;
 use crate::config::parse_policy;
 use crate::fake_host::{Callout, FakeHost, Fate};
-use crate::gateway::{Admission, Gateway};
+use crate::gateway::{Admission, Admitted, Gateway};
 use crate::test_keys;
 
 /// The fake clock's start, ms since the epoch.
@@ -130,17 +130,19 @@ impl Worker {
         self.gw.on_http_call_response(callout.token, body.len());
     }
 
-    /// The upstream's response headers arrive, as `http.rs` hands them on.
-    pub(crate) fn upstream_answers(&mut self, id: u32, status: &[u8]) {
-        self.host.enter(id);
+    /// The upstream's response headers arrive with this status.
+    pub(crate) fn upstream_answers(&mut self, id: u32, status: &str) {
+        self.host.upstream_answers(id, status);
+        self.gw.on_response_headers(id, self.admitted(id));
+    }
+
+    /// What the request's context keeps (see `http.rs`).
+    fn admitted(&self, id: u32) -> Admitted {
         match self.cached.get(&id) {
-            Some(Some(key)) => self.gw.on_backend_token_status(key, Some(status)),
-            Some(None) => {}
-            None => {
-                if self.gw.watches_response(id) {
-                    self.gw.on_upstream_status(id, Some(status));
-                }
-            }
+            Some(backend_key) => Admitted::Cached {
+                backend_key: *backend_key,
+            },
+            None => Admitted::Full,
         }
     }
 
@@ -151,9 +153,9 @@ impl Worker {
 
     /// Envoy deletes the request's context (it ended, or the client went away).
     pub(crate) fn end(&mut self, id: u32) {
-        if self.cached.remove(&id).is_none() {
-            self.gw.forget(id);
-        }
+        let admitted = self.admitted(id);
+        self.cached.remove(&id);
+        self.gw.on_request_end(id, admitted);
     }
 
     pub(crate) fn abandon(&mut self, id: u32) {
@@ -455,7 +457,10 @@ fn a_body_that_breaks_tool_policy_is_refused_after_the_headers_went_upstream() {
     // The body arrives in request 1's own callback.
     w.host.set_body(1, body);
     w.host.enter(1);
-    assert_eq!(w.gw.on_request_body(1, body.len(), true), Action::Pause);
+    assert_eq!(
+        w.gw.on_request_body(1, Admitted::Full, body.len(), true),
+        Action::Pause
+    );
     assert_eq!(w.host.request(1).reply_status, Some(403));
     w.end(1);
     assert!(w.gw.is_idle());
@@ -495,7 +500,7 @@ fn an_upstream_401_drops_the_backend_token_on_every_worker() {
     b.end(1);
     // B now holds the backend token in front of the store; the upstream rejects it on A.
     a.send(2, &token);
-    a.upstream_answers(2, b"401");
+    a.upstream_answers(2, "401");
     a.end(2);
     b.tick(500);
 

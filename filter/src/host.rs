@@ -52,6 +52,8 @@ pub trait Host: SharedStore {
     fn callout_headers(&self) -> Vec<(String, Vec<u8>)>;
     /// The first `size` bytes of the callout answer's body.
     fn callout_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// The upstream response's `:status` (in the response-headers callback).
+    fn upstream_status(&self) -> Option<Vec<u8>>;
     /// How often the root context's tick runs.
     fn set_tick_period(&self, period: Duration);
     /// Defines (or finds) a stat; `None` if the host refuses.
@@ -130,6 +132,12 @@ impl Host for ProxyWasmHost {
 
     fn callout_body(&self, size: usize) -> Option<Vec<u8>> {
         hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size)
+            .ok()
+            .flatten()
+    }
+
+    fn upstream_status(&self) -> Option<Vec<u8>> {
+        hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
             .ok()
             .flatten()
     }

@@ -15,7 +15,7 @@ use crate::request::RequestState;
 use super::decide::{PrincipalWait, Step, Upstream};
 use super::effects::{read_request_body, Refused};
 use super::{
-    secs, CalloutPurpose, Gateway, SWEEP_SLOTS_PER_TICK, TICK, VERIFIED_SWEEP_INTERVAL_MS,
+    secs, Admitted, CalloutPurpose, Gateway, SWEEP_SLOTS_PER_TICK, TICK, VERIFIED_SWEEP_INTERVAL_MS,
 };
 
 impl<H: Host> Gateway<H> {
@@ -29,9 +29,14 @@ impl<H: Host> Gateway<H> {
     pub fn on_request_body(
         &mut self,
         context_id: u32,
+        admitted: Admitted,
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
+        if let Admitted::Cached { .. } = admitted {
+            // Cached-path routes have no per-tool policy: nothing to check in the body.
+            return Action::Continue;
+        }
         let backend_fingerprint = match self.requests.get(&context_id).map(|r| &r.state) {
             // Undecided: keep buffering (Envoy normally holds it for us anyway).
             Some(state) if state.is_undecided() => return Action::Pause,
@@ -70,24 +75,32 @@ impl<H: Host> Gateway<H> {
         }
     }
 
-    /// The upstream answered a forwarded request. A 401 means it rejected the backend token:
-    /// drop it from the cache so the next request exchanges afresh.
-    pub fn on_upstream_status(&mut self, context_id: u32, status: Option<&[u8]>) {
-        let Some(request) = self.requests.get(&context_id) else {
-            return;
+    /// The upstream's response headers arrived. A 401 to a request forwarded with a backend
+    /// token means the upstream rejected that token: it is dropped from the caches, so the next
+    /// request exchanges afresh. The status is read only when there is such a token.
+    pub fn on_response_headers(&mut self, context_id: u32, admitted: Admitted) {
+        let key = match admitted {
+            Admitted::Cached { backend_key } => backend_key,
+            Admitted::Full => {
+                let Some(request) = self.requests.get(&context_id) else {
+                    return;
+                };
+                let key = request.exchange_key.filter(|_| request.watches_response());
+                if request.state == RequestState::Forwarded {
+                    self.requests.remove(&context_id);
+                }
+                key
+            }
         };
-        let Some(key) = request.exchange_key.filter(|_| request.watches_response()) else {
-            return;
-        };
-        if request.state == RequestState::Forwarded {
-            self.requests.remove(&context_id);
+        if let Some(key) = key {
+            let status = self.host.upstream_status();
+            self.on_backend_token_status(&key, status.as_deref());
         }
-        self.on_backend_token_status(&key, status);
     }
 
     /// The upstream's `:status` for a request forwarded with the backend token cached under
     /// `key`: a 401 drops that token from this worker and from the shared store.
-    pub fn on_backend_token_status(&mut self, key: &Digest32, status: Option<&[u8]>) {
+    fn on_backend_token_status(&mut self, key: &Digest32, status: Option<&[u8]>) {
         if status == Some(b"401") {
             self.verified.forget_backend(key);
             if self.exchanges.store().remove(&self.host, key) {

@@ -77,6 +77,17 @@ pub enum Admission {
     Full(Action),
 }
 
+/// What a request's own context keeps between its callbacks: whether the gateway may hold a
+/// record for it, or (the cached path) the one thing its response needs. The cached path keeps
+/// this in the context rather than a record in the gateway's map: no map operation per request.
+#[derive(Clone, Copy)]
+pub enum Admitted {
+    /// The gateway may hold a record for the request (by context id).
+    Full,
+    /// Forwarded on the cached path; with a backend token, the key it is cached under.
+    Cached { backend_key: Option<Digest32> },
+}
+
 /// Runs `f` on the gateway. `None` when there is none (not configured) or it is borrowed: that
 /// cannot happen with Envoy deferring re-entrant calls, but is logged and failed closed, never a
 /// panic.
@@ -163,7 +174,7 @@ impl<H: Host> Gateway<H> {
     }
 
     /// The request is over (Envoy deleted its context): forget anything still kept for it.
-    pub fn forget(&mut self, context_id: u32) {
+    fn forget(&mut self, context_id: u32) {
         let Some(request) = self.requests.remove(&context_id) else {
             return;
         };
@@ -174,12 +185,11 @@ impl<H: Host> Gateway<H> {
         }
     }
 
-    /// Whether the response to this request must be looked at (an upstream 401 drops the
-    /// backend token it was sent with from the caches).
-    pub fn watches_response(&self, context_id: u32) -> bool {
-        self.requests
-            .get(&context_id)
-            .is_some_and(Request::watches_response)
+    /// The request ended (its context is deleted).
+    pub fn on_request_end(&mut self, context_id: u32, admitted: Admitted) {
+        if let Admitted::Full = admitted {
+            self.forget(context_id);
+        }
     }
 
     /// Whether nothing is kept for any request, exchange or waiter (a JWKS fetch may run): what
