@@ -637,3 +637,65 @@ async fn ecds_scenario(tolerate_lost_exchanges: bool) -> Result {
     assert!(!trapped(&stack.envoy.log()), "{}", stack.envoy.log_tail(40));
     Ok(())
 }
+
+/// LDS: a new plugin configuration is a new listener. Measured on Envoy 1.40: the update is
+/// an in-place filter-chain update (`listener_manager.listener_in_place_updated`); new
+/// connections get the new chain at once, and an idle kept-alive connection of the old chain is
+/// closed by its drain, so the client's next request (reqwest reconnects) is decided by the new
+/// policy too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lds_swap_applies_to_the_next_request_on_new_and_kept_alive_connections() -> Result {
+    let stack = start(ConfigDelivery::Lds).await?;
+    let realm = |a: &reqwest::Response| {
+        a.headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .and_then(challenge_realm)
+            .map(str::to_string)
+    };
+    let kept = reqwest::Client::new();
+    let send = |client: &reqwest::Client| {
+        client
+            .post(stack.mcp_url())
+            .header("content-type", "application/json")
+            .body(gateway_tests::client::TOOLS_LIST)
+            .send()
+    };
+    let before = send(&kept).await?;
+    assert_eq!(realm(&before).as_deref(), Some("mcp"));
+    assert!(
+        stack
+            .envoy
+            .push_plugin_patch(&json!({"realm": "mcp-reconfigured"}))
+            .await?
+    );
+    // Give the workers the new listener.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    for _ in 0..5 {
+        assert_eq!(
+            realm(&send(&fresh).await?).as_deref(),
+            Some("mcp-reconfigured"),
+            "a new connection gets the new listener"
+        );
+    }
+    let mut old = 0;
+    for _ in 0..10 {
+        if realm(&send(&kept).await?).as_deref() == Some("mcp") {
+            old += 1;
+        }
+    }
+    eprintln!("kept-alive connection: {old} of 10 requests after the swap under the old policy");
+    assert_eq!(old, 0, "requests after the swap under the old policy");
+    assert_eq!(
+        stack
+            .envoy
+            .stat("listener_manager.listener_in_place_updated")
+            .await?,
+        1,
+        "the swap was an in-place filter-chain update"
+    );
+    Ok(())
+}
