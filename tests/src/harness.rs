@@ -5,6 +5,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -105,6 +106,26 @@ pub struct StackOptions {
     /// `merge_slashes`, `path_with_escaped_slashes_action`); `false` removes it, so the filter
     /// sees every path exactly as the client sent it.
     pub envoy_path_normalisation: bool,
+    /// Where Envoy reads the listener and the plugin configuration from: the bootstrap
+    /// (`envoy/demo.yaml`'s way), or a file it watches (LDS or ECDS), so a test can swap the
+    /// plugin configuration while Envoy serves ([`Envoy::push_plugin_config`]).
+    pub config_delivery: ConfigDelivery,
+}
+
+/// How the plugin configuration reaches Envoy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConfigDelivery {
+    /// In the bootstrap's `static_resources`: fixed for the life of the process.
+    #[default]
+    Static,
+    /// The listener (with the filter in its chain) from a file, `dynamic_resources.lds_config`
+    /// with a `path_config_source`: what Envoy Gateway and any full-xDS control plane do. A new
+    /// configuration is a new listener; the old one drains its connections.
+    Lds,
+    /// The filter's `TypedExtensionConfig` from a file, through the HTTP filter's
+    /// `config_discovery` (ECDS): what Istio does for a `WasmPlugin`. A new configuration
+    /// applies to the next stream, on the connections already open too.
+    Ecds,
 }
 
 /// A second (third, …) MCP server, reached through Envoy at `{prefix}mcp`.
@@ -132,6 +153,7 @@ impl Default for StackOptions {
             filter_wasm: None,
             upstream_port: None,
             envoy_path_normalisation: true,
+            config_delivery: ConfigDelivery::Static,
         }
     }
 }
@@ -192,6 +214,7 @@ impl Stack {
             extra_routes: &extra_routes,
             extra_env: &opts.extra_env,
             filter_wasm: opts.filter_wasm.as_deref(),
+            delivery: opts.config_delivery,
         })?;
         let stack = Stack {
             idp,
@@ -252,6 +275,7 @@ struct EnvoyParams<'a> {
     extra_routes: &'a [(String, u16)],
     extra_env: &'a [(String, String)],
     filter_wasm: Option<&'a Path>,
+    delivery: ConfigDelivery,
 }
 
 /// A running Envoy, killed on drop.
@@ -260,7 +284,127 @@ pub struct Envoy {
     pub port: u16,
     pub admin_port: u16,
     pub log_path: PathBuf,
+    /// The watched file and what is written to it, with [`ConfigDelivery::Lds`] or `Ecds`.
+    dynamic: Option<Mutex<DynamicConfig>>,
     _dir: TempDir,
+}
+
+/// The file Envoy watches for the plugin configuration, and the resource around it.
+struct DynamicConfig {
+    delivery: ConfigDelivery,
+    /// The watched file: an xDS `DiscoveryResponse` (JSON) with one resource.
+    path: PathBuf,
+    /// The resource with the plugin configuration left as it was at start: the listener (LDS)
+    /// or the filter's `TypedExtensionConfig` (ECDS).
+    resource: Value,
+    /// The plugin configuration in force (last written), as JSON.
+    plugin: Value,
+    /// `{gateway}` and `{idp}` in a pushed patch stand for these.
+    gateway_url: String,
+    idp_url: String,
+    version: u64,
+}
+
+const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const EXTENSION_CONFIG_TYPE: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+/// The name under which the filter is discovered (ECDS resource name = the filter's name).
+const FILTER_NAME: &str = "mcp_token_exchange";
+
+impl DynamicConfig {
+    /// The `DiscoveryResponse` carrying `plugin` as the filter's configuration.
+    fn render(&self, plugin: &Value) -> anyhow::Result<Value> {
+        let mut resource = self.resource.clone();
+        let (wasm, type_url) = match self.delivery {
+            ConfigDelivery::Lds => (
+                resource
+                    .pointer_mut("/filter_chains/0/filters/0/typed_config/http_filters")
+                    .and_then(Value::as_array_mut)
+                    .and_then(|f| f.iter_mut().find(|f| f["name"] == FILTER_NAME))
+                    .map(|f| &mut f["typed_config"]["config"])
+                    .ok_or_else(|| anyhow!("the listener has no {FILTER_NAME} filter"))?,
+                LISTENER_TYPE,
+            ),
+            ConfigDelivery::Ecds => (
+                &mut resource["typed_config"]["config"],
+                EXTENSION_CONFIG_TYPE,
+            ),
+            ConfigDelivery::Static => bail!("a static configuration is not rewritten"),
+        };
+        wasm["configuration"]["value"] = Value::String(plugin.to_string());
+        resource["@type"] = Value::String(type_url.into());
+        Ok(serde_json::json!({
+            "version_info": self.version.to_string(),
+            "resources": [resource],
+        }))
+    }
+
+    /// Writes the file next to its final place, then renames it there: Envoy reloads a watched
+    /// path when a file is moved onto it (an in-place write is not seen, and a half-written file
+    /// must never be read).
+    fn write(&mut self, plugin: &Value) -> anyhow::Result<()> {
+        self.version += 1;
+        let doc = self.render(plugin)?;
+        let tmp = self.path.with_extension(format!("tmp{}", self.version));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
+        std::fs::rename(&tmp, &self.path)?;
+        self.plugin = plugin.clone();
+        Ok(())
+    }
+}
+
+/// Moves the listener (LDS) or the filter's configuration (ECDS) out of the bootstrap into the
+/// watched file `path`, and points the bootstrap at it.
+fn make_dynamic(
+    bootstrap: &mut Value,
+    delivery: ConfigDelivery,
+    path: &Path,
+) -> anyhow::Result<Value> {
+    let path_source = serde_json::json!({
+        "path_config_source": {"path": path.display().to_string()},
+        "resource_api_version": "V3",
+    });
+    match delivery {
+        ConfigDelivery::Static => bail!("nothing to make dynamic"),
+        ConfigDelivery::Lds => {
+            let listeners = bootstrap
+                .pointer_mut("/static_resources/listeners")
+                .and_then(Value::as_array_mut)
+                .ok_or_else(|| anyhow!("no listeners"))?;
+            let listener = listeners.remove(0);
+            if !listeners.is_empty() {
+                bail!("envoy/demo.yaml has more than one listener");
+            }
+            if let Some(o) = bootstrap["static_resources"].as_object_mut() {
+                o.remove("listeners");
+            }
+            bootstrap["dynamic_resources"] = serde_json::json!({ "lds_config": path_source });
+            bootstrap["node"] = serde_json::json!({"id": "mcp-gw-e2e", "cluster": "mcp-gw-e2e"});
+            Ok(listener)
+        }
+        ConfigDelivery::Ecds => {
+            let filters = bootstrap
+                .pointer_mut(
+                    "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters",
+                )
+                .and_then(Value::as_array_mut)
+                .ok_or_else(|| anyhow!("no http_filters"))?;
+            let filter = filters
+                .iter_mut()
+                .find(|f| f["name"] == FILTER_NAME)
+                .ok_or_else(|| anyhow!("no {FILTER_NAME} filter"))?;
+            let typed_config = filter["typed_config"].take();
+            *filter = serde_json::json!({
+                "name": FILTER_NAME,
+                "config_discovery": {
+                    "config_source": path_source,
+                    "type_urls": [WASM_FILTER_TYPE],
+                },
+            });
+            bootstrap["node"] = serde_json::json!({"id": "mcp-gw-e2e", "cluster": "mcp-gw-e2e"});
+            Ok(serde_json::json!({ "name": FILTER_NAME, "typed_config": typed_config }))
+        }
+    }
 }
 
 /// A scratch directory removed on drop.
@@ -470,6 +614,29 @@ impl Envoy {
             keys.extend(p.extra_env.iter().map(|(k, _)| Value::String(k.clone())));
         }
 
+        let dynamic = match p.delivery {
+            ConfigDelivery::Static => None,
+            delivery => {
+                let path = dir.0.join(match delivery {
+                    ConfigDelivery::Lds => "lds.json",
+                    _ => "ecds.json",
+                });
+                let resource = make_dynamic(&mut bootstrap, delivery, &path)?;
+                let mut dynamic = DynamicConfig {
+                    delivery,
+                    path,
+                    resource,
+                    plugin: Value::Null,
+                    gateway_url: format!("http://127.0.0.1:{port}"),
+                    idp_url: format!("http://127.0.0.1:{}", p.idp_port),
+                    version: 0,
+                };
+                // The path must exist when Envoy loads the bootstrap.
+                dynamic.write(&plugin)?;
+                Some(Mutex::new(dynamic))
+            }
+        };
+
         let config_path = dir.0.join("envoy.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&bootstrap)?)?;
         let log_path = dir.0.join("envoy.log");
@@ -494,6 +661,7 @@ impl Envoy {
             port,
             admin_port,
             log_path,
+            dynamic,
             _dir: dir,
         };
         envoy.wait_ready()?;
@@ -540,6 +708,108 @@ impl Envoy {
                 .text()
                 .await?,
         )
+    }
+
+    /// The Envoy process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Envoy's resident set size (`VmRSS` of `/proc/<pid>/status`) in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow!("no VmRSS in /proc/{}/status", self.pid()))
+    }
+
+    /// One Envoy stat (exact name) from admin `/stats`; 0 while Envoy has not created it.
+    pub async fn stat(&self, name: &str) -> anyhow::Result<u64> {
+        let text = reqwest::get(self.admin_url(&format!("/stats?filter=^{name}$")))
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    fn dynamic(&self) -> anyhow::Result<std::sync::MutexGuard<'_, DynamicConfig>> {
+        let dynamic = self
+            .dynamic
+            .as_ref()
+            .ok_or_else(|| anyhow!("this Envoy reads its plugin configuration from the bootstrap (ConfigDelivery::Static)"))?;
+        Ok(dynamic.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The plugin configuration last written to the watched file.
+    pub fn plugin_config(&self) -> anyhow::Result<Value> {
+        Ok(self.dynamic()?.plugin.clone())
+    }
+
+    /// The stats that count Envoy's accepted and refused updates of the watched file.
+    fn update_stats(&self) -> anyhow::Result<(&'static str, &'static str)> {
+        Ok(match self.dynamic()?.delivery {
+            ConfigDelivery::Lds => (
+                "listener_manager.lds.update_success",
+                "listener_manager.lds.update_rejected",
+            ),
+            _ => (
+                // `config_reload` also counts refused updates; `update_success` does not.
+                "extension_config_discovery.http_filter.mcp_token_exchange.update_success",
+                "extension_config_discovery.http_filter.mcp_token_exchange.update_rejected",
+            ),
+        })
+    }
+
+    /// Accepted and refused updates of the plugin configuration so far.
+    pub async fn config_updates(&self) -> anyhow::Result<(u64, u64)> {
+        let (ok, refused) = self.update_stats()?;
+        Ok((self.stat(ok).await?, self.stat(refused).await?))
+    }
+
+    /// Writes `plugin` (the whole plugin JSON; `{gateway}` and `{idp}` in strings replaced) to
+    /// the watched file and waits until Envoy has taken it (`Ok(true)`) or refused it
+    /// (`Ok(false)`).
+    pub async fn push_plugin_config(&self, plugin: &Value) -> anyhow::Result<bool> {
+        let before = self.config_updates().await?;
+        {
+            let mut dynamic = self.dynamic()?;
+            let mut plugin = plugin.clone();
+            replace_in_strings(&mut plugin, "{gateway}", &dynamic.gateway_url);
+            let idp = dynamic.idp_url.clone();
+            replace_in_strings(&mut plugin, "{idp}", &idp);
+            dynamic.write(&plugin)?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = self.config_updates().await?;
+            if now.0 > before.0 {
+                return Ok(true);
+            }
+            if now.1 > before.1 {
+                return Ok(false);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "Envoy neither took nor refused the new plugin configuration in 15 s; log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The configuration in force with `patch` (RFC 7396) merged into it, pushed as
+    /// [`Self::push_plugin_config`] does.
+    pub async fn push_plugin_patch(&self, patch: &Value) -> anyhow::Result<bool> {
+        let mut plugin = self.plugin_config()?;
+        merge_patch(&mut plugin, patch);
+        self.push_plugin_config(&plugin).await
     }
 
     /// Everything Envoy logged so far.

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod harness;
 pub mod idp;
+pub mod load;
 pub mod mcp;
 pub mod oci;
 pub mod permissive_path;

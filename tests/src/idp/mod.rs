@@ -298,6 +298,8 @@ pub struct RecordedExchange {
     /// Decoded form fields in order, `client_secret` removed (empty if the body was not a form).
     pub form: Vec<(String, String)>,
     pub content_type: Option<String>,
+    /// The request's `Host` (the `:authority` the gateway sent).
+    pub host: Option<String>,
 }
 
 impl RecordedExchange {
@@ -351,6 +353,8 @@ pub(crate) struct State {
     faults: Mutex<HashMap<Endpoint, Fault>>,
     token_requests: AtomicU64,
     last_exchange: Mutex<Option<RecordedExchange>>,
+    /// Every `/v1/token` request that carried a readable body, in arrival order.
+    exchanges: Mutex<Vec<RecordedExchange>>,
 }
 
 impl State {
@@ -393,6 +397,7 @@ impl State {
     }
 
     pub(crate) fn record_exchange(&self, record: RecordedExchange) {
+        lock(&self.exchanges).push(record.clone());
         *lock(&self.last_exchange) = Some(record);
     }
 
@@ -567,6 +572,7 @@ pub async fn start(listen: SocketAddr, config: IdpConfig) -> anyhow::Result<IdpH
         faults: Mutex::new(HashMap::new()),
         token_requests: AtomicU64::new(0),
         last_exchange: Mutex::new(None),
+        exchanges: Mutex::new(Vec::new()),
     });
     let task = tokio::spawn(server::serve(listener, state.clone()));
     Ok(IdpHandle {
@@ -723,6 +729,12 @@ impl IdpHandle {
     /// What the last `/v1/token` request carried.
     pub fn last_exchange(&self) -> Option<RecordedExchange> {
         lock(&self.inner.state.last_exchange).clone()
+    }
+
+    /// What every `/v1/token` request with a readable body carried, in arrival order (faulted
+    /// ones included: the fault replaces the answer, not the request).
+    pub fn exchanges(&self) -> Vec<RecordedExchange> {
+        lock(&self.inner.state.exchanges).clone()
     }
 
     /// Stops accepting and drops every open connection: the IdP is down from then on.

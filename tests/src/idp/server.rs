@@ -162,6 +162,7 @@ async fn token_endpoint(
     };
     let content_type = header(CONTENT_TYPE);
     let authorization = header(hyper::header::AUTHORIZATION);
+    let host = header(hyper::header::HOST);
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(collected) => Some(collected.to_bytes()),
         Err(_) => None,
@@ -179,7 +180,9 @@ async fn token_endpoint(
         )
     });
     if let Some(outcome) = &outcome {
-        state.record_exchange(outcome.record.clone());
+        let mut record = outcome.record.clone();
+        record.host = host;
+        state.record_exchange(record);
     }
     if let Some(resp) = apply_fault(state.fault(&Endpoint::Token), raw).await? {
         return Ok((resp, Some("(fault)".into())));

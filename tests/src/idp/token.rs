@@ -100,6 +100,7 @@ pub(crate) fn handle(state: &State, server: &AsState, req: &TokenHttpRequest<'_>
         client_id: None,
         form: Vec::new(),
         content_type: req.content_type.map(str::to_string),
+        host: None,
     };
     let result = exchange(state, server, req, &mut record);
     match result {
