@@ -88,7 +88,8 @@ pub struct Ended {
 }
 
 struct InFlight {
-    token: u32,
+    /// The callout, once dispatched; `None` while it waits for the root context's tick.
+    token: Option<u32>,
     subject: Subject,
     target: Rc<ExchangeTarget>,
     started_ms: u64,
@@ -176,6 +177,29 @@ impl ExchangeCoordinator {
         waiters: Vec<u32>,
         now_ms: u64,
     ) {
+        self.insert(Some(token), subject, target, waiters, now_ms);
+    }
+
+    /// The exchange this worker leads is to be dispatched on the next tick, from the root
+    /// context (see the gateway's `lead_exchange`). Others join it meanwhile as usual.
+    pub fn defer(
+        &mut self,
+        subject: Subject,
+        target: Rc<ExchangeTarget>,
+        waiters: Vec<u32>,
+        now_ms: u64,
+    ) {
+        self.insert(None, subject, target, waiters, now_ms);
+    }
+
+    fn insert(
+        &mut self,
+        token: Option<u32>,
+        subject: Subject,
+        target: Rc<ExchangeTarget>,
+        waiters: Vec<u32>,
+        now_ms: u64,
+    ) {
         self.in_flight.insert(
             subject.key,
             InFlight {
@@ -186,6 +210,33 @@ impl ExchangeCoordinator {
                 waiters,
             },
         );
+    }
+
+    pub fn has_deferred(&self) -> bool {
+        self.in_flight.values().any(|x| x.token.is_none())
+    }
+
+    /// The exchanges waiting to be dispatched, with their waiters.
+    pub fn deferred(&self) -> Vec<(Subject, Rc<ExchangeTarget>, Vec<u32>)> {
+        self.in_flight
+            .values()
+            .filter(|x| x.token.is_none())
+            .map(|x| (x.subject.clone(), Rc::clone(&x.target), x.waiters.clone()))
+            .collect()
+    }
+
+    /// A deferred exchange went out as callout `token`.
+    pub fn dispatched_deferred(&mut self, key: &Digest32, token: u32) {
+        if let Some(x) = self.in_flight.get_mut(key) {
+            x.token = Some(token);
+        }
+    }
+
+    /// A deferred exchange nobody waits for any more: dropped, its lease released.
+    pub fn drop_deferred(&mut self, shared: &dyn SharedStore, key: &Digest32, now_ms: u64) {
+        if self.in_flight.remove(key).is_some() {
+            self.release(shared, key, None, now_ms);
+        }
     }
 
     /// Ends this worker's lease on `key`: a failure is shared with the other workers' waiting
@@ -316,7 +367,9 @@ impl ExchangeCoordinator {
             .in_flight
             .iter()
             .filter(|(_, x)| {
-                now_ms.saturating_sub(x.started_ms) > ms(x.target.timeout + STALE_AFTER_TIMEOUT)
+                x.token.is_some()
+                    && now_ms.saturating_sub(x.started_ms)
+                        > ms(x.target.timeout + STALE_AFTER_TIMEOUT)
             })
             .map(|(key, _)| *key)
             .collect();
@@ -324,7 +377,7 @@ impl ExchangeCoordinator {
         for key in stale {
             if let Some(x) = self.in_flight.remove(&key) {
                 self.release(shared, &key, Some(&ExchangeError::Timeout), now_ms);
-                given_up.push((x.token, x.waiters));
+                given_up.push((x.token.unwrap_or_default(), x.waiters));
             }
         }
         given_up

@@ -34,6 +34,8 @@ pub struct FakeRequest {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub fate: Fate,
+    /// Envoy deleted its context.
+    pub ended: bool,
     /// How many times it was answered or released. More than one is a bug, except a body
     /// refused after the headers were released (then `reply_status` tells).
     pub decisions: u32,
@@ -61,10 +63,19 @@ impl FakeRequest {
     }
 }
 
+/// The root context's id in the fake host (requests use other ids).
+pub const ROOT: u32 = 0;
+
 /// A callout the gateway dispatched.
 #[derive(Debug, Clone)]
 pub struct Callout {
     pub token: u32,
+    /// The context whose callback dispatched it (`ROOT` or a request): the SDK delivers the
+    /// answer to that context, and drops it if the context is gone.
+    pub sdk_owner: u32,
+    /// The effective context when it was dispatched: Envoy ties the callout to it and cancels
+    /// it when that context ends.
+    pub envoy_owner: u32,
     pub cluster: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -91,7 +102,10 @@ struct State {
     /// Shared by sibling hosts: every worker sees the same time.
     now_ms: Rc<Cell<u64>>,
     store: Rc<MemoryStore>,
+    /// The effective context (`ROOT` or a request).
     current: Cell<Option<u32>>,
+    /// The context whose callback is running (`ROOT` or a request).
+    callback: Cell<u32>,
     requests: RefCell<BTreeMap<u32, FakeRequest>>,
     dispatched: RefCell<Vec<Callout>>,
     next_token: Cell<u32>,
@@ -137,6 +151,7 @@ impl FakeHost {
 
     /// A new request with these headers; it becomes the effective context.
     pub fn arrive(&self, id: u32, headers: &[(&str, &str)], body: &[u8]) {
+        self.0.callback.set(id);
         self.0.requests.borrow_mut().insert(
             id,
             FakeRequest {
@@ -146,6 +161,7 @@ impl FakeHost {
                     .collect(),
                 body: body.to_vec(),
                 fate: Fate::Waiting,
+                ended: false,
                 decisions: 0,
                 reply_status: None,
                 upstream_status: None,
@@ -156,9 +172,39 @@ impl FakeHost {
         self.0.current.set(Some(id));
     }
 
-    /// The request's own callback runs (headers or body): it is the effective context.
+    /// The request's own callback runs (headers, body, a callout answer it owns): it is the
+    /// effective context.
     pub fn enter(&self, id: u32) {
         self.0.current.set(Some(id));
+        self.0.callback.set(id);
+    }
+
+    /// A root context callback runs (tick, a callout answer it owns).
+    pub fn enter_root(&self) {
+        self.enter(ROOT);
+    }
+
+    /// Envoy deleted the request's context.
+    pub fn end(&self, id: u32) {
+        if let Some(r) = self.0.requests.borrow_mut().get_mut(&id) {
+            r.ended = true;
+        }
+    }
+
+    fn is_live(&self, id: u32) -> bool {
+        id == ROOT
+            || self
+                .0
+                .requests
+                .borrow()
+                .get(&id)
+                .is_some_and(|r| r.fate != Fate::Gone && !r.ended)
+    }
+
+    /// Whether Envoy still delivers this callout's answer, and the SDK hands it to a context:
+    /// both the context it was dispatched from and the one it was tied to must still exist.
+    pub fn deliverable(&self, callout: &Callout) -> bool {
+        self.is_live(callout.sdk_owner) && self.is_live(callout.envoy_owner)
     }
 
     /// The request body Envoy has buffered for `id`.
@@ -315,16 +361,15 @@ impl Host for FakeHost {
     }
 
     fn set_effective_context(&self, context_id: u32) -> Result<(), HostError> {
-        let live = self
-            .0
-            .requests
-            .borrow()
-            .get(&context_id)
-            .is_some_and(|r| r.fate != Fate::Gone);
-        if !live {
+        if context_id == ROOT || !self.is_live(context_id) {
             return Err(HostError);
         }
         self.0.current.set(Some(context_id));
+        Ok(())
+    }
+
+    fn act_as_root(&self) -> Result<(), HostError> {
+        self.0.current.set(Some(ROOT));
         Ok(())
     }
 
@@ -348,6 +393,8 @@ impl Host for FakeHost {
         self.0.next_token.set(token + 1);
         self.0.dispatched.borrow_mut().push(Callout {
             token,
+            sdk_owner: self.0.callback.get(),
+            envoy_owner: self.0.current.get().unwrap_or(ROOT),
             cluster: cluster.to_string(),
             headers: headers
                 .iter()

@@ -170,16 +170,17 @@ impl Run {
 
     fn answer(&mut self, w: usize, call: &Callout, how: IdpAnswer) {
         let worker = &mut self.workers[w];
-        match how {
+        // An answer Envoy would not deliver (its context ended) is simply lost.
+        let _delivered = match how {
             IdpAnswer::Issue => {
                 let backend = format!("backend-{}-{}", w, call.token);
                 self.issued.insert(backend.clone(), subject_of(call));
-                worker.answer(call, Some(200), &exchanged(&backend));
+                worker.answer(call, Some(200), &exchanged(&backend))
             }
             IdpAnswer::Refuse => worker.answer(call, Some(400), &idp_error("invalid_grant")),
             IdpAnswer::Outage => worker.answer(call, Some(503), &idp_error("unavailable")),
             IdpAnswer::Reset => worker.answer(call, None, ""),
-        }
+        };
     }
 
     /// The IdP answers everything still open, time passes, then every request ends.

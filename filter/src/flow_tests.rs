@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::cache::Digest32;
 use crate::config::parse_policy;
-use crate::fake_host::{Callout, FakeHost, Fate};
+use crate::fake_host::{Callout, FakeHost, Fate, ROOT};
 use crate::gateway::{Admission, Admitted, Gateway};
 use crate::test_keys;
 
@@ -124,10 +124,16 @@ impl Worker {
         )
     }
 
-    /// The IdP (or JWKS endpoint) answers a callout.
-    pub(crate) fn answer(&mut self, callout: &Callout, status: Option<u16>, body: &str) {
+    /// The IdP (or JWKS endpoint) answers a callout. `false`: Envoy had cancelled it (the
+    /// context it belonged to ended), so the answer never reaches the filter.
+    pub(crate) fn answer(&mut self, callout: &Callout, status: Option<u16>, body: &str) -> bool {
+        if !self.host.deliverable(callout) {
+            return false;
+        }
+        self.host.enter(callout.sdk_owner);
         self.host.answer_with(status, &[], body.as_bytes());
         self.gw.on_http_call_response(callout.token, body.len());
+        true
     }
 
     /// The upstream's response headers arrive with this status.
@@ -148,6 +154,7 @@ impl Worker {
 
     pub(crate) fn tick(&mut self, ms: u64) {
         self.host.advance(ms);
+        self.host.enter_root();
         self.gw.on_tick();
     }
 
@@ -155,6 +162,7 @@ impl Worker {
     pub(crate) fn end(&mut self, id: u32) {
         let admitted = self.admitted(id);
         self.cached.remove(&id);
+        self.host.end(id);
         self.gw.on_request_end(id, admitted);
     }
 
@@ -366,19 +374,37 @@ fn a_failed_exchange_is_shared_for_its_window_then_retried() {
 #[test]
 fn requests_wait_for_the_first_key_set_and_resume_when_it_arrives() {
     let mut w = Worker::first(&remote_keys_config());
-    let token = user_token("frank");
-    assert_eq!(w.send(1, &token), Action::Pause);
-    assert_eq!(w.send(2, &token), Action::Pause);
+    let (ann, ben) = (user_token("frank"), user_token("fred"));
+    assert_eq!(w.send(1, &ann), Action::Pause);
+    assert_eq!(w.send(2, &ann), Action::Pause);
+    assert_eq!(w.send(3, &ben), Action::Pause);
+    assert_eq!(
+        w.host.tick_period().as_millis(),
+        20,
+        "the fetch goes out on a fast tick"
+    );
+    w.tick(20);
     let fetch = only(&w.jwks_fetches());
+    assert_eq!(
+        fetch.sdk_owner, ROOT,
+        "the key set belongs to no one request"
+    );
     assert!(
         w.exchanges().is_empty(),
         "nothing is exchanged before the token is verified"
     );
 
     w.answer(&fetch, Some(200), &test_keys::jwks_json());
-    let call = only(&w.exchanges());
-    w.answer(&call, Some(200), &exchanged("backend-frank"));
-    for id in [1, 2] {
+    // The resumed requests' exchanges go out from the root context on the next tick.
+    w.tick(20);
+    let calls = w.exchanges();
+    assert_eq!(calls.len(), 2, "one per token");
+    assert!(calls
+        .iter()
+        .all(|c| c.sdk_owner == ROOT && c.envoy_owner == ROOT));
+    w.answer(&calls[0], Some(200), &exchanged("backend-1"));
+    w.answer(&calls[1], Some(200), &exchanged("backend-2"));
+    for id in [1, 2, 3] {
         assert_eq!(w.host.fate(id), Fate::Forwarded);
         w.end(id);
     }
@@ -389,10 +415,11 @@ fn requests_wait_for_the_first_key_set_and_resume_when_it_arrives() {
 fn requests_waiting_for_keys_get_503_after_max_wait() {
     let mut w = Worker::first(&remote_keys_config());
     w.send(1, &user_token("gina"));
+    w.tick(20);
     let _fetch = only(&w.jwks_fetches());
     w.tick(500);
     assert_eq!(w.host.fate(1), Fate::Waiting);
-    for _ in 0..4 {
+    for _ in 0..3 {
         w.tick(500);
     }
     let r = w.host.request(1);
@@ -406,8 +433,10 @@ fn requests_waiting_for_keys_get_503_after_max_wait() {
 fn an_unknown_kid_triggers_one_refetch_per_interval() {
     let mut w = Worker::first(&remote_keys_config());
     w.send(1, &user_token("hank"));
+    w.tick(20);
     let first = only(&w.jwks_fetches());
     w.answer(&first, Some(200), &test_keys::jwks_json());
+    w.tick(20);
     let call = only(&w.exchanges());
     w.answer(&call, Some(200), &exchanged("backend-hank"));
     w.end(1);
@@ -416,6 +445,7 @@ fn an_unknown_kid_triggers_one_refetch_per_interval() {
     w.tick(31_000);
     let stranger = token_at(w.host.now(), "ivy", "k9");
     assert_eq!(w.send(2, &stranger), Action::Pause);
+    w.tick(20);
     let fetches = w.jwks_fetches();
     assert_eq!(fetches.len(), 2, "one refetch");
     w.answer(&fetches[1], Some(200), &test_keys::jwks_json());
@@ -425,6 +455,7 @@ fn an_unknown_kid_triggers_one_refetch_per_interval() {
         w.send(id, &stranger);
         assert_eq!(w.host.fate(id), Fate::Replied(401));
     }
+    w.tick(500);
     assert_eq!(w.jwks_fetches().len(), 2);
     for id in 2..10 {
         w.end(id);
@@ -473,16 +504,50 @@ fn a_client_that_leaves_mid_exchange_leaves_nothing_behind() {
     w.send(1, &token);
     let call = only(&w.exchanges());
     w.abandon(1);
-    w.answer(&call, Some(200), &exchanged("backend-kate"));
-    assert_eq!(
-        w.host.fate(1),
-        Fate::Gone,
-        "the late answer forwards nothing"
-    );
+    // Envoy cancels the callout with the request that dispatched it.
+    assert!(!w.answer(&call, Some(200), &exchanged("backend-kate")));
+    assert_eq!(w.host.fate(1), Fate::Gone);
     assert_eq!(w.host.request(1).decisions, 0);
-    w.tick(500);
+    // The exchange is given up once its answer cannot come any more: 5 s timeout + 2 s.
+    w.tick(7_100);
     assert!(w.gw.is_idle());
     assert_eq!(w.host.counter("requests.abandoned"), 1);
+}
+
+#[test]
+fn exchanges_for_resumed_requests_survive_the_request_that_fetched_the_keys() {
+    // Reconfiguration under load found this: requests parked for keys were resumed in the
+    // callback of the request whose callout brought the keys, and their exchanges belonged to
+    // that request; when it ended first, Envoy cancelled them and the others got 504.
+    let mut w = Worker::first(&remote_keys_config());
+    let (ann, ben) = (user_token("ann"), user_token("ben"));
+    w.send(1, &ann);
+    w.send(2, &ben);
+    w.tick(20);
+    let fetch = only(&w.jwks_fetches());
+    w.answer(&fetch, Some(200), &test_keys::jwks_json());
+    w.tick(20);
+    let calls = w.exchanges();
+    assert_eq!(calls.len(), 2);
+    let ann_call = calls
+        .iter()
+        .find(|c| String::from_utf8_lossy(&c.body).contains(&ann))
+        .cloned()
+        .unwrap();
+    w.answer(&ann_call, Some(200), &exchanged("backend-ann"));
+    assert_eq!(w.host.fate(1), Fate::Forwarded);
+    w.end(1);
+    let ben_call = calls
+        .into_iter()
+        .find(|c| c.token != ann_call.token)
+        .unwrap();
+    assert!(
+        w.answer(&ben_call, Some(200), &exchanged("backend-ben")),
+        "request 2's exchange outlives request 1"
+    );
+    assert_eq!(w.authorization(2).as_deref(), Some("Bearer backend-ben"));
+    w.end(2);
+    assert!(w.gw.is_idle());
 }
 
 #[test]
@@ -558,4 +623,52 @@ fn remote_keys_are_fetched_on_the_first_tick_and_refreshed_on_schedule() {
     w.tick(600_000);
     assert_eq!(w.jwks_fetches().len(), 2, "refreshed");
     assert!(w.gw.is_idle());
+}
+
+#[test]
+fn an_exchange_started_for_another_request_never_belongs_to_a_request_that_may_end_first() {
+    // Keys arrive for two parked requests: the first finds its backend token in the store
+    // (another worker exchanged it) and is forwarded at once, which makes it the effective
+    // context; the second must exchange. Its callout must not be tied to the first request.
+    let cfg = remote_keys_config();
+    let mut a = Worker::first(&cfg);
+    let mut b = a.sibling(&cfg, 2);
+    // The issuer publishes a new kid ("k1b", for k1's key) that worker A has not seen yet.
+    let rotated = {
+        let mut doc: Value = serde_json::from_str(&test_keys::jwks_json()).unwrap();
+        let keys = doc["keys"].as_array_mut().unwrap();
+        let mut k1b = keys[0].clone();
+        k1b["kid"] = json!("k1b");
+        keys.push(k1b);
+        doc.to_string()
+    };
+    a.tick(20);
+    a.answer(&only(&a.jwks_fetches()), Some(200), &test_keys::jwks_json());
+    b.tick(20);
+    b.answer(&only(&b.jwks_fetches()), Some(200), &rotated);
+    a.tick(31_000);
+    let (stored, fresh) = (
+        token_at(a.host.now(), "sue", "k1b"),
+        token_at(a.host.now(), "tom", "k1b"),
+    );
+    b.send(1, &stored);
+    b.answer(&only(&b.exchanges()), Some(200), &exchanged("backend-sue"));
+    b.end(1);
+
+    a.send(1, &stored);
+    a.send(2, &fresh);
+    a.tick(20);
+    let refetch = a.jwks_fetches()[1].clone();
+    a.answer(&refetch, Some(200), &rotated);
+    assert_eq!(a.authorization(1).as_deref(), Some("Bearer backend-sue"));
+    a.tick(20);
+    let call = only(&a.exchanges());
+    a.end(1);
+    assert!(
+        a.answer(&call, Some(200), &exchanged("backend-tom")),
+        "request 2's exchange was cancelled with request 1"
+    );
+    assert_eq!(a.authorization(2).as_deref(), Some("Bearer backend-tom"));
+    a.end(2);
+    assert!(a.gw.is_idle() && b.gw.is_idle());
 }

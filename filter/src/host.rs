@@ -38,6 +38,9 @@ pub trait Host: SharedStore {
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>);
     /// Makes `context_id` the request later calls act on; fails if it is gone.
     fn set_effective_context(&self, context_id: u32) -> Result<(), HostError>;
+    /// Makes the root context the one later calls act on, so a callout dispatched next belongs
+    /// to it (and is not cancelled when some request ends).
+    fn act_as_root(&self) -> Result<(), HostError>;
     /// Lets a paused request continue upstream.
     fn resume_request(&self);
     /// Starts an HTTP callout to an Envoy cluster; the token identifies its answer.
@@ -63,8 +66,11 @@ pub trait Host: SharedStore {
 }
 
 /// The real host: proxy-wasm host calls.
-#[derive(Clone, Copy, Default)]
-pub struct ProxyWasmHost;
+#[derive(Clone, Copy)]
+pub struct ProxyWasmHost {
+    /// The root context of this VM: callouts that serve many requests belong to it.
+    pub root_context_id: u32,
+}
 
 impl SharedStore for ProxyWasmHost {
     fn get(&self, key: &str) -> (Option<Vec<u8>>, u32) {
@@ -105,6 +111,10 @@ impl Host for ProxyWasmHost {
 
     fn set_effective_context(&self, context_id: u32) -> Result<(), HostError> {
         Ok(hostcalls::set_effective_context(context_id)?)
+    }
+
+    fn act_as_root(&self) -> Result<(), HostError> {
+        Ok(hostcalls::set_effective_context(self.root_context_id)?)
     }
 
     fn resume_request(&self) {

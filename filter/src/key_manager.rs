@@ -72,6 +72,9 @@ pub struct KeyManager {
     fetched_ms: Option<u64>,
     /// Callout token and start of the fetch in flight.
     in_flight: Option<(u32, u64)>,
+    /// A fetch was asked for outside the root context: the next tick dispatches it (see
+    /// [`KeyManager::request_fetch`]).
+    requested: bool,
     last_attempt_ms: Option<u64>,
     waiters: Vec<Waiter>,
 }
@@ -87,6 +90,7 @@ impl KeyManager {
             keys,
             fetched_ms: None,
             in_flight: None,
+            requested: false,
             last_attempt_ms: None,
             waiters: Vec::new(),
         }
@@ -97,8 +101,20 @@ impl KeyManager {
         self.keys.as_ref()
     }
 
+    /// A fetch is in flight or asked for.
     pub fn is_fetching(&self) -> bool {
-        self.in_flight.is_some()
+        self.in_flight.is_some() || self.requested
+    }
+
+    /// Asks for a fetch on the next tick. Callouts are dispatched from the root context only: a
+    /// callout dispatched in a request's callback belongs to that request, and Envoy cancels it
+    /// when that request ends, while the key set serves every request. Counts as an attempt for
+    /// the refetch throttle. No effect for inline keys.
+    pub fn request_fetch(&mut self, now_ms: u64) {
+        if self.remote.is_some() && !self.is_fetching() {
+            self.requested = true;
+            self.last_attempt_ms = Some(now_ms);
+        }
     }
 
     /// An unknown `kid` may mean the issuer rotated keys. Refetch, but at most once per
@@ -107,7 +123,7 @@ impl KeyManager {
         let Some(remote) = &self.remote else {
             return false;
         };
-        if self.in_flight.is_some() {
+        if self.is_fetching() {
             return false;
         }
         self.last_attempt_ms.is_none_or(|last| {
@@ -117,8 +133,9 @@ impl KeyManager {
 
     /// Starts a fetch: what to dispatch (then [`KeyManager::dispatched`]), or `None` for inline
     /// keys. Counts as an attempt either way, so a dispatch the host refuses is retried later.
-    pub fn begin_fetch(&mut self, now_ms: u64) -> Option<JwksFetch> {
+    fn begin_fetch(&mut self, now_ms: u64) -> Option<JwksFetch> {
         let remote = self.remote.as_ref()?;
+        self.requested = false;
         self.last_attempt_ms = Some(now_ms);
         Some(JwksFetch {
             cluster: remote.cluster.clone(),
@@ -156,7 +173,8 @@ impl KeyManager {
         self.waiters.iter().any(|w| w.context_id == context_id)
     }
 
-    /// Periodic work: gives up a lost fetch, starts a due one, times out waiting requests.
+    /// Periodic work (in the root context): gives up a lost fetch, starts a due or requested
+    /// one, times out waiting requests.
     pub fn on_tick(&mut self, now_ms: u64) -> KeysTick {
         let Some(remote) = self.remote.clone() else {
             return KeysTick::default();
@@ -178,7 +196,7 @@ impl KeyManager {
                     && now_ms.saturating_sub(last) >= retry
             }
         };
-        let fetch = if due && self.in_flight.is_none() {
+        let fetch = if (due || self.requested) && self.in_flight.is_none() {
             self.begin_fetch(now_ms)
         } else {
             None

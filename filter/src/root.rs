@@ -20,9 +20,18 @@ pub const GIT_COMMIT: &str = match option_env!("GIT_COMMIT") {
     None => "unknown",
 };
 
-#[derive(Default)]
 pub struct Root {
+    context_id: u32,
     gateway: Option<SharedGateway>,
+}
+
+impl Root {
+    pub fn new(context_id: u32) -> Self {
+        Self {
+            context_id,
+            gateway: None,
+        }
+    }
 }
 
 impl Context for Root {
@@ -72,7 +81,14 @@ impl RootContext for Root {
                     &HostStore,
                     &format!("mcp_token_exchange/{namespace}/workers"),
                 );
-                let mut gateway = Gateway::new(ProxyWasmHost, policy, &namespace, worker_id);
+                let mut gateway = Gateway::new(
+                    ProxyWasmHost {
+                        root_context_id: self.context_id,
+                    },
+                    policy,
+                    &namespace,
+                    worker_id,
+                );
                 gateway.prepare_shared_slots();
                 self.gateway = Some(Rc::new(RefCell::new(gateway)));
                 self.set_tick_period(TICK);

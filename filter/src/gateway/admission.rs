@@ -22,6 +22,14 @@ impl<H: Host> Gateway<H> {
     ///
     /// All request headers come in one host call and are read in place (see `header_map`).
     pub fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Admission {
+        // This request's own callback: its own exchange may be dispatched from here.
+        self.own_request = Some(context_id);
+        let admission = self.admit(context_id, end_of_stream);
+        self.own_request = None;
+        admission
+    }
+
+    fn admit(&mut self, context_id: u32, end_of_stream: bool) -> Admission {
         let Some(headers) = self.host.request_headers() else {
             return Admission::Full(self.refuse(&Denial::Internal, Refused::Unrouted));
         };

@@ -142,7 +142,8 @@ impl<H: Host> Gateway<H> {
                         "token {} names an unknown key; refetching the JWKS",
                         fingerprint(&digest())
                     );
-                    self.start_jwks_fetch(now_ms);
+                    self.keys.request_fetch(now_ms);
+                    self.set_fast_tick(true);
                 }
                 if self.keys.is_fetching() {
                     Err(PrincipalWait::Park)
@@ -159,16 +160,11 @@ impl<H: Host> Gateway<H> {
             return Step::Deny(Denial::KeysUnavailable);
         }
         if !self.keys.is_fetching() {
-            self.start_jwks_fetch(now_ms);
+            self.keys.request_fetch(now_ms);
         }
+        self.set_fast_tick(true);
         self.set_state(context_id, RequestState::WaitingForKeys);
         Step::Wait
-    }
-
-    pub(super) fn start_jwks_fetch(&mut self, now_ms: u64) {
-        if let Some(fetch) = self.keys.begin_fetch(now_ms) {
-            self.dispatch_jwks(&fetch, now_ms);
-        }
     }
 
     pub(super) fn dispatch_jwks(&mut self, fetch: &JwksFetch, now_ms: u64) {
@@ -178,6 +174,8 @@ impl<H: Host> Gateway<H> {
             (":authority", fetch.authority.as_str()),
             ("accept", "application/json"),
         ];
+        // The key set serves every request: the fetch belongs to the root context.
+        let _ = self.host.act_as_root();
         match self
             .host
             .dispatch(&fetch.cluster, &headers, None, fetch.timeout)
@@ -232,7 +230,7 @@ impl<H: Host> Gateway<H> {
             }
             Join::Lead => {
                 self.set_cache_use(context_id, CacheUse::Miss);
-                self.dispatch_exchange(token, subject, target, vec![context_id], now_ms)
+                self.lead_exchange(token, subject, target, vec![context_id], now_ms)
             }
             Join::Failed(e) => Step::Deny(Denial::Exchange(e)),
             Join::Remote => {
@@ -262,8 +260,12 @@ impl<H: Host> Gateway<H> {
         }
     }
 
-    /// Starts the exchange this worker leads (it holds the lease for `subject.key`).
-    pub(super) fn dispatch_exchange(
+    /// Starts the exchange this worker leads (it holds the lease for `subject.key`). Only a
+    /// request's own exchange is dispatched in its own callback: Envoy ties a callout to the
+    /// context it was dispatched from and cancels it when that request ends, so an exchange
+    /// started on behalf of other requests (resumed after keys arrived, taken over from another
+    /// worker) waits for the root context's next tick (`dispatch_deferred`, a fast tick away).
+    pub(super) fn lead_exchange(
         &mut self,
         token: &str,
         subject: Subject,
@@ -271,14 +273,53 @@ impl<H: Host> Gateway<H> {
         waiters: Vec<u32>,
         now_ms: u64,
     ) -> Step {
+        for w in &waiters {
+            self.set_state(*w, RequestState::Exchanging);
+        }
+        let own = matches!((self.own_request, waiters.as_slice()), (Some(own), [w]) if own == *w);
+        if !own {
+            self.exchanges.defer(subject, target, waiters, now_ms);
+            self.set_fast_tick(true);
+            return Step::Wait;
+        }
+        match self.send_exchange(token, &subject, &target, now_ms) {
+            Ok(callout) => {
+                self.callouts
+                    .insert(callout, CalloutPurpose::Exchange(subject.key));
+                self.exchanges
+                    .dispatched(callout, subject, target, waiters, now_ms);
+                Step::Wait
+            }
+            Err(denial) => {
+                let failure = match &denial {
+                    Denial::Exchange(e) => Some(e),
+                    _ => None,
+                };
+                self.exchanges
+                    .release(&self.host, &subject.key, failure, now_ms);
+                Step::Deny(denial)
+            }
+        }
+    }
+
+    /// Builds and dispatches the token request; the callout's token, or the refusal its
+    /// requests get.
+    pub(super) fn send_exchange(
+        &mut self,
+        token: &str,
+        subject: &Subject,
+        target: &ExchangeTarget,
+        now_ms: u64,
+    ) -> Result<u32, Denial> {
         let nonce = self.nonce(now_ms);
-        let request = match ExchangeRequest::build(&target, token, secs(now_ms), &nonce) {
+        let request = match ExchangeRequest::build(target, token, secs(now_ms), &nonce) {
             Ok(r) => r,
             Err(e) => {
-                warn!("token exchange request could not be built: {e}");
-                self.exchanges
-                    .release(&self.host, &subject.key, None, now_ms);
-                return Step::Deny(Denial::Internal);
+                warn!(
+                    "token exchange request for token {} could not be built: {e}",
+                    subject.fingerprint
+                );
+                return Err(Denial::Internal);
             }
         };
         let headers: Vec<(&str, &str)> = request
@@ -286,37 +327,24 @@ impl<H: Host> Gateway<H> {
             .iter()
             .map(|(k, v)| (*k, v.as_str()))
             .collect();
-        match self.host.dispatch(
-            &target.cluster,
-            &headers,
-            Some(&request.body),
-            target.timeout,
-        ) {
-            Ok(callout) => {
-                for w in &waiters {
-                    self.set_state(*w, RequestState::Exchanging);
-                }
-                self.callouts
-                    .insert(callout, CalloutPurpose::Exchange(subject.key));
-                self.exchanges
-                    .dispatched(callout, subject, target, waiters, now_ms);
-                Step::Wait
-            }
-            Err(_) => {
+        self.host
+            .dispatch(
+                &target.cluster,
+                &headers,
+                Some(&request.body),
+                target.timeout,
+            )
+            .map_err(|_| {
                 warn!(
                     "token exchange callout to cluster {} could not be dispatched",
                     target.cluster
                 );
-                let e = ExchangeError::Unavailable {
+                self.metrics.inc("exchanges.unavailable");
+                Denial::Exchange(ExchangeError::Unavailable {
                     status: None,
                     retry_after: None,
-                };
-                self.metrics.inc("exchanges.unavailable");
-                self.exchanges
-                    .release(&self.host, &subject.key, Some(&e), now_ms);
-                Step::Deny(Denial::Exchange(e))
-            }
-        }
+                })
+            })
     }
 
     /// A value unique to this call (for the `jti` of client assertions and actor tokens): a hash

@@ -228,6 +228,7 @@ impl<H: Host> Gateway<H> {
         self.metrics.flush(&self.host);
         self.poll_remote_waiters(now);
         self.tick_keys(now);
+        self.dispatch_deferred(now);
         for (callout, waiters) in self.exchanges.give_up_stale(&self.host, now) {
             self.callouts.remove(&callout);
             for w in waiters {
@@ -236,6 +237,46 @@ impl<H: Host> Gateway<H> {
         }
         if now.saturating_sub(self.last_sweep_ms) >= TICK.as_millis() as u64 {
             self.sweep_caches(now);
+        }
+        let fast = self.exchanges.has_remote_waiters()
+            || self.exchanges.has_deferred()
+            || self.keys.is_fetching();
+        self.set_fast_tick(fast);
+    }
+
+    /// Exchanges started on behalf of other requests go out from the root context (see
+    /// `lead_exchange`), with the token of a request still waiting for them.
+    fn dispatch_deferred(&mut self, now: u64) {
+        for (subject, target, waiters) in self.exchanges.deferred() {
+            let token = waiters
+                .iter()
+                .find_map(|w| self.requests.get(w).map(|r| r.token.clone()));
+            let Some(token) = token else {
+                self.exchanges.drop_deferred(&self.host, &subject.key, now);
+                continue;
+            };
+            let _ = self.host.act_as_root();
+            match self.send_exchange(&token, &subject, &target, now) {
+                Ok(callout) => {
+                    self.callouts
+                        .insert(callout, CalloutPurpose::Exchange(subject.key));
+                    self.exchanges.dispatched_deferred(&subject.key, callout);
+                }
+                Err(Denial::Exchange(e)) => {
+                    if let Some(ended) =
+                        self.exchanges
+                            .answered(&self.host, &subject.key, Err(e), now)
+                    {
+                        self.on_exchange_ended(ended, b"", now);
+                    }
+                }
+                Err(denial) => {
+                    self.exchanges.drop_deferred(&self.host, &subject.key, now);
+                    for w in waiters {
+                        self.finish_resumed(w, Step::Deny(denial.clone()));
+                    }
+                }
+            }
         }
     }
 
@@ -274,7 +315,6 @@ impl<H: Host> Gateway<H> {
     /// answered with its failure, or exchanged here if that worker's lease ran out.
     fn poll_remote_waiters(&mut self, now: u64) {
         if !self.exchanges.has_remote_waiters() {
-            self.set_fast_tick(false);
             return;
         }
         for (context_id, outcome) in self.exchanges.poll_remote(&self.host, now) {
@@ -290,11 +330,10 @@ impl<H: Host> Gateway<H> {
                         .get(&context_id)
                         .map(|r| r.token.clone())
                         .unwrap_or_default();
-                    self.dispatch_exchange(&token, subject, target, vec![context_id], now)
+                    self.lead_exchange(&token, subject, target, vec![context_id], now)
                 }
             };
             self.finish_resumed(context_id, step);
         }
-        self.set_fast_tick(self.exchanges.has_remote_waiters());
     }
 }

@@ -119,6 +119,9 @@ pub struct Gateway<H: Host = ProxyWasmHost> {
     /// Counters the hot path bumps on every request, looked up once.
     allowed_counter: CounterId,
     cache_hit_counter: CounterId,
+    /// The request whose own callback is running (headers), if any: only its own exchange may
+    /// be dispatched in it (see `lead_exchange`).
+    own_request: Option<u32>,
     nonce_seed: u64,
     nonce_counter: u64,
     fast_tick: bool,
@@ -157,6 +160,7 @@ impl<H: Host> Gateway<H> {
                 use std::hash::BuildHasher;
                 std::collections::hash_map::RandomState::new().hash_one(worker_id)
             },
+            own_request: None,
             nonce_counter: 0,
             fast_tick: false,
             last_sweep_ms: 0,
