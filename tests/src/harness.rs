@@ -110,6 +110,9 @@ pub struct StackOptions {
     /// (`envoy/demo.yaml`'s way), or a file it watches (LDS or ECDS), so a test can swap the
     /// plugin configuration while Envoy serves ([`Envoy::push_plugin_config`]).
     pub config_delivery: ConfigDelivery,
+    /// Replace the origins of `envoy/demo.yaml`'s CORS policy (`allow_origin_string_match`,
+    /// exact matches) with these, e.g. the origin of a page served on loopback.
+    pub cors_origins: Option<Vec<String>>,
 }
 
 /// How the plugin configuration reaches Envoy.
@@ -154,6 +157,7 @@ impl Default for StackOptions {
             upstream_port: None,
             envoy_path_normalisation: true,
             config_delivery: ConfigDelivery::Static,
+            cors_origins: None,
         }
     }
 }
@@ -215,6 +219,7 @@ impl Stack {
             extra_env: &opts.extra_env,
             filter_wasm: opts.filter_wasm.as_deref(),
             delivery: opts.config_delivery,
+            cors_origins: opts.cors_origins.as_deref(),
         })?;
         let stack = Stack {
             idp,
@@ -276,6 +281,7 @@ struct EnvoyParams<'a> {
     extra_env: &'a [(String, String)],
     filter_wasm: Option<&'a Path>,
     delivery: ConfigDelivery,
+    cors_origins: Option<&'a [String]>,
 }
 
 /// A running Envoy, killed on drop.
@@ -550,6 +556,20 @@ fn add_extra_routes(bootstrap: &mut Value, extra: &[(String, u16)]) -> anyhow::R
     Ok(())
 }
 
+/// The name of Envoy's CORS filter, which is also the key of its per-route policy.
+pub const CORS_FILTER: &str = "envoy.filters.http.cors";
+
+/// The CORS policy (`envoy.extensions.filters.http.cors.v3.CorsPolicy`) of the demo's virtual
+/// host.
+pub fn cors_policy(bootstrap: &mut Value) -> anyhow::Result<&mut Value> {
+    bootstrap
+        .pointer_mut(
+            "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/route_config/virtual_hosts/0/typed_per_filter_config",
+        )
+        .and_then(|per_filter| per_filter.get_mut(CORS_FILTER))
+        .ok_or_else(|| anyhow!("envoy/demo.yaml has no CORS policy on its virtual host"))
+}
+
 /// The HCM fields with which Envoy normalises paths before any filter sees them.
 pub const ENVOY_PATH_NORMALISATION: [&str; 3] = [
     "normalize_path",
@@ -584,6 +604,12 @@ impl Envoy {
         add_extra_routes(&mut bootstrap, p.extra_routes)?;
         if !p.path_normalisation {
             remove_path_normalisation(&mut bootstrap)?;
+        }
+        if let Some(origins) = p.cors_origins {
+            cors_policy(&mut bootstrap)?["allow_origin_string_match"] = origins
+                .iter()
+                .map(|o| serde_json::json!({ "exact": o }))
+                .collect();
         }
 
         let mut plugin = plugin_config(&mut bootstrap)?;

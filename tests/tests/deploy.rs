@@ -355,6 +355,184 @@ fn assert_paths_normalised(bootstrap: &Value, what: &str) {
     assert!(managers > 0, "{what}: no http_connection_manager");
 }
 
+// ---------------------------------------------------------------------------------------------
+// CORS for browser MCP clients (README "Browser clients (CORS)")
+// ---------------------------------------------------------------------------------------------
+
+const CORS_FILTER: &str = "envoy.filters.http.cors";
+const CORS_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors";
+const CORS_POLICY_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
+/// What a browser MCP client sends (so a preflight must allow it) …
+const CORS_REQUEST_HEADERS: &[&str] = &[
+    "authorization",
+    "content-type",
+    "mcp-protocol-version",
+    "mcp-session-id",
+];
+const CORS_METHODS: &[&str] = &["GET", "POST", "DELETE"];
+/// … and what it reads from an answer (the challenge, the session).
+const CORS_EXPOSED: &[&str] = &["www-authenticate", "mcp-session-id"];
+
+/// A comma-separated header list (or a YAML list of names), lower-cased.
+fn names(v: &Value) -> Vec<String> {
+    let items: Vec<&str> = match v {
+        Value::String(s) => s.split(',').collect(),
+        Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    items
+        .into_iter()
+        .map(|x| x.trim().to_ascii_lowercase())
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+/// The allowlist holds origins, each exactly one: scheme, host, optional port. No wildcard (which
+/// with credentials a browser refuses, and without lets every site in), no `null` (sandboxed
+/// frames and `file:` pages share it), no pattern.
+fn assert_exact_origin(origin: &str, what: &str) {
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .unwrap_or_else(|| panic!("{what}: origin {origin:?} is not http(s)://host[:port]"));
+    assert!(
+        !rest.is_empty()
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-:[]".contains(&b)),
+        "{what}: origin {origin:?} must be exactly one origin (no wildcard, path or pattern)"
+    );
+}
+
+fn assert_cors_lists(
+    methods: &Value,
+    request_headers: &Value,
+    exposed: &Value,
+    credentials: &Value,
+    what: &str,
+) {
+    let methods = names(methods);
+    for m in CORS_METHODS {
+        assert!(
+            methods.contains(&m.to_ascii_lowercase()),
+            "{what}: allowed methods lack {m}: {methods:?}"
+        );
+    }
+    let allowed = names(request_headers);
+    for h in CORS_REQUEST_HEADERS {
+        assert!(
+            allowed.iter().any(|x| x == h),
+            "{what}: allowed headers lack {h}"
+        );
+    }
+    assert!(
+        !allowed.iter().any(|x| x == "*"),
+        "{what}: allowed headers are listed, not `*`"
+    );
+    let exposed = names(exposed);
+    for h in CORS_EXPOSED {
+        assert!(exposed.iter().any(|x| x == h), "{what}: {h} is not exposed");
+    }
+    assert!(
+        credentials.is_null() || credentials == &json!(false),
+        "{what}: credentials are never granted (MCP clients send bearer tokens, not cookies)"
+    );
+}
+
+/// Every HTTP connection manager with the token filter has Envoy's CORS filter ahead of it, and
+/// every virtual host a CORS policy a browser MCP client can use.
+fn assert_browser_cors(bootstrap: &Value, what: &str) {
+    let mut managers = 0;
+    for listener in bootstrap["static_resources"]["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for chain in listener["filter_chains"].as_array().into_iter().flatten() {
+            for filter in chain["filters"].as_array().into_iter().flatten() {
+                if filter["name"] != "envoy.filters.network.http_connection_manager" {
+                    continue;
+                }
+                let hcm = &filter["typed_config"];
+                let filters = hcm["http_filters"].as_array().cloned().unwrap_or_default();
+                let Some(wasm) = filters
+                    .iter()
+                    .position(|f| f["typed_config"]["@type"] == WASM_FILTER_TYPE)
+                else {
+                    continue;
+                };
+                managers += 1;
+                let cors = filters
+                    .iter()
+                    .position(|f| f["name"] == CORS_FILTER)
+                    .unwrap_or_else(|| panic!("{what}: no {CORS_FILTER}"));
+                assert!(
+                    cors < wasm,
+                    "{what}: {CORS_FILTER} must come before the token filter, or preflights get its 401"
+                );
+                assert_eq!(
+                    filters[cors]["typed_config"]["@type"], CORS_FILTER_TYPE,
+                    "{what}"
+                );
+                for vhost in hcm["route_config"]["virtual_hosts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    let what = format!("{what}: virtual host {}", vhost["name"]);
+                    let policy = &vhost["typed_per_filter_config"][CORS_FILTER];
+                    assert_eq!(policy["@type"], CORS_POLICY_TYPE, "{what}: no CORS policy");
+                    let origins = policy["allow_origin_string_match"]
+                        .as_array()
+                        .filter(|o| !o.is_empty())
+                        .unwrap_or_else(|| panic!("{what}: no allowed origins"));
+                    for matcher in origins {
+                        let keys: Vec<&String> = matcher
+                            .as_object()
+                            .map(|m| m.keys().collect())
+                            .unwrap_or_default();
+                        assert_eq!(keys, ["exact"], "{what}: origins match exactly: {matcher}");
+                        assert_exact_origin(str_at(matcher, "/exact", &what), &what);
+                    }
+                    assert!(
+                        origins.iter().any(|m| m["exact"] == "https://vscode.dev"),
+                        "{what}: the example allowlist names vscode.dev"
+                    );
+                    assert_cors_lists(
+                        &policy["allow_methods"],
+                        &policy["allow_headers"],
+                        &policy["expose_headers"],
+                        &policy["allow_credentials"],
+                        &what,
+                    );
+                    assert_eq!(
+                        policy["forward_not_matching_preflights"], false,
+                        "{what}: a preflight from another origin is answered by Envoy, not forwarded"
+                    );
+                    let vary = vhost["response_headers_to_add"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|h| {
+                            h["header"]["key"].as_str().map(str::to_ascii_lowercase)
+                                == Some("vary".into())
+                                && h["header"]["value"] == "Origin"
+                        });
+                    assert!(
+                        vary,
+                        "{what}: answers that differ by Origin say Vary: Origin"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        managers > 0,
+        "{what}: no http_connection_manager with the token filter"
+    );
+}
+
 #[test]
 fn every_envoy_bootstrap_validates() {
     let root = workspace_root();
@@ -416,6 +594,7 @@ fn every_envoy_bootstrap_validates() {
         }
 
         assert_paths_normalised(bootstrap, &what);
+        assert_browser_cors(bootstrap, &what);
 
         // The module path is relative: validate from the repository root as is, or (when the
         // module lives elsewhere, FILTER_WASM) a copy that points at it.
@@ -554,6 +733,8 @@ const KNOWN_KINDS: &[(&str, &str)] = &[
     ("ClientTrafficPolicy", "gateway.envoyproxy.io/v1alpha1"),
     ("Gateway", "gateway.networking.k8s.io/"),
     ("HTTPRoute", "gateway.networking.k8s.io/"),
+    ("VirtualService", "networking.istio.io/"),
+    ("SecurityPolicy", "gateway.envoyproxy.io/v1alpha1"),
 ];
 
 #[test]
@@ -586,6 +767,8 @@ fn kubernetes_manifests_are_well_formed() {
         "DestinationRule",
         "EnvoyExtensionPolicy",
         "EnvoyPatchPolicy",
+        "VirtualService",
+        "SecurityPolicy",
     ] {
         assert!(!of_kind(&all, kind).is_empty(), "no {kind} under envoy/");
     }
@@ -606,6 +789,136 @@ fn kubernetes_manifests_are_well_formed() {
         "{file}"
     );
     assert_eq!(policy["spec"]["targetRefs"][0]["kind"], "Gateway", "{file}");
+}
+
+/// The HTTPRoute / VirtualService path prefixes of a route's matches.
+fn route_prefixes(route: &Value, pointer: &str) -> Vec<String> {
+    route["matches"]
+        .as_array()
+        .or_else(|| route["match"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.pointer(pointer).and_then(Value::as_str))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Browser MCP clients through Istio and Envoy Gateway: the CORS resource that goes with each
+/// plugin covers the MCP endpoint and the resource metadata, with the same rules as the
+/// bootstraps (exact origins, the MCP headers allowed and exposed, no credentials).
+#[test]
+fn browser_cors_goes_with_every_plugin_manifest() {
+    let all = manifests();
+    const METADATA: &str = "/.well-known/oauth-protected-resource";
+
+    // Istio: a VirtualService for the plugin's public host with a corsPolicy on the routes of
+    // the MCP path and the metadata.
+    let services = of_kind(&all, "VirtualService");
+    for (file, wp) in of_kind(&all, "WasmPlugin") {
+        let what = format!("{file}: WasmPlugin {}", wp["metadata"]["name"]);
+        let resource = str_at(&wp["spec"], "/pluginConfig/resource", &what);
+        let (host, path) = resource
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('/'))
+            .unwrap_or_else(|| panic!("{what}: resource {resource}"));
+        let path = format!("/{path}");
+        let (vfile, vs) = services
+            .iter()
+            .find(|(_, v)| names(&v["spec"]["hosts"]).contains(&host.to_string()))
+            .unwrap_or_else(|| panic!("{what}: no VirtualService for {host} (CORS)"));
+        let routes = vs["spec"]["http"].as_array().cloned().unwrap_or_default();
+        for wanted in [path.as_str(), METADATA] {
+            let what = format!("{vfile}: VirtualService route for {wanted}");
+            let route = routes
+                .iter()
+                .find(|r| {
+                    route_prefixes(r, "/uri/prefix")
+                        .iter()
+                        .any(|p| wanted.starts_with(p.as_str()))
+                })
+                .unwrap_or_else(|| panic!("{what}: none"));
+            let cors = &route["corsPolicy"];
+            let origins = cors["allowOrigins"]
+                .as_array()
+                .filter(|o| !o.is_empty())
+                .unwrap_or_else(|| panic!("{what}: no corsPolicy.allowOrigins"));
+            for o in origins {
+                let keys: Vec<&String> = o
+                    .as_object()
+                    .map(|m| m.keys().collect())
+                    .unwrap_or_default();
+                assert_eq!(keys, ["exact"], "{what}: origins match exactly: {o}");
+                assert_exact_origin(str_at(o, "/exact", &what), &what);
+            }
+            assert_cors_lists(
+                &cors["allowMethods"],
+                &cors["allowHeaders"],
+                &cors["exposeHeaders"],
+                &cors["allowCredentials"],
+                &what,
+            );
+            assert_eq!(cors["unmatchedPreflights"], "IGNORE", "{what}");
+        }
+    }
+
+    // Envoy Gateway: a SecurityPolicy with `cors` on the route the filter is attached to and on
+    // the metadata route.
+    let security = of_kind(&all, "SecurityPolicy");
+    let cors_for = |ns: &str, route: &str| {
+        security.iter().find(|(_, p)| {
+            p["metadata"]["namespace"] == ns
+                && p["spec"]["cors"].is_object()
+                && p["spec"]["targetRefs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|t| t["kind"] == "HTTPRoute" && t["name"] == route)
+        })
+    };
+    let mut routes: Vec<(String, String)> = Vec::new();
+    for (file, ep) in of_kind(&all, "EnvoyExtensionPolicy") {
+        let ns = str_at(ep, "/metadata/namespace", file).to_string();
+        for t in ep["spec"]["targetRefs"].as_array().into_iter().flatten() {
+            routes.push((ns.clone(), str_at(t, "/name", file).to_string()));
+        }
+    }
+    for (_, r) in of_kind(&all, "HTTPRoute") {
+        let serves_metadata = r["spec"]["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|rule| {
+                route_prefixes(rule, "/path/value")
+                    .iter()
+                    .any(|p| p == METADATA)
+            });
+        if serves_metadata {
+            let ns = str_at(r, "/metadata/namespace", "HTTPRoute").to_string();
+            routes.push((ns, str_at(r, "/metadata/name", "HTTPRoute").to_string()));
+        }
+    }
+    assert!(routes.len() >= 2, "{routes:?}");
+    for (ns, route) in routes {
+        let what = format!("HTTPRoute {ns}/{route}");
+        let (file, policy) =
+            cors_for(&ns, &route).unwrap_or_else(|| panic!("{what}: no SecurityPolicy with cors"));
+        let what = format!("{file}: {what}");
+        let cors = &policy["spec"]["cors"];
+        let origins = cors["allowOrigins"]
+            .as_array()
+            .filter(|o| !o.is_empty())
+            .unwrap_or_else(|| panic!("{what}: no cors.allowOrigins"));
+        for o in origins {
+            assert_exact_origin(o.as_str().unwrap_or_default(), &what);
+        }
+        assert_cors_lists(
+            &cors["allowMethods"],
+            &cors["allowHeaders"],
+            &cors["exposeHeaders"],
+            &cors["allowCredentials"],
+            &what,
+        );
+    }
 }
 
 /// The Istio outbound cluster name for a ServiceEntry host and port.
