@@ -1,7 +1,15 @@
-//! One structured log line per decision, so an operator can follow a user's request from the
+//! One structured record per decision, so an operator can follow a user's request from the
 //! inbound token to the exchanged one. Tokens appear only as fingerprints (or `jti`).
+//!
+//! By default the record goes to Envoy's access log: the filter stores it as the request's filter
+//! state [`AUDIT_PROPERTY`] (Envoy names it `wasm.mcp_token_exchange.audit`), and an access log
+//! with the format `%FILTER_STATE(wasm.mcp_token_exchange.audit:PLAIN)%` writes it when the
+//! request ends, through Envoy's buffered file writer.
 
 use std::fmt::Write as _;
+
+/// The property (filter state, under Envoy's `wasm.` prefix) that holds a request's record.
+pub const AUDIT_PROPERTY: &str = "mcp_token_exchange.audit";
 
 /// How the backend token for an allowed request was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

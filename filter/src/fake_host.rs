@@ -41,6 +41,8 @@ pub struct FakeRequest {
     pub reply_status: Option<u32>,
     pub reply_headers: Vec<(String, String)>,
     pub reply_body: Vec<u8>,
+    /// The audit records handed to the host for this request, in order (Envoy keeps the last).
+    pub audit: Vec<String>,
 }
 
 impl FakeRequest {
@@ -148,6 +150,7 @@ impl FakeHost {
                 reply_status: None,
                 reply_headers: Vec::new(),
                 reply_body: Vec::new(),
+                audit: Vec::new(),
             },
         );
         self.0.current.set(Some(id));
@@ -285,6 +288,11 @@ impl Host for FakeHost {
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
         self.with_current(|r| r.body.iter().copied().take(size).collect())
+    }
+
+    fn set_audit_record(&self, record: &str) -> Result<(), HostError> {
+        self.with_current(|r| r.audit.push(record.to_string()))
+            .ok_or(HostError)
     }
 
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>) {

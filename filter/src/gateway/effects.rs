@@ -9,7 +9,7 @@ use proxy_wasm::types::Action;
 
 use crate::audit::{AuditRecord, CacheUse};
 use crate::cache::{fingerprint, token_digest, CachedBackend, Digest32};
-use crate::config::{ExchangeTarget, IdentityClaim};
+use crate::config::{AuditLog, ExchangeTarget, IdentityClaim};
 use crate::host::{Host, HostError};
 use crate::jwks::sanitize;
 use crate::mcp::{self, BodyError};
@@ -263,7 +263,7 @@ impl<H: Host> Gateway<H> {
     }
 
     pub(super) fn audit(&self, facts: &AuditFacts<'_>) {
-        if !self.policy.audit_log {
+        if !self.policy.audit_log.is_on() {
             return;
         }
         let now = self.host.now_ms();
@@ -303,7 +303,18 @@ impl<H: Host> Gateway<H> {
                 .started_ms
                 .map_or(0, |started| now.saturating_sub(started)),
         };
-        info!("{}", record.to_json());
+        let json = record.to_json();
+        match self.policy.audit_log {
+            AuditLog::AccessLog => {
+                // Envoy keeps the record with the request and its access log writes it. Should
+                // the host refuse (no request to attach it to), the record still gets written.
+                if self.host.set_audit_record(&json).is_err() {
+                    info!("{json}");
+                }
+            }
+            AuditLog::EnvoyLog => info!("{json}"),
+            AuditLog::Off => {}
+        }
     }
 }
 
