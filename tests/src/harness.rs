@@ -260,6 +260,9 @@ pub struct Envoy {
     pub port: u16,
     pub admin_port: u16,
     pub log_path: PathBuf,
+    /// This Envoy's own file for the filter's audit records (`envoy/demo.yaml`'s access log,
+    /// moved here).
+    pub audit_log_path: PathBuf,
     _dir: TempDir,
 }
 
@@ -353,6 +356,23 @@ pub fn plugin_config(bootstrap: &mut Value) -> anyhow::Result<Value> {
     serde_json::from_str(&raw).context("plugin configuration is not JSON")
 }
 
+/// Points the audit access log of `envoy/demo.yaml` (the one whose format writes the filter's
+/// record) at `path`.
+fn set_audit_log_path(bootstrap: &mut Value, path: &Path) -> anyhow::Result<()> {
+    let logs = bootstrap
+        .pointer_mut(
+            "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/access_log",
+        )
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| anyhow!("envoy/demo.yaml has no access_log"))?;
+    let audit = logs
+        .iter_mut()
+        .find(|l| l["name"] == "mcp_token_exchange_audit")
+        .ok_or_else(|| anyhow!("envoy/demo.yaml has no mcp_token_exchange_audit access log"))?;
+    audit["typed_config"]["path"] = Value::String(path.display().to_string());
+    Ok(())
+}
+
 fn set_cluster_port(bootstrap: &mut Value, cluster: &str, port: u16) -> anyhow::Result<()> {
     let clusters = bootstrap
         .pointer_mut("/static_resources/clusters")
@@ -442,6 +462,9 @@ impl Envoy {
             remove_path_normalisation(&mut bootstrap)?;
         }
 
+        let audit_log_path = dir.0.join("audit.log");
+        set_audit_log_path(&mut bootstrap, &audit_log_path)?;
+
         let mut plugin = plugin_config(&mut bootstrap)?;
         retarget_idp(&mut plugin, p.idp_port);
         if !p.plugin_patch.is_null() {
@@ -482,6 +505,9 @@ impl Envoy {
             .arg(p.concurrency.to_string())
             .arg("-l")
             .arg(std::env::var("E2E_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
+            // Access-log lines (the audit records) reach the file within 100 ms, not Envoy's
+            // default 10 s, so tests need not wait long for them.
+            .args(["--file-flush-interval-msec", "100"])
             .env(SECRET_ENV, p.secret)
             .envs(p.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -494,6 +520,7 @@ impl Envoy {
             port,
             admin_port,
             log_path,
+            audit_log_path,
             _dir: dir,
         };
         envoy.wait_ready()?;
@@ -545,6 +572,35 @@ impl Envoy {
     /// Everything Envoy logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The audit records Envoy's access log has written so far, one JSON object per line (a
+    /// line that is not JSON fails the test that reads it).
+    pub fn audit_records(&self) -> anyhow::Result<Vec<Value>> {
+        let text = std::fs::read_to_string(&self.audit_log_path).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .with_context(|| format!("audit log line is not JSON: {line:?}"))
+            })
+            .collect()
+    }
+
+    /// Waits until the access log holds at least `n` audit records (Envoy flushes it every
+    /// 100 ms here), then returns them all.
+    pub async fn wait_for_audit_records(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let records = self.audit_records()?;
+            if records.len() >= n || Instant::now() > deadline {
+                return Ok(records);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
