@@ -2,6 +2,7 @@
 //! and identity headers, refusing it with the answer table's reply, letting a public request
 //! through without credentials, resuming a paused one, and the audit record of each decision.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 
 use log::info;
@@ -270,10 +271,12 @@ impl<H: Host> Gateway<H> {
         let principal = facts.principal;
         let token_label = principal
             .and_then(|p| p.jti.as_deref())
-            .map(sanitize)
-            .or_else(|| facts.digest.map(|d| fingerprint(&d)));
-        let sub = principal.map(|p| sanitize(&p.sub));
-        let client_id = principal.and_then(|p| p.client_id.as_deref()).map(sanitize);
+            .map(printable)
+            .or_else(|| facts.digest.map(|d| Cow::Owned(fingerprint(&d))));
+        let sub = principal.map(|p| printable(&p.sub));
+        let client_id = principal
+            .and_then(|p| p.client_id.as_deref())
+            .map(printable);
         let record = AuditRecord {
             time_ms: now,
             allowed: facts.denied.is_none(),
@@ -315,6 +318,16 @@ impl<H: Host> Gateway<H> {
             AuditLog::EnvoyLog => info!("{json}"),
             AuditLog::Off => {}
         }
+    }
+}
+
+/// A claim as the audit record shows it: `sanitize`d (printable ASCII, at most 64 characters),
+/// without copying the usual claim that already is.
+fn printable(s: &str) -> Cow<'_, str> {
+    if s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic()) {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(sanitize(s))
     }
 }
 
