@@ -575,10 +575,12 @@ impl Envoy {
     }
 
     /// The audit records Envoy's access log has written so far, one JSON object per line (a
-    /// line that is not JSON fails the test that reads it).
+    /// line that is neither JSON nor empty fails the test that reads it).
     pub fn audit_records(&self) -> anyhow::Result<Vec<Value>> {
         let text = std::fs::read_to_string(&self.audit_log_path).unwrap_or_default();
+        // Requests without a record (public routes, metadata) write an empty line.
         text.lines()
+            .filter(|line| !line.is_empty())
             .map(|line| {
                 serde_json::from_str(line)
                     .with_context(|| format!("audit log line is not JSON: {line:?}"))

@@ -520,7 +520,7 @@ async fn every_decision_is_audited_and_counted() -> Result {
 /// Under concurrent load on two workers, every request the filter decides — allowed on the
 /// cached path, allowed after an exchange, refused without a token, refused with a forged one —
 /// has exactly one record in Envoy's access log, each a JSON object with the documented fields
-/// and no token in it.
+/// and no token in it; the metadata requests it serves have none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_request_under_load_has_one_audit_record() -> Result {
     const N: usize = 600;
@@ -565,6 +565,16 @@ async fn every_request_under_load_has_one_audit_record() -> Result {
             anyhow::Ok((token.is_some() && i % 8 != 7, status))
         }));
     }
+    // Requests the filter decides nothing about (the metadata document it serves) have no
+    // record: an empty access-log line, not a record and not a `-`.
+    for _ in 0..10 {
+        let status = client
+            .get(stack.envoy.url("/.well-known/oauth-protected-resource/mcp"))
+            .send()
+            .await?
+            .status();
+        assert_eq!(status, 200);
+    }
     let mut expected_allowed = 0;
     for task in tasks {
         let (valid, status) = task.await??;
@@ -588,6 +598,12 @@ async fn every_request_under_load_has_one_audit_record() -> Result {
     let records_after = stack.envoy.audit_records()?;
     assert_eq!(records.len(), N, "one audit record per request");
     assert_eq!(records_after.len(), N, "one audit record per request");
+    let text = std::fs::read_to_string(&stack.envoy.audit_log_path)?;
+    assert_eq!(
+        text.lines().filter(|l| l.is_empty()).count(),
+        10,
+        "the metadata requests: empty lines"
+    );
 
     let allowed: Vec<&Value> = records
         .iter()
