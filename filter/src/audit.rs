@@ -1,7 +1,16 @@
-//! One structured log line per decision, so an operator can follow a user's request from the
+//! One structured record per decision, so an operator can follow a user's request from the
 //! inbound token to the exchanged one. Tokens appear only as fingerprints (or `jti`).
+//!
+//! By default the record goes to Envoy's access log: the filter stores it as the request's filter
+//! state [`AUDIT_PROPERTY`] (Envoy names it `wasm.mcp_token_exchange.audit`), and an access log
+//! with the format `%FILTER_STATE(wasm.mcp_token_exchange.audit:PLAIN)%` writes it when the
+//! request ends, through Envoy's buffered file writer.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
+
+/// The property (filter state, under Envoy's `wasm.` prefix) that holds a request's record.
+pub const AUDIT_PROPERTY: &str = "mcp_token_exchange.audit";
 
 /// How the backend token for an allowed request was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +48,7 @@ pub struct AuditRecord<'a> {
     pub sub: Option<&'a str>,
     pub client_id: Option<&'a str>,
     /// `jti`, or the token fingerprint when the token has none.
-    pub token: Option<String>,
+    pub token: Option<Cow<'a, str>>,
     pub route: Option<&'a str>,
     pub tool: Option<&'a str>,
     pub target_audience: Option<&'a str>,
@@ -53,6 +62,16 @@ pub struct AuditRecord<'a> {
 /// going through `serde_json::Value` costs several times more than the rest of a cached request.
 fn push_str(out: &mut String, s: &str) {
     out.push('"');
+    // Almost every value (names, reasons, fingerprints, sanitized claims) is printable ASCII
+    // without quotes or backslashes: copy it whole instead of char by char (which costs more in
+    // Wasm than the rest of building the record).
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

@@ -30,8 +30,8 @@ use crate::request_path::{prefix_covers, NormalPath};
 use fields::UniqueKeys;
 
 pub use document::{
-    ClientAuth, ExchangeConfig, FilterConfig, JwksConfig, McpConfig, Mode, RouteConfig, ToolConfig,
-    Unmatched,
+    AuditLog, ClientAuth, ExchangeConfig, FilterConfig, JwksConfig, McpConfig, Mode, RouteConfig,
+    ToolConfig, Unmatched,
 };
 
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
@@ -232,7 +232,7 @@ pub struct Policy {
     pub routes: Vec<Route>,
     pub unmatched: Unmatched,
     pub identity_headers: Vec<(String, IdentityClaim)>,
-    pub audit_log: bool,
+    pub audit_log: AuditLog,
     /// `validate_only` mode with `forward_token`: the client's token goes upstream unchanged.
     pub forward_token: bool,
     pub mcp: McpPolicy,
@@ -424,6 +424,33 @@ mod tests {
         let dbg = format!("{p:?}");
         assert!(!dbg.contains("s3cret"), "{dbg}");
         assert!(dbg.contains("redacted"));
+    }
+
+    #[test]
+    fn audit_log_goes_to_the_access_log_by_default_and_keeps_its_booleans() {
+        assert_eq!(parse(&base()).unwrap().audit_log, AuditLog::AccessLog);
+        for (value, sink) in [
+            (json!(true), AuditLog::AccessLog),
+            (json!(false), AuditLog::Off),
+            (json!("access_log"), AuditLog::AccessLog),
+            (json!("envoy_log"), AuditLog::EnvoyLog),
+        ] {
+            let mut v = base();
+            v["audit_log"] = value.clone();
+            assert_eq!(parse(&v).unwrap().audit_log, sink, "{value}");
+        }
+        for bad in [
+            json!("stdout"),
+            json!(1),
+            json!(null),
+            json!(["access_log"]),
+        ] {
+            let mut v = base();
+            v["audit_log"] = bad.clone();
+            let e = parse(&v).unwrap_err();
+            assert_eq!(e.field, "audit_log", "{bad}: {e}");
+            assert!(e.reason.contains("envoy_log"), "{e}");
+        }
     }
 
     #[test]

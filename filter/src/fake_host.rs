@@ -45,6 +45,8 @@ pub struct FakeRequest {
     pub upstream_status: Option<String>,
     pub reply_headers: Vec<(String, String)>,
     pub reply_body: Vec<u8>,
+    /// The audit records handed to the host for this request, in order (Envoy keeps the last).
+    pub audit: Vec<String>,
 }
 
 impl FakeRequest {
@@ -167,6 +169,7 @@ impl FakeHost {
                 upstream_status: None,
                 reply_headers: Vec::new(),
                 reply_body: Vec::new(),
+                audit: Vec::new(),
             },
         );
         self.0.current.set(Some(id));
@@ -342,6 +345,11 @@ impl Host for FakeHost {
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
         self.with_current(|r| r.body.iter().copied().take(size).collect())
+    }
+
+    fn set_audit_record(&self, record: &str) -> Result<(), HostError> {
+        self.with_current(|r| r.audit.push(record.to_string()))
+            .ok_or(HostError)
     }
 
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>) {

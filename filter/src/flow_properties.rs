@@ -218,6 +218,12 @@ impl Run {
                     r.decisions
                 );
                 prop_assert!(r.fate != Fate::Waiting, "request {id} never answered");
+                // One audit record per decision, and it says what was decided.
+                if r.fate != Fate::Gone {
+                    prop_assert_eq!(r.audit.len(), 1, "request {} audit {:?}", id, &r.audit);
+                    let allowed = r.audit[0].contains("\"decision\":\"allow\"");
+                    prop_assert_eq!(allowed, r.fate == Fate::Forwarded, "{}", &r.audit[0]);
+                }
                 if r.fate != Fate::Forwarded {
                     continue;
                 }

@@ -34,6 +34,11 @@ pub trait Host: SharedStore {
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError>;
     /// The first `size` bytes of the buffered request body.
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// Hands the request's audit record to Envoy: filter state `wasm.<AUDIT_PROPERTY>`, which
+    /// Envoy's access log writes when the request ends (also for local replies).
+    ///
+    /// [`AUDIT_PROPERTY`]: crate::audit::AUDIT_PROPERTY
+    fn set_audit_record(&self, record: &str) -> Result<(), HostError>;
     /// Answers the request locally.
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>);
     /// Makes `context_id` the request later calls act on; fails if it is gone.
@@ -103,6 +108,13 @@ impl Host for ProxyWasmHost {
         hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
             .ok()
             .flatten()
+    }
+
+    fn set_audit_record(&self, record: &str) -> Result<(), HostError> {
+        Ok(hostcalls::set_property(
+            vec![crate::audit::AUDIT_PROPERTY],
+            Some(record.as_bytes()),
+        )?)
     }
 
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>) {

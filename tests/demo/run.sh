@@ -44,7 +44,7 @@ wait_for "$IDP/oauth2/mcp/v1/keys" "the IdP"
 "$BIN/mcp-upstream" --listen 127.0.0.1:9500 --issuer "$IDP/oauth2/backend" \
   --jwks-url "$IDP/oauth2/backend/v1/keys" >"$RUN/mcp-upstream.log" 2>&1 & pids+=($!)
 wait_for http://127.0.0.1:9500/healthz "the MCP server"
-"$ENVOY" -c envoy/demo.yaml --disable-hot-restart --concurrency 2 -l info >"$RUN/envoy.log" 2>&1 & pids+=($!)
+"$ENVOY" -c envoy/demo.yaml --disable-hot-restart --concurrency 2 -l info --file-flush-interval-msec 1000 >"$RUN/envoy.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 150); do grep -q "JWKS loaded" "$RUN/envoy.log" 2>/dev/null && break; sleep 0.1; done
 grep -q "JWKS loaded" "$RUN/envoy.log" || { echo "Envoy did not load the IdP's keys; see $RUN/envoy.log" >&2; tail -20 "$RUN/envoy.log" >&2; exit 1; }
 
@@ -73,8 +73,10 @@ PY
 step "4. A real MCP client calls the MCP server through Envoy; the server reports the token it got"
 "$BIN/mcp-client" --url "$GATEWAY/mcp" --token "$TOKEN"
 
-step "5. What the gateway logged (token fingerprints, never tokens) and its audit line"
+step "5. What the gateway logged (token fingerprints, never tokens) and its audit record"
 grep -o 'exchanged token.*' "$RUN/envoy.log" | head -3
+# The audit record comes from Envoy's access log (stdout here), flushed every second.
+sleep 1.2
 grep -o '{"audit".*' "$RUN/envoy.log" | tail -1
 
 if [ "${DEMO_EXIT:-0}" = 1 ]; then

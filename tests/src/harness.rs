@@ -292,6 +292,9 @@ pub struct Envoy {
     pub log_path: PathBuf,
     /// The watched file and what is written to it, with [`ConfigDelivery::Lds`] or `Ecds`.
     dynamic: Option<Mutex<DynamicConfig>>,
+    /// This Envoy's own file for the filter's audit records (`envoy/demo.yaml`'s access log,
+    /// moved here).
+    pub audit_log_path: PathBuf,
     _dir: TempDir,
 }
 
@@ -503,6 +506,23 @@ pub fn plugin_config(bootstrap: &mut Value) -> anyhow::Result<Value> {
     serde_json::from_str(&raw).context("plugin configuration is not JSON")
 }
 
+/// Points the audit access log of `envoy/demo.yaml` (the one whose format writes the filter's
+/// record) at `path`.
+fn set_audit_log_path(bootstrap: &mut Value, path: &Path) -> anyhow::Result<()> {
+    let logs = bootstrap
+        .pointer_mut(
+            "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/access_log",
+        )
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| anyhow!("envoy/demo.yaml has no access_log"))?;
+    let audit = logs
+        .iter_mut()
+        .find(|l| l["name"] == "mcp_token_exchange_audit")
+        .ok_or_else(|| anyhow!("envoy/demo.yaml has no mcp_token_exchange_audit access log"))?;
+    audit["typed_config"]["path"] = Value::String(path.display().to_string());
+    Ok(())
+}
+
 fn set_cluster_port(bootstrap: &mut Value, cluster: &str, port: u16) -> anyhow::Result<()> {
     let clusters = bootstrap
         .pointer_mut("/static_resources/clusters")
@@ -612,6 +632,9 @@ impl Envoy {
                 .collect();
         }
 
+        let audit_log_path = dir.0.join("audit.log");
+        set_audit_log_path(&mut bootstrap, &audit_log_path)?;
+
         let mut plugin = plugin_config(&mut bootstrap)?;
         retarget_idp(&mut plugin, p.idp_port);
         if !p.plugin_patch.is_null() {
@@ -675,6 +698,9 @@ impl Envoy {
             .arg(p.concurrency.to_string())
             .arg("-l")
             .arg(std::env::var("E2E_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
+            // Access-log lines (the audit records) reach the file within 100 ms, not Envoy's
+            // default 10 s, so tests need not wait long for them.
+            .args(["--file-flush-interval-msec", "100"])
             .env(SECRET_ENV, p.secret)
             .envs(p.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -688,6 +714,7 @@ impl Envoy {
             admin_port,
             log_path,
             dynamic,
+            audit_log_path,
             _dir: dir,
         };
         envoy.wait_ready()?;
@@ -841,6 +868,37 @@ impl Envoy {
     /// Everything Envoy logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The audit records Envoy's access log has written so far, one JSON object per line (a
+    /// line that is neither JSON nor empty fails the test that reads it).
+    pub fn audit_records(&self) -> anyhow::Result<Vec<Value>> {
+        let text = std::fs::read_to_string(&self.audit_log_path).unwrap_or_default();
+        // Requests without a record (public routes, metadata) write an empty line.
+        text.lines()
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                serde_json::from_str(line)
+                    .with_context(|| format!("audit log line is not JSON: {line:?}"))
+            })
+            .collect()
+    }
+
+    /// Waits until the access log holds at least `n` audit records (Envoy flushes it every
+    /// 100 ms here), then returns them all.
+    pub async fn wait_for_audit_records(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let records = self.audit_records()?;
+            if records.len() >= n || Instant::now() > deadline {
+                return Ok(records);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn log_tail(&self, lines: usize) -> String {

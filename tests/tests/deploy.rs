@@ -31,6 +31,10 @@ const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.htt
 const TLS_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 const ROOT_ID: &str = "mcp_token_exchange";
+/// The access-log format that writes the filter's audit record (the filter state it sets), and
+/// the CEL filter that skips requests without one (README "Audit and metrics").
+const AUDIT_FORMAT: &str = "%FILTER_STATE(wasm.mcp_token_exchange.audit:PLAIN)%\n";
+const AUDIT_EXPRESSION: &str = "'wasm.mcp_token_exchange.audit' in filter_state";
 
 // ---------------------------------------------------------------------------------------------
 // Loading
@@ -724,6 +728,8 @@ fn guide_names_only_existing_config_fields() {
 
 const KNOWN_KINDS: &[(&str, &str)] = &[
     ("WasmPlugin", "extensions.istio.io/"),
+    ("Telemetry", "telemetry.istio.io/"),
+    ("IstioOperator", "install.istio.io/"),
     ("ServiceEntry", "networking.istio.io/"),
     ("DestinationRule", "networking.istio.io/"),
     ("EnvoyExtensionPolicy", "gateway.envoyproxy.io/v1alpha1"),
@@ -1616,4 +1622,153 @@ fn modules_export_exactly_the_callbacks_the_filter_handles() {
             assert!(exports.contains(always), "{what}: {always} missing");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The audit access log
+// ---------------------------------------------------------------------------------------------
+
+/// Every HTTP connection manager's access logs.
+fn access_logs(bootstrap: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for listener in bootstrap["static_resources"]["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for chain in listener["filter_chains"].as_array().into_iter().flatten() {
+            for filter in chain["filters"].as_array().into_iter().flatten() {
+                if filter["name"] == "envoy.filters.network.http_connection_manager" {
+                    out.push(&filter["typed_config"]["access_log"]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The filter's default sends its audit records to Envoy's access log, so every shipped setup
+/// must configure one that writes them: each bootstrap (empty values omitted), Istio (provider +
+/// Telemetry) and Envoy Gateway (EnvoyProxy), both with the CEL filter; real Envoy accepts the
+/// platforms' format and expression.
+#[test]
+fn every_setup_ships_the_audit_access_log() {
+    let mut bootstraps = 0;
+    for (path, docs) in all_documents() {
+        if !is_bootstrap(&docs) {
+            continue;
+        }
+        bootstraps += 1;
+        let what = rel(&path);
+        let logs = access_logs(&docs[0]);
+        assert!(!logs.is_empty(), "{what}: no http_connection_manager");
+        for logs in logs {
+            let audit = logs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|l| {
+                    l.pointer("/typed_config/log_format/text_format_source/inline_string")
+                        == Some(&json!(AUDIT_FORMAT))
+                })
+                .unwrap_or_else(|| panic!("{what}: no access log writes the audit record"));
+            assert_eq!(
+                audit.pointer("/typed_config/log_format/omit_empty_values"),
+                Some(&json!(true)),
+                "{what}: a request without a record writes an empty line, not `-`"
+            );
+        }
+    }
+    assert!(bootstraps >= 2);
+
+    let all = manifests();
+    // Istio: a provider with the format, turned on by a Telemetry with the filter.
+    let providers: Vec<&Value> = of_kind(&all, "IstioOperator")
+        .iter()
+        .flat_map(|(_, op)| {
+            op.pointer("/spec/meshConfig/extensionProviders")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        })
+        .filter(|p| p.pointer("/envoyFileAccessLog/logFormat/text") == Some(&json!(AUDIT_FORMAT)))
+        .collect();
+    assert_eq!(
+        providers.len(),
+        1,
+        "one Istio provider writes the audit record"
+    );
+    let provider = str_at(providers[0], "/name", "Istio audit provider");
+    let turned_on = of_kind(&all, "Telemetry").iter().any(|(_, t)| {
+        t["spec"]["accessLogging"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| {
+                a["filter"]["expression"] == AUDIT_EXPRESSION
+                    && a["providers"]
+                        .as_array()
+                        .is_some_and(|ps| ps.iter().any(|p| p["name"] == provider))
+            })
+    });
+    assert!(
+        turned_on,
+        "a Telemetry turns on {provider} with the CEL filter"
+    );
+
+    // Envoy Gateway: the EnvoyProxy's access log setting.
+    let eg_settings: Vec<&Value> = of_kind(&all, "EnvoyProxy")
+        .iter()
+        .flat_map(|(_, p)| {
+            p.pointer("/spec/telemetry/accessLog/settings")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        })
+        .filter(|s| s["format"]["type"] == "Text" && s["format"]["text"] == AUDIT_FORMAT)
+        .collect();
+    assert_eq!(
+        eg_settings.len(),
+        1,
+        "one EnvoyProxy access log writes the audit record"
+    );
+    assert_eq!(eg_settings[0]["matches"], json!([AUDIT_EXPRESSION]));
+    assert_eq!(eg_settings[0]["sinks"][0]["type"], "File");
+
+    // The strings the platforms hand to Envoy: a real Envoy accepts them (demo.yaml with its
+    // audit access log rebuilt from them).
+    let docs = all_documents()
+        .into_iter()
+        .find(|(p, _)| p.ends_with("demo.yaml"))
+        .map(|(_, d)| d)
+        .expect("demo.yaml");
+    let mut bootstrap = docs[0].clone();
+    let format = str_at(providers[0], "/envoyFileAccessLog/logFormat/text", "Istio");
+    let expression = str_at(eg_settings[0], "/matches/0", "Envoy Gateway");
+    bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["access_log"] = json!([{
+        "name": "platform_audit",
+        "filter": {"extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }},
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": "/dev/null",
+            "log_format": {"text_format_source": {"inline_string": format}},
+        },
+    }]);
+    let wasm = filter_wasm().expect("filter module (make wasm)");
+    let text = serde_json::to_string(&bootstrap)
+        .expect("json")
+        .replace(WASM_REL, &wasm.display().to_string());
+    let dir = temp_dir("audit-log");
+    let path = dir.join("bootstrap.json");
+    std::fs::write(&path, text).expect("write");
+    let keys = BTreeSet::from(["TOKEN_EXCHANGE_CLIENT_SECRET".to_string()]);
+    envoy_validate(&path, &dir, &keys, "the platforms' audit access log");
+    let _ = std::fs::remove_dir_all(&dir);
 }

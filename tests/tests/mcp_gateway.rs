@@ -443,15 +443,19 @@ async fn every_decision_is_audited_and_counted() -> Result {
         .send()
         .await?;
 
-    stack
-        .wait_for_log("\"reason\":\"missing_token\"", Duration::from_secs(5))
-        .await?;
+    // The records are in Envoy's access log (envoy/demo.yaml), one JSON object per line: the
+    // MCP session's requests, the tool calls, the refusal.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut audits = stack.envoy.audit_records()?;
+    while !audits.iter().any(|a| a["reason"] == "missing_token") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        audits = stack.envoy.audit_records()?;
+    }
     let log = stack.envoy.log();
-    let audits: Vec<Value> = log
-        .lines()
-        .filter_map(|l| l.find("{\"audit\"").map(|i| &l[i..]))
-        .filter_map(|j| serde_json::from_str(j).ok())
-        .collect();
+    assert!(
+        !log.contains("{\"audit\""),
+        "the default writes records to the access log, not Envoy's application log"
+    );
     let allowed = audits
         .iter()
         .find(|a| a["decision"] == "allow" && a["tool"] == "read_data")
@@ -480,6 +484,8 @@ async fn every_decision_is_audited_and_counted() -> Result {
         .iter()
         .any(|a| a["reason"] == "missing_token" && a["status"] == 401));
     assert!(!log.contains(&user), "no token in the log");
+    let audit_text = std::fs::read_to_string(&stack.envoy.audit_log_path)?;
+    assert!(!audit_text.contains(&user), "no token in the audit log");
 
     // Counters in Envoy's stats. The filter hands its counts to Envoy on its 500 ms tick, so
     // wait for one to pass.
@@ -513,5 +519,158 @@ async fn every_decision_is_audited_and_counted() -> Result {
         prometheus.contains("mcp_token_exchange"),
         "metrics are exported to Prometheus"
     );
+    Ok(())
+}
+
+/// Under concurrent load on two workers, every request the filter decides — allowed on the
+/// cached path, allowed after an exchange, refused without a token, refused with a forged one —
+/// has exactly one record in Envoy's access log, each a JSON object with the documented fields
+/// and no token in it; the metadata requests it serves have none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_request_under_load_has_one_audit_record() -> Result {
+    const N: usize = 600;
+    const IN_FLIGHT: usize = 32;
+    let stack = Stack::start_with(StackOptions {
+        concurrency: 2,
+        ..StackOptions::default()
+    })
+    .await?;
+    let users: Vec<String> = (0..8)
+        .map(|i| {
+            stack.mint(&MintRequest {
+                sub: format!("load-user-{i}@example.com"),
+                ..MintRequest::default()
+            })
+        })
+        .collect();
+    let mut forged = users[0].clone();
+    forged.truncate(forged.len() - 4);
+    forged.push_str("AAAA");
+
+    let client = reqwest::Client::new();
+    let url = stack.mcp_url();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let mut tasks = Vec::with_capacity(N);
+    for i in 0..N {
+        // Three of four carry a token: a valid one (mostly the cached path; the first request
+        // of each user exchanges), every fourth none, every eighth a forged one instead.
+        let token = match i % 8 {
+            0 | 4 => None,
+            7 => Some(forged.clone()),
+            k => Some(users[(i / 8 + k) % users.len()].clone()),
+        };
+        let (client, url, gate) = (client.clone(), url.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            let mut req = client.get(&url);
+            if let Some(t) = &token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let status = req.send().await?.status().as_u16();
+            anyhow::Ok((token.is_some() && i % 8 != 7, status))
+        }));
+    }
+    // Requests the filter decides nothing about (the metadata document it serves) have no
+    // record: an empty access-log line, not a record and not a `-`.
+    for _ in 0..10 {
+        let status = client
+            .get(stack.envoy.url("/.well-known/oauth-protected-resource/mcp"))
+            .send()
+            .await?
+            .status();
+        assert_eq!(status, 200);
+    }
+    let mut expected_allowed = 0;
+    for task in tasks {
+        let (valid, status) = task.await??;
+        if valid {
+            expected_allowed += 1;
+            assert!(
+                status != 401 && status != 403,
+                "valid token refused: {status}"
+            );
+        } else {
+            assert_eq!(status, 401);
+        }
+    }
+
+    let records = stack
+        .envoy
+        .wait_for_audit_records(N, Duration::from_secs(10))
+        .await?;
+    // Nothing more arrives later either: one record per request, not "at least one".
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records_after = stack.envoy.audit_records()?;
+    assert_eq!(records.len(), N, "one audit record per request");
+    assert_eq!(records_after.len(), N, "one audit record per request");
+    let text = std::fs::read_to_string(&stack.envoy.audit_log_path)?;
+    assert_eq!(
+        text.lines().filter(|l| l.is_empty()).count(),
+        10,
+        "the metadata requests: empty lines"
+    );
+
+    let allowed: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["decision"] == "allow")
+        .collect();
+    let denied: Vec<&Value> = records.iter().filter(|r| r["decision"] == "deny").collect();
+    assert_eq!(allowed.len(), expected_allowed);
+    assert_eq!(denied.len(), N - expected_allowed);
+    for r in &records {
+        assert_eq!(r["audit"], "mcp_token_exchange", "{r}");
+        assert!(
+            r["time_ms"].as_u64().is_some_and(|t| t > 1_700_000_000_000),
+            "{r}"
+        );
+        assert!(r["latency_ms"].is_u64(), "{r}");
+        assert!(r["reason"].is_string(), "{r}");
+        assert!(r["cache"].is_string(), "{r}");
+    }
+    for r in &allowed {
+        assert_eq!(r["reason"], "exchanged", "{r}");
+        assert!(
+            r["sub"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("load-user-")),
+            "{r}"
+        );
+        assert!(r["token"].is_string(), "{r}");
+        assert_eq!(r["target_audience"], "backend", "{r}");
+        assert!(
+            r["exchanged_token"].as_str().is_some_and(|f| f.len() == 8),
+            "{r}"
+        );
+        assert!(
+            matches!(r["cache"].as_str(), Some("hit" | "miss" | "coalesced")),
+            "{r}"
+        );
+    }
+    assert!(
+        allowed.iter().filter(|r| r["cache"] == "hit").count() > expected_allowed / 2,
+        "most allowed requests took the cached path"
+    );
+    for r in &denied {
+        assert_eq!(r["status"], 401, "{r}");
+        assert!(
+            matches!(
+                r["reason"].as_str(),
+                Some("missing_token" | "invalid_token")
+            ),
+            "{r}"
+        );
+    }
+    let text = std::fs::read_to_string(&stack.envoy.audit_log_path)?;
+    assert!(
+        !text.contains("eyJ"),
+        "no JWT (or part of one) in the audit log"
+    );
+    for token in users.iter().chain([&forged]) {
+        assert!(
+            !text.contains(&token[token.len() - 24..]),
+            "no token in the audit log"
+        );
+    }
+    assert!(!text.contains(CLIENT_SECRET));
     Ok(())
 }

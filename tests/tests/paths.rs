@@ -248,17 +248,21 @@ async fn the_filter_alone_refuses_every_path_whose_meaning_could_change() -> Res
         );
     }
 
-    // The audit record and the counter carry the reason.
-    stack
-        .wait_for_log(
-            r#""reason":"invalid_path","detail":"dot_segment""#,
-            Duration::from_secs(5),
-        )
-        .await?;
-    assert!(stack
-        .envoy
-        .log()
-        .contains(r#""detail":"encoded_delimiter""#));
+    // The audit record (Envoy's access log) and the counter carry the reason.
+    let refusal = |detail: &'static str| {
+        move |r: &Value| r["reason"] == "invalid_path" && r["detail"] == detail
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut records = stack.envoy.audit_records()?;
+    while !records.iter().any(refusal("dot_segment")) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        records = stack.envoy.audit_records()?;
+    }
+    assert!(records.iter().any(refusal("dot_segment")), "{records:?}");
+    assert!(
+        records.iter().any(refusal("encoded_delimiter")),
+        "{records:?}"
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
     let stats = stack.envoy.filter_stats().await?;
     let refused = filter_counter(&stats, "requests.denied.invalid_path");

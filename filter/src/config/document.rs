@@ -44,7 +44,7 @@ pub struct FilterConfig {
     pub unmatched: Unmatched,
     /// Request header name → claim (`sub`, `client_id`, `email`, `jti`, `scope`, `iss`).
     pub identity_headers: BTreeMap<String, String>,
-    pub audit_log: bool,
+    pub audit_log: AuditLog,
     pub mcp: McpConfig,
 }
 
@@ -88,6 +88,41 @@ pub enum Unmatched {
     Deny,
     /// Pass without authentication (the `Authorization` header is removed).
     Pass,
+}
+
+/// Where the audit record of each decision goes (`audit_log`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuditLog {
+    /// No audit record.
+    Off,
+    /// Handed to Envoy as filter state (`wasm.mcp_token_exchange.audit`) for its access log to
+    /// write: Envoy's buffered file writer, off the worker thread. `true` means this.
+    #[default]
+    AccessLog,
+    /// A line in Envoy's application log at `info`, written on the worker thread (the filter's
+    /// behaviour before the access-log path).
+    EnvoyLog,
+}
+
+impl AuditLog {
+    /// `true` (= `"access_log"`), `false`, `"access_log"` or `"envoy_log"`.
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        match &v {
+            Value::Bool(true) => Ok(Self::AccessLog),
+            Value::Bool(false) => Ok(Self::Off),
+            Value::String(s) if s == "access_log" => Ok(Self::AccessLog),
+            Value::String(s) if s == "envoy_log" => Ok(Self::EnvoyLog),
+            other => Err(ConfigError::new(
+                path,
+                format!("expected true, false, \"access_log\" or \"envoy_log\", found {other}"),
+            )),
+        }
+    }
+
+    /// Whether a record is produced at all.
+    pub fn is_on(self) -> bool {
+        self != Self::Off
+    }
 }
 
 #[derive(Debug)]
@@ -215,7 +250,10 @@ impl FilterConfig {
             },
             unmatched: f.or_default("unmatched")?,
             identity_headers: f.named("identity_headers", |path, v| value(&path, v))?,
-            audit_log: f.or_else("audit_log", defaults::yes)?,
+            audit_log: match f.take("audit_log") {
+                Some((path, v)) => AuditLog::read(&path, v)?,
+                None => AuditLog::default(),
+            },
             mcp: match f.take("mcp") {
                 Some((path, v)) => McpConfig::read(path, v)?,
                 None => McpConfig::default(),
@@ -358,9 +396,6 @@ impl ExchangeConfig {
 }
 
 mod defaults {
-    pub fn yes() -> bool {
-        true
-    }
     pub fn max_body_bytes() -> usize {
         64 * 1024
     }

@@ -119,7 +119,7 @@ impl<H: Host> Gateway<H> {
         let digest = match self.verified.get(token, secs(now), skew) {
             Some(entry) => Some(entry.digest),
             None if route.target.is_some()
-                || policy.audit_log
+                || policy.audit_log.is_on()
                 || policy.inbound.verified_cache_max_entries > 0 =>
             {
                 Some(token_digest(token))

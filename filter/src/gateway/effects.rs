@@ -2,6 +2,7 @@
 //! and identity headers, refusing it with the answer table's reply, letting a public request
 //! through without credentials, resuming a paused one, and the audit record of each decision.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 
 use log::info;
@@ -9,7 +10,7 @@ use proxy_wasm::types::Action;
 
 use crate::audit::{AuditRecord, CacheUse};
 use crate::cache::{fingerprint, token_digest, CachedBackend, Digest32};
-use crate::config::{ExchangeTarget, IdentityClaim};
+use crate::config::{AuditLog, ExchangeTarget, IdentityClaim};
 use crate::host::{Host, HostError};
 use crate::jwks::sanitize;
 use crate::mcp::{self, BodyError};
@@ -263,17 +264,19 @@ impl<H: Host> Gateway<H> {
     }
 
     pub(super) fn audit(&self, facts: &AuditFacts<'_>) {
-        if !self.policy.audit_log {
+        if !self.policy.audit_log.is_on() {
             return;
         }
         let now = self.host.now_ms();
         let principal = facts.principal;
         let token_label = principal
             .and_then(|p| p.jti.as_deref())
-            .map(sanitize)
-            .or_else(|| facts.digest.map(|d| fingerprint(&d)));
-        let sub = principal.map(|p| sanitize(&p.sub));
-        let client_id = principal.and_then(|p| p.client_id.as_deref()).map(sanitize);
+            .map(printable)
+            .or_else(|| facts.digest.map(|d| Cow::Owned(fingerprint(&d))));
+        let sub = principal.map(|p| printable(&p.sub));
+        let client_id = principal
+            .and_then(|p| p.client_id.as_deref())
+            .map(printable);
         let record = AuditRecord {
             time_ms: now,
             allowed: facts.denied.is_none(),
@@ -303,7 +306,28 @@ impl<H: Host> Gateway<H> {
                 .started_ms
                 .map_or(0, |started| now.saturating_sub(started)),
         };
-        info!("{}", record.to_json());
+        let json = record.to_json();
+        match self.policy.audit_log {
+            AuditLog::AccessLog => {
+                // Envoy keeps the record with the request and its access log writes it. Should
+                // the host refuse (no request to attach it to), the record still gets written.
+                if self.host.set_audit_record(&json).is_err() {
+                    info!("{json}");
+                }
+            }
+            AuditLog::EnvoyLog => info!("{json}"),
+            AuditLog::Off => {}
+        }
+    }
+}
+
+/// A claim as the audit record shows it: `sanitize`d (printable ASCII, at most 64 characters),
+/// without copying the usual claim that already is.
+fn printable(s: &str) -> Cow<'_, str> {
+    if s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic()) {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(sanitize(s))
     }
 }
 
