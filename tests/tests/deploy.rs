@@ -330,10 +330,9 @@ fn validate_synthetic(bootstrap: &Value, env_keys: &BTreeSet<String>, name: &str
 // Envoy bootstraps
 // ---------------------------------------------------------------------------------------------
 
-/// Every HTTP connection manager of a shipped bootstrap normalises paths before the filter sees
-/// them (the filter's own checks are the second line; see README "Threat model").
-fn assert_paths_normalised(bootstrap: &Value, what: &str) {
-    let mut managers = 0;
+/// The `typed_config` of every HTTP connection manager in a bootstrap's static listeners.
+fn http_connection_managers(bootstrap: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
     for listener in bootstrap["static_resources"]["listeners"]
         .as_array()
         .into_iter()
@@ -341,22 +340,29 @@ fn assert_paths_normalised(bootstrap: &Value, what: &str) {
     {
         for chain in listener["filter_chains"].as_array().into_iter().flatten() {
             for filter in chain["filters"].as_array().into_iter().flatten() {
-                if filter["name"] != "envoy.filters.network.http_connection_manager" {
-                    continue;
+                if filter["name"] == "envoy.filters.network.http_connection_manager" {
+                    out.push(&filter["typed_config"]);
                 }
-                managers += 1;
-                let hcm = &filter["typed_config"];
-                assert_eq!(hcm["normalize_path"], true, "{what}: normalize_path");
-                assert_eq!(hcm["merge_slashes"], true, "{what}: merge_slashes");
-                let action = hcm["path_with_escaped_slashes_action"].as_str();
-                assert!(
-                    matches!(action, Some("REJECT_REQUEST" | "UNESCAPE_AND_REDIRECT")),
-                    "{what}: path_with_escaped_slashes_action is {action:?}"
-                );
             }
         }
     }
-    assert!(managers > 0, "{what}: no http_connection_manager");
+    out
+}
+
+/// Every HTTP connection manager of a shipped bootstrap normalises paths before the filter sees
+/// them (the filter's own checks are the second line; see README "Threat model").
+fn assert_paths_normalised(bootstrap: &Value, what: &str) {
+    let managers = http_connection_managers(bootstrap);
+    for hcm in &managers {
+        assert_eq!(hcm["normalize_path"], true, "{what}: normalize_path");
+        assert_eq!(hcm["merge_slashes"], true, "{what}: merge_slashes");
+        let action = hcm["path_with_escaped_slashes_action"].as_str();
+        assert!(
+            matches!(action, Some("REJECT_REQUEST" | "UNESCAPE_AND_REDIRECT")),
+            "{what}: path_with_escaped_slashes_action is {action:?}"
+        );
+    }
+    assert!(!managers.is_empty(), "{what}: no http_connection_manager");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -448,87 +454,74 @@ fn assert_cors_lists(
 /// every virtual host a CORS policy a browser MCP client can use.
 fn assert_browser_cors(bootstrap: &Value, what: &str) {
     let mut managers = 0;
-    for listener in bootstrap["static_resources"]["listeners"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        for chain in listener["filter_chains"].as_array().into_iter().flatten() {
-            for filter in chain["filters"].as_array().into_iter().flatten() {
-                if filter["name"] != "envoy.filters.network.http_connection_manager" {
-                    continue;
-                }
-                let hcm = &filter["typed_config"];
-                let filters = hcm["http_filters"].as_array().cloned().unwrap_or_default();
-                let Some(wasm) = filters
-                    .iter()
-                    .position(|f| f["typed_config"]["@type"] == WASM_FILTER_TYPE)
-                else {
-                    continue;
-                };
-                managers += 1;
-                let cors = filters
-                    .iter()
-                    .position(|f| f["name"] == CORS_FILTER)
-                    .unwrap_or_else(|| panic!("{what}: no {CORS_FILTER}"));
-                assert!(
-                    cors < wasm,
-                    "{what}: {CORS_FILTER} must come before the token filter, or preflights get its 401"
-                );
-                assert_eq!(
-                    filters[cors]["typed_config"]["@type"], CORS_FILTER_TYPE,
-                    "{what}"
-                );
-                for vhost in hcm["route_config"]["virtual_hosts"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                {
-                    let what = format!("{what}: virtual host {}", vhost["name"]);
-                    let policy = &vhost["typed_per_filter_config"][CORS_FILTER];
-                    assert_eq!(policy["@type"], CORS_POLICY_TYPE, "{what}: no CORS policy");
-                    let origins = policy["allow_origin_string_match"]
-                        .as_array()
-                        .filter(|o| !o.is_empty())
-                        .unwrap_or_else(|| panic!("{what}: no allowed origins"));
-                    for matcher in origins {
-                        let keys: Vec<&String> = matcher
-                            .as_object()
-                            .map(|m| m.keys().collect())
-                            .unwrap_or_default();
-                        assert_eq!(keys, ["exact"], "{what}: origins match exactly: {matcher}");
-                        assert_exact_origin(str_at(matcher, "/exact", &what), &what);
-                    }
-                    assert!(
-                        origins.iter().any(|m| m["exact"] == "https://vscode.dev"),
-                        "{what}: the example allowlist names vscode.dev"
-                    );
-                    assert_cors_lists(
-                        &policy["allow_methods"],
-                        &policy["allow_headers"],
-                        &policy["expose_headers"],
-                        &policy["allow_credentials"],
-                        &what,
-                    );
-                    assert_eq!(
-                        policy["forward_not_matching_preflights"], false,
-                        "{what}: a preflight from another origin is answered by Envoy, not forwarded"
-                    );
-                    let vary = vhost["response_headers_to_add"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .any(|h| {
-                            h["header"]["key"].as_str().map(str::to_ascii_lowercase)
-                                == Some("vary".into())
-                                && h["header"]["value"] == "Origin"
-                        });
-                    assert!(
-                        vary,
-                        "{what}: answers that differ by Origin say Vary: Origin"
-                    );
-                }
+    for hcm in http_connection_managers(bootstrap) {
+        let filters = hcm["http_filters"].as_array().cloned().unwrap_or_default();
+        let Some(wasm) = filters
+            .iter()
+            .position(|f| f["typed_config"]["@type"] == WASM_FILTER_TYPE)
+        else {
+            continue;
+        };
+        managers += 1;
+        let cors = filters
+            .iter()
+            .position(|f| f["name"] == CORS_FILTER)
+            .unwrap_or_else(|| panic!("{what}: no {CORS_FILTER}"));
+        assert!(
+            cors < wasm,
+            "{what}: {CORS_FILTER} must come before the token filter, or preflights get its 401"
+        );
+        assert_eq!(
+            filters[cors]["typed_config"]["@type"], CORS_FILTER_TYPE,
+            "{what}"
+        );
+        for vhost in hcm["route_config"]["virtual_hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let what = format!("{what}: virtual host {}", vhost["name"]);
+            let policy = &vhost["typed_per_filter_config"][CORS_FILTER];
+            assert_eq!(policy["@type"], CORS_POLICY_TYPE, "{what}: no CORS policy");
+            let origins = policy["allow_origin_string_match"]
+                .as_array()
+                .filter(|o| !o.is_empty())
+                .unwrap_or_else(|| panic!("{what}: no allowed origins"));
+            for matcher in origins {
+                let keys: Vec<&String> = matcher
+                    .as_object()
+                    .map(|m| m.keys().collect())
+                    .unwrap_or_default();
+                assert_eq!(keys, ["exact"], "{what}: origins match exactly: {matcher}");
+                assert_exact_origin(str_at(matcher, "/exact", &what), &what);
             }
+            assert!(
+                origins.iter().any(|m| m["exact"] == "https://vscode.dev"),
+                "{what}: the example allowlist names vscode.dev"
+            );
+            assert_cors_lists(
+                &policy["allow_methods"],
+                &policy["allow_headers"],
+                &policy["expose_headers"],
+                &policy["allow_credentials"],
+                &what,
+            );
+            assert_eq!(
+                policy["forward_not_matching_preflights"], false,
+                "{what}: a preflight from another origin is answered by Envoy, not forwarded"
+            );
+            let vary = vhost["response_headers_to_add"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|h| {
+                    h["header"]["key"].as_str().map(str::to_ascii_lowercase) == Some("vary".into())
+                        && h["header"]["value"] == "Origin"
+                });
+            assert!(
+                vary,
+                "{what}: answers that differ by Origin say Vary: Origin"
+            );
         }
     }
     assert!(
@@ -1630,21 +1623,10 @@ fn modules_export_exactly_the_callbacks_the_filter_handles() {
 
 /// Every HTTP connection manager's access logs.
 fn access_logs(bootstrap: &Value) -> Vec<&Value> {
-    let mut out = Vec::new();
-    for listener in bootstrap["static_resources"]["listeners"]
-        .as_array()
+    http_connection_managers(bootstrap)
         .into_iter()
-        .flatten()
-    {
-        for chain in listener["filter_chains"].as_array().into_iter().flatten() {
-            for filter in chain["filters"].as_array().into_iter().flatten() {
-                if filter["name"] == "envoy.filters.network.http_connection_manager" {
-                    out.push(&filter["typed_config"]["access_log"]);
-                }
-            }
-        }
-    }
-    out
+        .map(|hcm| &hcm["access_log"])
+        .collect()
 }
 
 /// The filter's default sends its audit records to Envoy's access log, so every shipped setup
