@@ -398,6 +398,19 @@ fn names(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Origin matchers (Envoy's `StringMatcher`, Istio's `StringMatch`) that are all `{"exact": …}`
+/// with a full origin: a prefix or regex would grant origins nobody listed.
+fn assert_exact_matchers(matchers: &[Value], what: &str) {
+    for m in matchers {
+        let keys: Vec<&String> = m
+            .as_object()
+            .map(|m| m.keys().collect())
+            .unwrap_or_default();
+        assert_eq!(keys, ["exact"], "{what}: origins match exactly: {m}");
+        assert_exact_origin(str_at(m, "/exact", what), what);
+    }
+}
+
 /// The allowlist holds origins, each exactly one: scheme, host, optional port. No wildcard (which
 /// with credentials a browser refuses, and without lets every site in), no `null` (sandboxed
 /// frames and `file:` pages share it), no pattern.
@@ -487,14 +500,7 @@ fn assert_browser_cors(bootstrap: &Value, what: &str) {
                 .as_array()
                 .filter(|o| !o.is_empty())
                 .unwrap_or_else(|| panic!("{what}: no allowed origins"));
-            for matcher in origins {
-                let keys: Vec<&String> = matcher
-                    .as_object()
-                    .map(|m| m.keys().collect())
-                    .unwrap_or_default();
-                assert_eq!(keys, ["exact"], "{what}: origins match exactly: {matcher}");
-                assert_exact_origin(str_at(matcher, "/exact", &what), &what);
-            }
+            assert_exact_matchers(origins, &what);
             assert!(
                 origins.iter().any(|m| m["exact"] == "https://vscode.dev"),
                 "{what}: the example allowlist names vscode.dev"
@@ -841,14 +847,7 @@ fn browser_cors_goes_with_every_plugin_manifest() {
                 .as_array()
                 .filter(|o| !o.is_empty())
                 .unwrap_or_else(|| panic!("{what}: no corsPolicy.allowOrigins"));
-            for o in origins {
-                let keys: Vec<&String> = o
-                    .as_object()
-                    .map(|m| m.keys().collect())
-                    .unwrap_or_default();
-                assert_eq!(keys, ["exact"], "{what}: origins match exactly: {o}");
-                assert_exact_origin(str_at(o, "/exact", &what), &what);
-            }
+            assert_exact_matchers(origins, &what);
             assert_cors_lists(
                 &cors["allowMethods"],
                 &cors["allowHeaders"],
