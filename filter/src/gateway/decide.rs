@@ -292,7 +292,11 @@ impl<H: Host> Gateway<H> {
             }
             Err(denial) => {
                 let failure = match &denial {
-                    Denial::Exchange(e) => Some(e),
+                    Denial::Exchange(e) => {
+                        // A deferred exchange counts this in `on_exchange_ended`.
+                        self.metrics.inc("exchanges.unavailable");
+                        Some(e)
+                    }
                     _ => None,
                 };
                 self.exchanges
@@ -339,7 +343,6 @@ impl<H: Host> Gateway<H> {
                     "token exchange callout to cluster {} could not be dispatched",
                     target.cluster
                 );
-                self.metrics.inc("exchanges.unavailable");
                 Denial::Exchange(ExchangeError::Unavailable {
                     status: None,
                     retry_after: None,
