@@ -15,8 +15,9 @@ WASM         := target/wasm32-wasip1/release/mcp_token_exchange.wasm
 WASM_FULL    := target/wasm32-wasip1/release/mcp_token_exchange_full.wasm
 FULL_TARGET  := target/wasm-full
 FULL_FEATURES := rsa-client-key
-# The shipped module must stay under 600 KiB: `make wasm` fails above it.
-WASM_MAX_BYTES := 614400
+# The shipped module must stay under 700 KiB: `make wasm` fails above it. (600 KiB until the
+# fleet store brought AES-GCM, HMAC and etcd's protocol: +58 KiB.)
+WASM_MAX_BYTES := 716800
 # Binaryen's wasm-opt shrinks the module by ~15 % (dead code and redundancy that rustc/LLVM leave
 # in a Wasm binary) at its speed-oriented -O3, so the hot path is not traded for size. It comes
 # from the npm registry as binaryen.js (Binaryen compiled to Wasm, run by Node.js), pinned here;
@@ -92,7 +93,7 @@ wasm: toolchain $(WASM_OPT_DEP)
 	$(call optimise,$(WASM),$(WASM))
 	@ls -l $(WASM)
 	@size=$$(wc -c < $(WASM)); if [ $$size -ge $(WASM_MAX_BYTES) ]; then \
-	  echo "$(WASM) is $$size bytes: over the 600 KiB budget ($(WASM_MAX_BYTES) bytes)"; exit 1; fi
+	  echo "$(WASM) is $$size bytes: over the 700 KiB budget ($(WASM_MAX_BYTES) bytes)"; exit 1; fi
 
 wasm-full: toolchain $(WASM_OPT_DEP)
 	GIT_COMMIT=$(GIT_COMMIT) CARGO_TARGET_DIR=$(FULL_TARGET) $(CARGO) build -p mcp-token-exchange \

@@ -23,6 +23,8 @@ pub enum CacheUse {
     Miss,
     /// Waited on another request's exchange (this worker or another).
     Coalesced,
+    /// Served from the fleet store: another Envoy's exchange.
+    Fleet,
 }
 
 impl CacheUse {
@@ -32,6 +34,7 @@ impl CacheUse {
             Self::Hit => "hit",
             Self::Miss => "miss",
             Self::Coalesced => "coalesced",
+            Self::Fleet => "fleet",
         }
     }
 }

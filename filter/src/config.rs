@@ -18,6 +18,7 @@ mod checks;
 mod document;
 mod exchange_target;
 mod fields;
+mod fleet_store;
 mod identity_headers;
 mod key_source;
 mod resource_metadata;
@@ -28,6 +29,7 @@ use crate::client_key::ClientKey;
 use crate::jwks::KeySet;
 use crate::request_path::{prefix_covers, NormalPath};
 use fields::UniqueKeys;
+pub use fleet_store::{EtcdCredentials, FleetStorePolicy};
 
 pub use document::{
     AuditLog, ClientAuth, ExchangeConfig, FilterConfig, JwksConfig, McpConfig, Mode, RouteConfig,
@@ -240,6 +242,8 @@ pub struct Policy {
     pub exchange_cache_slots: usize,
     /// Metadata served at the bare `/.well-known/oauth-protected-resource`.
     pub default_metadata: Option<ResourceMetadata>,
+    /// The exchange cache shared by the fleet (etcd), behind this Envoy's own caches.
+    pub fleet_store: Option<Rc<FleetStorePolicy>>,
 }
 
 impl Policy {

@@ -85,16 +85,54 @@ pub struct Ended {
     pub elapsed_ms: u64,
     pub waiters: Vec<u32>,
     pub outcome: Result<Issued, ExchangeError>,
+    /// This Envoy held the fleet store's lock for the key.
+    pub holds_fleet_lock: bool,
+}
+
+/// One step of an exchange this worker leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Read the fleet store (and take its lock for this key when nobody holds it).
+    FleetLookup,
+    /// Read the fleet store again while another Envoy exchanges this key.
+    FleetPoll,
+    /// Ask the IdP.
+    Exchange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Waits for the root context's tick to send `phase` (see the gateway's `lead_exchange`).
+    Deferred(Phase),
+    /// `phase` went out as this callout.
+    Sent {
+        phase: Phase,
+        callout: u32,
+        sent_ms: u64,
+        timeout: Duration,
+    },
+    /// Another Envoy holds the fleet lock: poll the store from `next_poll_ms`, exchange here
+    /// from `give_up_ms`.
+    FleetWait { next_poll_ms: u64, give_up_ms: u64 },
 }
 
 struct InFlight {
-    /// The callout, once dispatched; `None` while it waits for the root context's tick.
-    token: Option<u32>,
+    stage: Stage,
     subject: Subject,
     target: Rc<ExchangeTarget>,
     started_ms: u64,
     /// Requests waiting on this exchange, the dispatching one first.
     waiters: Vec<u32>,
+    /// This Envoy took the fleet store's lock for the key (its write or failure releases it).
+    holds_fleet_lock: bool,
+    /// Until when the lock's holder elsewhere is waited for (set by the first lookup).
+    fleet_wait_until: Option<u64>,
+}
+
+/// An exchange due to be sent from the root context.
+pub struct Due {
+    pub key: Digest32,
+    pub phase: Phase,
 }
 
 struct RemoteWaiter {
@@ -107,15 +145,20 @@ struct RemoteWaiter {
 pub struct ExchangeCoordinator {
     store: ExchangeStore,
     worker_id: u32,
+    /// The fleet store's call timeout, when there is one: its phases (a lookup, waiting on
+    /// another Envoy's exchange, polls) lengthen an exchange, and this Envoy's lease must
+    /// outlive it.
+    fleet_timeout: Option<Duration>,
     in_flight: HashMap<Digest32, InFlight>,
     remote_waiters: Vec<RemoteWaiter>,
 }
 
 impl ExchangeCoordinator {
-    pub fn new(store: ExchangeStore, worker_id: u32) -> Self {
+    pub fn new(store: ExchangeStore, worker_id: u32, fleet_timeout: Option<Duration>) -> Self {
         Self {
             store,
             worker_id,
+            fleet_timeout,
             in_flight: HashMap::new(),
             remote_waiters: Vec::new(),
         }
@@ -129,8 +172,12 @@ impl ExchangeCoordinator {
         &mut self.store
     }
 
-    fn lease_ttl(target: &ExchangeTarget) -> u64 {
-        ms(target.timeout + LEASE_GRACE)
+    fn lease_ttl(&self, target: &ExchangeTarget) -> u64 {
+        let fleet = self.fleet_timeout.map_or(Duration::ZERO, |t| {
+            // A lookup, then waiting on another Envoy's exchange, then a poll.
+            t * 2 + target.timeout + crate::fleet::WAIT_GRACE
+        });
+        ms(target.timeout + LEASE_GRACE + fleet)
     }
 
     /// A request needs the backend token for `subject` at `target`.
@@ -149,7 +196,7 @@ impl ExchangeCoordinator {
             exchange.waiters.push(context_id);
             return Join::Joined;
         }
-        let ttl = Self::lease_ttl(target);
+        let ttl = self.lease_ttl(target);
         match self
             .store
             .try_lease(shared, &subject.key, self.worker_id, now_ms, ttl)
@@ -168,74 +215,142 @@ impl ExchangeCoordinator {
         }
     }
 
-    /// The exchange this worker leads was dispatched as callout `token`.
-    pub fn dispatched(
-        &mut self,
-        token: u32,
-        subject: Subject,
-        target: Rc<ExchangeTarget>,
-        waiters: Vec<u32>,
-        now_ms: u64,
-    ) {
-        self.insert(Some(token), subject, target, waiters, now_ms);
-    }
-
-    /// The exchange this worker leads is to be dispatched on the next tick, from the root
-    /// context (see the gateway's `lead_exchange`). Others join it meanwhile as usual.
-    pub fn defer(
+    /// This worker leads the exchange for `subject` (it holds the lease): its first `phase` is
+    /// sent now ([`Self::sent`]) or on the root context's next tick ([`Self::due`]). Others join
+    /// it meanwhile as usual.
+    pub fn begin(
         &mut self,
         subject: Subject,
         target: Rc<ExchangeTarget>,
         waiters: Vec<u32>,
-        now_ms: u64,
-    ) {
-        self.insert(None, subject, target, waiters, now_ms);
-    }
-
-    fn insert(
-        &mut self,
-        token: Option<u32>,
-        subject: Subject,
-        target: Rc<ExchangeTarget>,
-        waiters: Vec<u32>,
+        phase: Phase,
         now_ms: u64,
     ) {
         self.in_flight.insert(
             subject.key,
             InFlight {
-                token,
+                stage: Stage::Deferred(phase),
                 subject,
                 target,
                 started_ms: now_ms,
                 waiters,
+                holds_fleet_lock: false,
+                fleet_wait_until: None,
             },
         );
     }
 
-    pub fn has_deferred(&self) -> bool {
-        self.in_flight.values().any(|x| x.token.is_none())
-    }
-
-    /// The exchanges waiting to be dispatched, with their waiters.
-    pub fn deferred(&self) -> Vec<(Subject, Rc<ExchangeTarget>, Vec<u32>)> {
+    /// The subject, target and waiters of the exchange in flight for `key`.
+    pub fn in_flight(&self, key: &Digest32) -> Option<(&Subject, &Rc<ExchangeTarget>, &[u32])> {
         self.in_flight
-            .values()
-            .filter(|x| x.token.is_none())
-            .map(|x| (x.subject.clone(), Rc::clone(&x.target), x.waiters.clone()))
-            .collect()
+            .get(key)
+            .map(|x| (&x.subject, &x.target, x.waiters.as_slice()))
     }
 
-    /// A deferred exchange went out as callout `token`.
-    pub fn dispatched_deferred(&mut self, key: &Digest32, token: u32) {
+    /// `phase` of the exchange for `key` went out as `callout`.
+    pub fn sent(
+        &mut self,
+        key: &Digest32,
+        phase: Phase,
+        callout: u32,
+        timeout: Duration,
+        now_ms: u64,
+    ) {
         if let Some(x) = self.in_flight.get_mut(key) {
-            x.token = Some(token);
+            x.stage = Stage::Sent {
+                phase,
+                callout,
+                sent_ms: now_ms,
+                timeout,
+            };
         }
     }
 
-    /// A deferred exchange nobody waits for any more: dropped, its lease released.
-    pub fn drop_deferred(&mut self, shared: &dyn SharedStore, key: &Digest32, now_ms: u64) {
-        if self.in_flight.remove(key).is_some() {
-            self.release(shared, key, None, now_ms);
+    /// The answer to `callout` for `key` is the one the exchange waits for (not a late answer
+    /// to a callout given up on).
+    pub fn awaits(&self, key: &Digest32, callout: u32) -> bool {
+        self.in_flight
+            .get(key)
+            .is_some_and(|x| matches!(x.stage, Stage::Sent { callout: c, .. } if c == callout))
+    }
+
+    /// `phase` is next for `key`, sent from the root context's next tick.
+    pub fn defer(&mut self, key: &Digest32, phase: Phase) {
+        if let Some(x) = self.in_flight.get_mut(key) {
+            x.stage = Stage::Deferred(phase);
+        }
+    }
+
+    /// This Envoy took the fleet lock for `key`.
+    pub fn hold_fleet_lock(&mut self, key: &Digest32) {
+        if let Some(x) = self.in_flight.get_mut(key) {
+            x.holds_fleet_lock = true;
+        }
+    }
+
+    /// Another Envoy exchanges `key`: poll the fleet store every `poll` until its exchange's
+    /// bound (`wait`, counted from the first lookup), then exchange here. `false` once the
+    /// bound has passed (exchange now).
+    pub fn wait_for_fleet(
+        &mut self,
+        key: &Digest32,
+        now_ms: u64,
+        poll: Duration,
+        wait: Duration,
+    ) -> bool {
+        let Some(x) = self.in_flight.get_mut(key) else {
+            return false;
+        };
+        let give_up_ms = *x.fleet_wait_until.get_or_insert(now_ms + ms(wait));
+        if now_ms >= give_up_ms {
+            return false;
+        }
+        x.stage = Stage::FleetWait {
+            next_poll_ms: now_ms + ms(poll),
+            give_up_ms,
+        };
+        true
+    }
+
+    /// Exchanges with a phase to send from the root context now: deferred ones, and fleet polls
+    /// that are due (a poll past its bound becomes the exchange).
+    pub fn due(&mut self, now_ms: u64) -> Vec<Due> {
+        let mut due = Vec::new();
+        for (key, x) in &mut self.in_flight {
+            let phase = match x.stage {
+                Stage::Deferred(phase) => phase,
+                Stage::FleetWait { give_up_ms, .. } if now_ms >= give_up_ms => Phase::Exchange,
+                Stage::FleetWait { next_poll_ms, .. } if now_ms >= next_poll_ms => Phase::FleetPoll,
+                _ => continue,
+            };
+            due.push(Due { key: *key, phase });
+        }
+        due
+    }
+
+    /// Whether the root context has work for an exchange on its next tick.
+    pub fn has_due(&self) -> bool {
+        self.in_flight
+            .values()
+            .any(|x| matches!(x.stage, Stage::Deferred(_) | Stage::FleetWait { .. }))
+    }
+
+    /// An exchange dropped before its callout (nobody waits for it any more, or it could not
+    /// be sent: then `failure` is shared like an answer's): its lease released. Whether it held
+    /// the fleet lock (then the caller releases that too).
+    pub fn drop_unsent(
+        &mut self,
+        shared: &dyn SharedStore,
+        key: &Digest32,
+        failure: Option<&ExchangeError>,
+        now_ms: u64,
+    ) -> bool {
+        match self.in_flight.remove(key) {
+            Some(x) => {
+                self.release(shared, key, failure, now_ms);
+                x.holds_fleet_lock
+            }
+            None => false,
         }
     }
 
@@ -270,6 +385,10 @@ impl ExchangeCoordinator {
     ) -> Option<Ended> {
         let exchange = self.in_flight.remove(key)?;
         let elapsed_ms = now_ms.saturating_sub(exchange.started_ms);
+        let callout_ms = match exchange.stage {
+            Stage::Sent { sent_ms, .. } => now_ms.saturating_sub(sent_ms),
+            _ => elapsed_ms,
+        };
         let outcome = match outcome {
             Ok(exchanged) => {
                 let until = reusable_until(
@@ -288,7 +407,7 @@ impl ExchangeCoordinator {
             }
             // No response at all, at the timeout: Envoy gave up waiting.
             Err(ExchangeError::Unavailable { status: None, .. })
-                if elapsed_ms + ms(TIMEOUT_SLACK) >= ms(exchange.target.timeout) =>
+                if callout_ms + ms(TIMEOUT_SLACK) >= ms(exchange.target.timeout) =>
             {
                 Err(ExchangeError::Timeout)
             }
@@ -300,6 +419,33 @@ impl ExchangeCoordinator {
             subject: exchange.subject,
             waiters: exchange.waiters,
             outcome,
+            holds_fleet_lock: exchange.holds_fleet_lock,
+        })
+    }
+
+    /// Another Envoy's exchange for `key`, found in the fleet store: the exchange ends as if
+    /// answered, stored here too (never beyond the client token's own expiry).
+    pub fn served(
+        &mut self,
+        shared: &dyn SharedStore,
+        key: &Digest32,
+        token: String,
+        until: i64,
+        now_ms: u64,
+    ) -> Option<Ended> {
+        let exchange = self.in_flight.remove(key)?;
+        let until = until.min(exchange.subject.expires_at);
+        self.store.put(shared, key, &token, until);
+        self.release(shared, key, None, now_ms);
+        Some(Ended {
+            elapsed_ms: now_ms.saturating_sub(exchange.started_ms),
+            subject: exchange.subject,
+            waiters: exchange.waiters,
+            outcome: Ok(Issued {
+                token,
+                until: Some(until),
+            }),
+            holds_fleet_lock: exchange.holds_fleet_lock,
         })
     }
 
@@ -318,7 +464,7 @@ impl ExchangeCoordinator {
                 outcomes.push((w.context_id, RemoteOutcome::Stored { token, until }));
                 continue;
             }
-            let ttl = Self::lease_ttl(&w.target);
+            let ttl = self.lease_ttl(&w.target);
             match self.store.lease_status(shared, &key, now_ms) {
                 LeaseStatus::InProgress
                     if now_ms.saturating_sub(w.since_ms) <= ttl + ms(REMOTE_WAIT_GRACE) =>
@@ -366,10 +512,11 @@ impl ExchangeCoordinator {
         let stale: Vec<Digest32> = self
             .in_flight
             .iter()
-            .filter(|(_, x)| {
-                x.token.is_some()
-                    && now_ms.saturating_sub(x.started_ms)
-                        > ms(x.target.timeout + STALE_AFTER_TIMEOUT)
+            .filter(|(_, x)| match x.stage {
+                Stage::Sent {
+                    sent_ms, timeout, ..
+                } => now_ms.saturating_sub(sent_ms) > ms(timeout + STALE_AFTER_TIMEOUT),
+                _ => false,
             })
             .map(|(key, _)| *key)
             .collect();
@@ -377,7 +524,9 @@ impl ExchangeCoordinator {
         for key in stale {
             if let Some(x) = self.in_flight.remove(&key) {
                 self.release(shared, &key, Some(&ExchangeError::Timeout), now_ms);
-                given_up.push((x.token.unwrap_or_default(), x.waiters));
+                if let Stage::Sent { callout, .. } = x.stage {
+                    given_up.push((callout, x.waiters));
+                }
             }
         }
         given_up
@@ -426,7 +575,7 @@ mod tests {
     }
 
     fn worker(id: u32) -> ExchangeCoordinator {
-        ExchangeCoordinator::new(ExchangeStore::new("t", 64), id)
+        ExchangeCoordinator::new(ExchangeStore::new("t", 64), id, None)
     }
 
     fn issued(token: &str) -> Result<Exchanged, ExchangeError> {
@@ -443,7 +592,8 @@ mod tests {
         a.store().prepare_leases(&shared);
         let (s, t) = (subject("tok"), target());
         assert!(matches!(a.join(&shared, 1, &s, &t, NOW_MS), Join::Lead));
-        a.dispatched(77, s.clone(), Rc::clone(&t), vec![1], NOW_MS);
+        a.begin(s.clone(), Rc::clone(&t), vec![1], Phase::Exchange, NOW_MS);
+        a.sent(&s.key, Phase::Exchange, 77, t.timeout, NOW_MS);
         assert!(matches!(a.join(&shared, 2, &s, &t, NOW_MS), Join::Joined));
         let ended = a.answered(&shared, &s.key, issued("b1"), NOW_MS + 40);
         let ended = ended.unwrap();
@@ -461,7 +611,8 @@ mod tests {
         a.store().prepare_leases(&shared);
         let (s, t) = (subject("tok"), target());
         assert!(matches!(a.join(&shared, 1, &s, &t, NOW_MS), Join::Lead));
-        a.dispatched(77, s.clone(), Rc::clone(&t), vec![1], NOW_MS);
+        a.begin(s.clone(), Rc::clone(&t), vec![1], Phase::Exchange, NOW_MS);
+        a.sent(&s.key, Phase::Exchange, 77, t.timeout, NOW_MS);
         assert!(matches!(b.join(&shared, 9, &s, &t, NOW_MS), Join::Remote));
         assert!(
             b.poll_remote(&shared, NOW_MS + 20).is_empty(),
@@ -480,7 +631,8 @@ mod tests {
         a.store().prepare_leases(&shared);
         let (s, t) = (subject("tok"), target());
         a.join(&shared, 1, &s, &t, NOW_MS);
-        a.dispatched(77, s.clone(), Rc::clone(&t), vec![1], NOW_MS);
+        a.begin(s.clone(), Rc::clone(&t), vec![1], Phase::Exchange, NOW_MS);
+        a.sent(&s.key, Phase::Exchange, 77, t.timeout, NOW_MS);
         let reset = Err(ExchangeError::Unavailable {
             status: None,
             retry_after: None,
@@ -505,7 +657,8 @@ mod tests {
         a.store().prepare_leases(&shared);
         let (s, t) = (subject("tok"), target());
         a.join(&shared, 1, &s, &t, NOW_MS);
-        a.dispatched(77, s.clone(), Rc::clone(&t), vec![1], NOW_MS);
+        a.begin(s.clone(), Rc::clone(&t), vec![1], Phase::Exchange, NOW_MS);
+        a.sent(&s.key, Phase::Exchange, 77, t.timeout, NOW_MS);
         a.join(&shared, 2, &s, &t, NOW_MS);
         a.forget(1);
         assert!(a.give_up_stale(&shared, NOW_MS + 7000).is_empty());

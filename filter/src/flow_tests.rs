@@ -132,7 +132,9 @@ impl Worker {
         }
         self.host.enter(callout.sdk_owner);
         self.host.answer_with(status, &[], body.as_bytes());
-        self.gw.on_http_call_response(callout.token, body.len());
+        let receiver = (callout.sdk_owner != ROOT).then_some(callout.sdk_owner);
+        self.gw
+            .on_http_call_response(receiver, callout.token, body.len());
         true
     }
 

@@ -56,8 +56,9 @@ impl Context for RequestContext {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        let id = self.context_id;
         with_gateway(&self.gateway, |gw| {
-            gw.on_http_call_response(token_id, body_size)
+            gw.on_http_call_response(Some(id), token_id, body_size)
         });
     }
 }

@@ -22,6 +22,7 @@ pub mod token;
 pub mod verify;
 
 mod exchange_coordinator;
+mod fleet;
 mod gateway;
 mod host;
 mod http;

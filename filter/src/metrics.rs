@@ -29,6 +29,7 @@ pub struct Metrics {
     counters: Vec<Counter>,
     counter_index: HashMap<String, usize>,
     histograms: HashMap<String, Option<u32>>,
+    gauges: HashMap<String, Option<u32>>,
 }
 
 impl Metrics {
@@ -51,6 +52,29 @@ impl Metrics {
     pub fn add(&mut self, counter: CounterId) {
         if let Some(c) = self.counters.get_mut(counter.0) {
             c.pending += 1;
+        }
+    }
+
+    /// Counts `n` (nothing when 0).
+    pub fn add_n(&mut self, name: &str, n: u64) {
+        let counter = self.counter(name);
+        if let Some(c) = self.counters.get_mut(counter.0) {
+            c.pending += n;
+        }
+    }
+
+    /// Sets a gauge (defined on first use).
+    pub fn gauge(&mut self, host: &impl Host, name: &str, value: u64) {
+        let id = match self.gauges.get(name) {
+            Some(id) => *id,
+            None => {
+                let id = host.define_metric(MetricType::Gauge, &format!("{PREFIX}.{name}"));
+                self.gauges.insert(name.to_string(), id);
+                id
+            }
+        };
+        if let Some(id) = id {
+            host.record_metric(id, value);
         }
     }
 

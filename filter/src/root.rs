@@ -43,7 +43,7 @@ impl Context for Root {
         _num_trailers: usize,
     ) {
         with_gateway(&self.gateway, |gw| {
-            gw.on_http_call_response(token_id, body_size)
+            gw.on_http_call_response(None, token_id, body_size)
         });
     }
 }

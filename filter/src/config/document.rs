@@ -46,6 +46,7 @@ pub struct FilterConfig {
     pub identity_headers: BTreeMap<String, String>,
     pub audit_log: AuditLog,
     pub mcp: McpConfig,
+    pub fleet_store: Option<super::fleet_store::FleetStoreConfig>,
 }
 
 /// One MCP upstream behind the listener.
@@ -209,6 +210,7 @@ impl FilterConfig {
         "identity_headers",
         "audit_log",
         "mcp",
+        "fleet_store",
     ];
 
     /// The whole document (the top-level object).
@@ -257,6 +259,10 @@ impl FilterConfig {
             mcp: match f.take("mcp") {
                 Some((path, v)) => McpConfig::read(path, v)?,
                 None => McpConfig::default(),
+            },
+            fleet_store: match f.take("fleet_store") {
+                Some((path, v)) => Some(super::fleet_store::FleetStoreConfig::read(path, v)?),
+                None => None,
             },
         })
     }

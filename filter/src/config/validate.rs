@@ -24,6 +24,16 @@ impl FilterConfig {
         let keys = self.jwks.validate()?;
         let exchange = exchange_for_mode(self.mode, self.exchange, self.forward_token, env)?;
         let exchange_cache_slots = exchange.as_ref().map_or(0, |e| e.target.cache_max_entries);
+        let fleet_store = match self.fleet_store {
+            Some(_) if exchange.is_none() => {
+                return Err(ConfigError::new(
+                    "fleet_store",
+                    "shares exchanged tokens, so it needs mode \"exchange\"",
+                ))
+            }
+            Some(f) => Some(std::rc::Rc::new(f.validate(env)?)),
+            None => None,
+        };
         let authorization_servers = if self.authorization_servers.is_empty() {
             vec![inbound.issuer.clone()]
         } else {
@@ -59,6 +69,7 @@ impl FilterConfig {
             mcp,
             exchange_cache_slots,
             default_metadata,
+            fleet_store,
         })
     }
 

@@ -250,7 +250,7 @@ impl<H: Host> Gateway<H> {
             CacheUse::Hit => "cache.hits",
             CacheUse::Miss => "cache.misses",
             CacheUse::Coalesced => "cache.coalesced",
-            CacheUse::None => return,
+            CacheUse::Fleet | CacheUse::None => return,
         });
     }
 
@@ -260,11 +260,12 @@ impl<H: Host> Gateway<H> {
         }
     }
 
-    /// Starts the exchange this worker leads (it holds the lease for `subject.key`). Only a
-    /// request's own exchange is dispatched in its own callback: Envoy ties a callout to the
-    /// context it was dispatched from and cancels it when that request ends, so an exchange
+    /// Starts the exchange this worker leads (it holds the lease for `subject.key`): its first
+    /// phase is a fleet store lookup when there is a usable store, else the exchange itself.
+    /// Only a request's own exchange is dispatched in its own callback: Envoy ties a callout to
+    /// the context it was dispatched from and cancels it when that request ends, so an exchange
     /// started on behalf of other requests (resumed after keys arrived, taken over from another
-    /// worker) waits for the root context's next tick (`dispatch_deferred`, a fast tick away).
+    /// worker) waits for the root context's next tick (`dispatch_due`, a fast tick away).
     pub(super) fn lead_exchange(
         &mut self,
         token: &str,
@@ -277,19 +278,16 @@ impl<H: Host> Gateway<H> {
             self.set_state(*w, RequestState::Exchanging);
         }
         let own = matches!((self.own_request, waiters.as_slice()), (Some(own), [w]) if own == *w);
+        let phase = self.first_phase(now_ms);
+        let key = subject.key;
+        self.exchanges
+            .begin(subject, target, waiters, phase, now_ms);
         if !own {
-            self.exchanges.defer(subject, target, waiters, now_ms);
             self.set_fast_tick(true);
             return Step::Wait;
         }
-        match self.send_exchange(token, &subject, &target, now_ms) {
-            Ok(callout) => {
-                self.callouts
-                    .insert(callout, CalloutPurpose::Exchange(subject.key));
-                self.exchanges
-                    .dispatched(callout, subject, target, waiters, now_ms);
-                Step::Wait
-            }
+        match self.send_phase(token, &key, phase, now_ms) {
+            Ok(()) => Step::Wait,
             Err(denial) => {
                 let failure = match &denial {
                     Denial::Exchange(e) => {
@@ -299,8 +297,12 @@ impl<H: Host> Gateway<H> {
                     }
                     _ => None,
                 };
-                self.exchanges
-                    .release(&self.host, &subject.key, failure, now_ms);
+                if self
+                    .exchanges
+                    .drop_unsent(&self.host, &key, failure, now_ms)
+                {
+                    self.fleet_unlock(&key);
+                }
                 Step::Deny(denial)
             }
         }

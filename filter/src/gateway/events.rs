@@ -103,6 +103,7 @@ impl<H: Host> Gateway<H> {
     fn on_backend_token_status(&mut self, key: &Digest32, status: Option<&[u8]>) {
         if status == Some(b"401") {
             self.verified.forget_backend(key);
+            self.fleet_forget(key);
             if self.exchanges.store().remove(&self.host, key) {
                 self.metrics.inc("cache.invalidated");
                 info!("upstream answered 401; dropped the cached exchanged token");
@@ -110,8 +111,14 @@ impl<H: Host> Gateway<H> {
         }
     }
 
-    /// A callout answered; whichever context received it hands it here.
-    pub fn on_http_call_response(&mut self, token_id: u32, body_size: usize) {
+    /// A callout answered; whichever context received it hands it here (`receiver`: the
+    /// request whose context that is, `None` for the root context).
+    pub fn on_http_call_response(
+        &mut self,
+        receiver: Option<u32>,
+        token_id: u32,
+        body_size: usize,
+    ) {
         let Some(purpose) = self.callouts.remove(&token_id) else {
             return;
         };
@@ -128,6 +135,7 @@ impl<H: Host> Gateway<H> {
         let limit = match purpose {
             CalloutPurpose::Jwks => MAX_JWKS_BYTES,
             CalloutPurpose::Exchange(_) => MAX_RESPONSE_BYTES,
+            CalloutPurpose::Fleet(_) => crate::fleet::MAX_ANSWER_BYTES,
         };
         let body = if body_size > limit {
             // Too large to be what we asked for: leave it unread; the parsers see the size.
@@ -147,10 +155,14 @@ impl<H: Host> Gateway<H> {
                 };
                 self.on_exchange_ended(ended, &body, now);
             }
+            CalloutPurpose::Fleet(call) => {
+                self.on_fleet_answer(call, token_id, status, &body, receiver, now)
+            }
         }
     }
 
-    fn on_exchange_ended(&mut self, ended: Ended, body: &[u8], now: u64) {
+    pub(super) fn on_exchange_ended(&mut self, ended: Ended, body: &[u8], now: u64) {
+        self.share_with_fleet(&ended, now);
         let elapsed = ended.elapsed_ms;
         self.metrics
             .record(&self.host, "exchange.latency_ms", elapsed);
@@ -228,7 +240,8 @@ impl<H: Host> Gateway<H> {
         self.metrics.flush(&self.host);
         self.poll_remote_waiters(now);
         self.tick_keys(now);
-        self.dispatch_deferred(now);
+        self.dispatch_due(now);
+        self.tick_fleet(now);
         for (callout, waiters) in self.exchanges.give_up_stale(&self.host, now) {
             self.callouts.remove(&callout);
             for w in waiters {
@@ -239,45 +252,10 @@ impl<H: Host> Gateway<H> {
             self.sweep_caches(now);
         }
         let fast = self.exchanges.has_remote_waiters()
-            || self.exchanges.has_deferred()
+            || self.exchanges.has_due()
+            || self.fleet_busy()
             || self.keys.is_fetching();
         self.set_fast_tick(fast);
-    }
-
-    /// Exchanges started on behalf of other requests go out from the root context (see
-    /// `lead_exchange`), with the token of a request still waiting for them.
-    fn dispatch_deferred(&mut self, now: u64) {
-        for (subject, target, waiters) in self.exchanges.deferred() {
-            let token = waiters
-                .iter()
-                .find_map(|w| self.requests.get(w).map(|r| r.token.clone()));
-            let Some(token) = token else {
-                self.exchanges.drop_deferred(&self.host, &subject.key, now);
-                continue;
-            };
-            let _ = self.host.act_as_root();
-            match self.send_exchange(&token, &subject, &target, now) {
-                Ok(callout) => {
-                    self.callouts
-                        .insert(callout, CalloutPurpose::Exchange(subject.key));
-                    self.exchanges.dispatched_deferred(&subject.key, callout);
-                }
-                Err(Denial::Exchange(e)) => {
-                    if let Some(ended) =
-                        self.exchanges
-                            .answered(&self.host, &subject.key, Err(e), now)
-                    {
-                        self.on_exchange_ended(ended, b"", now);
-                    }
-                }
-                Err(denial) => {
-                    self.exchanges.drop_deferred(&self.host, &subject.key, now);
-                    for w in waiters {
-                        self.finish_resumed(w, Step::Deny(denial.clone()));
-                    }
-                }
-            }
-        }
     }
 
     fn tick_keys(&mut self, now: u64) {

@@ -25,6 +25,7 @@ mod admission;
 mod decide;
 mod effects;
 mod events;
+mod fleet;
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -35,6 +36,7 @@ use crate::cache::{Digest32, ExchangeStore, VerifiedTokens};
 use crate::clock::CoarseClock;
 use crate::config::Policy;
 use crate::exchange_coordinator::ExchangeCoordinator;
+use crate::fleet::{FleetCall, FleetStore};
 use crate::host::{Host, ProxyWasmHost};
 use crate::key_manager::KeyManager;
 use crate::metrics::{CounterId, Metrics};
@@ -57,11 +59,13 @@ fn secs(ms: u64) -> i64 {
 }
 
 /// What a callout in flight is for.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum CalloutPurpose {
     Jwks,
     /// The exchange for this key (its state lives in the coordinator).
     Exchange(Digest32),
+    /// A call to the fleet store (a phase of an exchange, or the store's own).
+    Fleet(FleetCall),
 }
 
 /// The per-VM gateway, shared by the root context and the HTTP contexts.
@@ -113,6 +117,8 @@ pub struct Gateway<H: Host = ProxyWasmHost> {
     requests: ContextMap<Request>,
     keys: KeyManager,
     exchanges: ExchangeCoordinator,
+    /// The fleet store (etcd), when configured.
+    fleet: Option<FleetStore>,
     callouts: ContextMap<CalloutPurpose>,
     verified: VerifiedTokens,
     metrics: Metrics,
@@ -149,7 +155,9 @@ impl<H: Host> Gateway<H> {
             exchanges: ExchangeCoordinator::new(
                 ExchangeStore::new(namespace, policy.exchange_cache_slots),
                 worker_id,
+                policy.fleet_store.as_ref().map(|f| f.timeout),
             ),
+            fleet: policy.fleet_store.clone().map(FleetStore::new),
             keys: KeyManager::new(&policy.keys),
             policy: Rc::new(policy),
             requests: ContextMap::default(),
