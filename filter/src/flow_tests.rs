@@ -66,7 +66,13 @@ pub(crate) struct Worker {
 
 impl Worker {
     pub(crate) fn new(host: FakeHost, config: &Value, worker_id: u32) -> Self {
-        let env = |name: &str| (name == "SECRET").then(|| SECRET.to_string());
+        let env = |name: &str| match name {
+            "SECRET" => Some(SECRET.to_string()),
+            // Fleet store keys (fleet_flow_tests).
+            "STORE_KEY" => Some("fleet-store-key-of-at-least-32-bytes!".to_string()),
+            "STORE_KEY_2" => Some("another-fleet-store-key-32-bytes-long".to_string()),
+            _ => None,
+        };
         let policy = match parse_policy(config.to_string().as_bytes(), &env) {
             Ok(p) => p,
             Err(e) => panic!("test configuration refused: {e}"),

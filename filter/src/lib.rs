@@ -34,6 +34,8 @@ mod root;
 #[cfg(test)]
 mod fake_host;
 #[cfg(test)]
+mod fleet_flow_tests;
+#[cfg(test)]
 mod flow_properties;
 #[cfg(test)]
 mod flow_tests;

@@ -61,6 +61,14 @@ pub enum FleetCall {
     Authenticate,
 }
 
+impl FleetCall {
+    /// The store's own work (not a phase of a request's exchange).
+    #[cfg(test)]
+    pub fn is_background(&self) -> bool {
+        !matches!(self, FleetCall::Lookup(_) | FleetCall::Poll(_))
+    }
+}
+
 /// A value ready for the store.
 pub struct SealedWrite {
     value_key: Vec<u8>,
@@ -219,9 +227,11 @@ impl FleetStore {
         }
     }
 
-    /// The answer to a lookup or poll for `key`. `label` names the client token in logs.
+    /// The answer to a lookup (or, `poll`, a poll) for `key`. `label` names the client token
+    /// in logs.
     pub fn on_lookup(
         &mut self,
+        poll: bool,
         key: &Digest32,
         status: Option<u16>,
         body: &[u8],
@@ -266,7 +276,9 @@ impl FleetStore {
                 Found::LockTaken
             }
             Lookup::Locked => {
-                self.counts.waits += 1;
+                if !poll {
+                    self.counts.waits += 1;
+                }
                 Found::Locked
             }
             Lookup::Free => {

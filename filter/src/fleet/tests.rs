@@ -89,6 +89,7 @@ fn a_written_value_is_found_by_the_next_lookup_and_names_hide_the_key() {
         .decode(put["value"].as_str().unwrap())
         .unwrap();
     let found = store.on_lookup(
+        false,
         &KEY,
         Some(200),
         &range_answer(Some(&sealed), false),
@@ -122,6 +123,7 @@ fn unusable_values_are_misses_never_tokens() {
     ];
     for sealed in cases {
         let found = store.on_lookup(
+            false,
             &KEY,
             Some(200),
             &range_answer(Some(&sealed), false),
@@ -143,6 +145,7 @@ fn an_expired_value_is_a_miss() {
         .keys
         .seal(&name, (NOW / 1000) as i64, "tok", [2; 12]);
     let found = store.on_lookup(
+        false,
         &KEY,
         Some(200),
         &range_answer(Some(&sealed), false),
@@ -156,15 +159,16 @@ fn an_expired_value_is_a_miss() {
 fn lock_states_are_told_apart() {
     let mut store = FleetStore::new(policy(false));
     assert_eq!(
-        store.on_lookup(&KEY, Some(200), &range_answer(None, true), NOW, "t"),
+        store.on_lookup(false, &KEY, Some(200), &range_answer(None, true), NOW, "t"),
         Found::Locked
     );
     assert_eq!(
-        store.on_lookup(&KEY, Some(200), &range_answer(None, false), NOW, "t"),
+        store.on_lookup(false, &KEY, Some(200), &range_answer(None, false), NOW, "t"),
         Found::Exchange
     );
     assert_eq!(
         store.on_lookup(
+            false,
             &KEY,
             Some(200),
             br#"{"succeeded":true,"responses":[{"response_put":{}}]}"#,
@@ -180,7 +184,7 @@ fn a_failure_opens_the_breaker_for_the_cooldown_then_one_request_probes() {
     let mut store = FleetStore::new(policy(false));
     assert!(store.usable(NOW));
     assert_eq!(
-        store.on_lookup(&KEY, None, b"", NOW, "t"),
+        store.on_lookup(false, &KEY, None, b"", NOW, "t"),
         Found::Exchange,
         "no answer: exchange directly"
     );
@@ -189,7 +193,14 @@ fn a_failure_opens_the_breaker_for_the_cooldown_then_one_request_probes() {
     let after = NOW + ms(BREAKER_COOLDOWN);
     assert!(store.usable(after), "the probe");
     assert!(!store.usable(after), "only one probe at a time");
-    store.on_lookup(&KEY, Some(200), &range_answer(None, false), after + 1, "t");
+    store.on_lookup(
+        false,
+        &KEY,
+        Some(200),
+        &range_answer(None, false),
+        after + 1,
+        "t",
+    );
     assert!(!store.is_open());
     assert!(store.usable(after + 2));
     assert_eq!(store.counts.errors, 1);
@@ -204,7 +215,7 @@ fn garbage_and_errors_count_as_failures() {
     ] {
         let mut store = FleetStore::new(policy(false));
         assert_eq!(
-            store.on_lookup(&KEY, status, body, NOW, "t"),
+            store.on_lookup(false, &KEY, status, body, NOW, "t"),
             Found::Exchange
         );
         assert!(store.is_open(), "{status:?}");
@@ -214,7 +225,7 @@ fn garbage_and_errors_count_as_failures() {
 #[test]
 fn queued_work_is_dropped_while_the_breaker_is_open() {
     let mut store = FleetStore::new(policy(false));
-    store.on_lookup(&KEY, None, b"", NOW, "t");
+    store.on_lookup(false, &KEY, None, b"", NOW, "t");
     store.queue_delete(&KEY);
     assert!(store.due(NOW + 1).is_empty());
     assert!(!store.has_work());
@@ -238,6 +249,7 @@ fn with_credentials_nothing_is_used_until_authenticated_and_a_401_authenticates_
     assert_eq!(store.auth_header(), Some("abc.1"));
     assert!(store.usable(NOW));
     store.on_lookup(
+        false,
         &KEY,
         Some(401),
         br#"{"error":"invalid auth token","code":16}"#,

@@ -237,7 +237,6 @@ impl<H: Host> Gateway<H> {
     /// Periodic work from the root context's tick.
     pub fn on_tick(&mut self) {
         let now = self.clock.observe(self.host.now_ms());
-        self.metrics.flush(&self.host);
         self.poll_remote_waiters(now);
         self.tick_keys(now);
         self.dispatch_due(now);
@@ -251,6 +250,8 @@ impl<H: Host> Gateway<H> {
         if now.saturating_sub(self.last_sweep_ms) >= TICK.as_millis() as u64 {
             self.sweep_caches(now);
         }
+        // Last, so the counts of this tick's work are in.
+        self.metrics.flush(&self.host);
         let fast = self.exchanges.has_remote_waiters()
             || self.exchanges.has_due()
             || self.fleet_busy()

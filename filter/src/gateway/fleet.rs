@@ -156,8 +156,11 @@ impl<H: Host> Gateway<H> {
         now: u64,
     ) {
         match call {
-            FleetCall::Lookup(key) | FleetCall::Poll(key) => {
-                self.on_fleet_lookup(&key, callout, status, body, receiver, now)
+            FleetCall::Lookup(key) => {
+                self.on_fleet_lookup(false, &key, callout, status, body, receiver, now)
+            }
+            FleetCall::Poll(key) => {
+                self.on_fleet_lookup(true, &key, callout, status, body, receiver, now)
             }
             other => {
                 let follow_up = match &mut self.fleet {
@@ -171,8 +174,10 @@ impl<H: Host> Gateway<H> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_fleet_lookup(
         &mut self,
+        poll: bool,
         key: &crate::cache::Digest32,
         callout: u32,
         status: Option<u16>,
@@ -191,7 +196,7 @@ impl<H: Host> Gateway<H> {
         let Some(fleet) = &mut self.fleet else {
             return;
         };
-        let phase = match fleet.on_lookup(key, status, body, now, &label) {
+        let phase = match fleet.on_lookup(poll, key, status, body, now, &label) {
             Found::Token { token, until } => {
                 if let Some(ended) = self.exchanges.served(&self.host, key, token, until, now) {
                     self.on_fleet_hit(ended);

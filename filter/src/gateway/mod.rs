@@ -211,10 +211,10 @@ impl<H: Host> Gateway<H> {
         self.requests.is_empty()
             && self.keys.is_idle()
             && self.exchanges.is_idle()
-            && self
-                .callouts
-                .values()
-                .all(|c| matches!(c, CalloutPurpose::Jwks))
+            && self.callouts.values().all(|c| {
+                matches!(c, CalloutPurpose::Jwks)
+                    || matches!(c, CalloutPurpose::Fleet(call) if call.is_background())
+            })
     }
 
     fn set_fast_tick(&mut self, fast: bool) {
