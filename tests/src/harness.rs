@@ -113,6 +113,8 @@ pub struct StackOptions {
     /// Replace the origins of `envoy/demo.yaml`'s CORS policy (`allow_origin_string_match`,
     /// exact matches) with these, e.g. the origin of a page served on loopback.
     pub cors_origins: Option<Vec<String>>,
+    /// More STATIC clusters (name, loopback port), e.g. `etcd` for the fleet store.
+    pub extra_clusters: Vec<(String, u16)>,
 }
 
 /// How the plugin configuration reaches Envoy.
@@ -158,6 +160,7 @@ impl Default for StackOptions {
             envoy_path_normalisation: true,
             config_delivery: ConfigDelivery::Static,
             cors_origins: None,
+            extra_clusters: Vec::new(),
         }
     }
 }
@@ -208,19 +211,12 @@ impl Stack {
         } else {
             idp.port()
         };
-        let envoy = Envoy::start(&EnvoyParams {
+        let envoy = Envoy::start(&EnvoyParams::of(
+            &opts,
             idp_port,
-            upstream_port: opts.upstream_port.unwrap_or(upstream.port()),
-            path_normalisation: opts.envoy_path_normalisation,
-            plugin_patch: &opts.plugin_patch,
-            concurrency: opts.concurrency,
-            secret: &opts.secret,
-            extra_routes: &extra_routes,
-            extra_env: &opts.extra_env,
-            filter_wasm: opts.filter_wasm.as_deref(),
-            delivery: opts.config_delivery,
-            cors_origins: opts.cors_origins.as_deref(),
-        })?;
+            opts.upstream_port.unwrap_or(upstream.port()),
+            &extra_routes,
+        ))?;
         let stack = Stack {
             idp,
             upstream,
@@ -233,6 +229,13 @@ impl Stack {
                 .await?;
         }
         Ok(stack)
+    }
+
+    /// Another Envoy like `envoy` (same IdP and upstream), for a fleet of replicas; `opts` are
+    /// the stack's own (their `extra_upstreams` are not routed on replicas).
+    pub fn start_replica(&self, opts: &StackOptions) -> anyhow::Result<Envoy> {
+        let upstream_port = opts.upstream_port.unwrap_or(self.upstream.port());
+        Envoy::start(&EnvoyParams::of(opts, self.idp.port(), upstream_port, &[]))
     }
 
     /// A user token from the MCP authorization server.
@@ -282,6 +285,31 @@ struct EnvoyParams<'a> {
     filter_wasm: Option<&'a Path>,
     delivery: ConfigDelivery,
     cors_origins: Option<&'a [String]>,
+    extra_clusters: &'a [(String, u16)],
+}
+
+impl<'a> EnvoyParams<'a> {
+    fn of(
+        opts: &'a StackOptions,
+        idp_port: u16,
+        upstream_port: u16,
+        extra_routes: &'a [(String, u16)],
+    ) -> Self {
+        Self {
+            idp_port,
+            upstream_port,
+            path_normalisation: opts.envoy_path_normalisation,
+            plugin_patch: &opts.plugin_patch,
+            concurrency: opts.concurrency,
+            secret: &opts.secret,
+            extra_routes,
+            extra_env: &opts.extra_env,
+            filter_wasm: opts.filter_wasm.as_deref(),
+            delivery: opts.config_delivery,
+            cors_origins: opts.cors_origins.as_deref(),
+            extra_clusters: &opts.extra_clusters,
+        }
+    }
 }
 
 /// A running Envoy, killed on drop.
@@ -551,6 +579,20 @@ fn replace_in_strings(value: &mut Value, from: &str, to: &str) {
     }
 }
 
+/// A STATIC cluster `name` at a loopback port (HTTP/1.1: etcd's JSON API refuses plain h2c).
+pub fn add_static_cluster(bootstrap: &mut Value, name: &str, port: u16) -> anyhow::Result<()> {
+    bootstrap
+        .pointer_mut("/static_resources/clusters")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| anyhow!("no clusters"))?
+        .push(serde_json::json!({
+            "name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
+        }));
+    Ok(())
+}
+
 /// One cluster and one route (before the catch-all) per extra upstream.
 fn add_extra_routes(bootstrap: &mut Value, extra: &[(String, u16)]) -> anyhow::Result<()> {
     for (i, (prefix, port)) in extra.iter().enumerate() {
@@ -622,6 +664,9 @@ impl Envoy {
         set_cluster_port(&mut bootstrap, "mcp_upstream", p.upstream_port)?;
         set_cluster_port(&mut bootstrap, "okta", p.idp_port)?;
         add_extra_routes(&mut bootstrap, p.extra_routes)?;
+        for (name, port) in p.extra_clusters {
+            add_static_cluster(&mut bootstrap, name, *port)?;
+        }
         if !p.path_normalisation {
             remove_path_normalisation(&mut bootstrap)?;
         }

@@ -5,10 +5,11 @@
 //! - [`mcp`]: a real MCP server (Streamable HTTP) that validates the exchanged token itself, and
 //!   a real MCP client used by the tests and the demo.
 //! - [`harness`] starts them with a real Envoy; [`client`] is how the tests send requests through
-//!   it and see the answers.
+//!   it and see the answers; [`fleet`] adds a real etcd and a front Envoy for several replicas.
 
 pub mod cli;
 pub mod client;
+pub mod fleet;
 pub mod harness;
 pub mod idp;
 pub mod load;

@@ -163,6 +163,12 @@ fn callout_clusters(config: &Value) -> BTreeSet<String> {
     if let Some(c) = config.pointer("/exchange/cluster").and_then(Value::as_str) {
         out.insert(c.to_string());
     }
+    if let Some(c) = config
+        .pointer("/fleet_store/cluster")
+        .and_then(Value::as_str)
+    {
+        out.insert(c.to_string());
+    }
     out
 }
 
@@ -181,7 +187,8 @@ fn envoy_validate(config: &Path, cwd: &Path, env_keys: &BTreeSet<String>, what: 
         .args(["--mode", "validate", "--disable-hot-restart", "-c"])
         .arg(config);
     for key in env_keys {
-        cmd.env(key, "validate-only-secret");
+        // 32 bytes or more: also stands for a fleet store key.
+        cmd.env(key, "validate-only-secret-of-32-bytes-or-more");
     }
     let out = cmd.output().expect("run envoy");
     let text = format!(
@@ -549,6 +556,17 @@ fn every_envoy_bootstrap_validates() {
         let clusters = static_clusters(bootstrap);
         let mut plugins = Vec::new();
         wasm_plugin_configs(bootstrap, &mut plugins);
+        if what.starts_with("envoy/fleet/front-") {
+            // The tier in front of the gateways: no filter of ours, just Envoy.
+            assert!(
+                plugins.is_empty(),
+                "{what}: the front tier runs no Wasm filter"
+            );
+            assert_paths_normalised(bootstrap, &what);
+            envoy_validate(&path, &root, &BTreeSet::new(), &what);
+            seen.push(what);
+            continue;
+        }
         assert!(!plugins.is_empty(), "{what}: no Wasm filter");
         let mut env_keys = BTreeSet::new();
         for plugin in &plugins {
@@ -616,7 +634,11 @@ fn every_envoy_bootstrap_validates() {
         }
         seen.push(what);
     }
-    for expected in ["envoy/demo.yaml", "envoy/okta.yaml"] {
+    for expected in [
+        "envoy/demo.yaml",
+        "envoy/okta.yaml",
+        "envoy/fleet/front-ring-hash.yaml",
+    ] {
         assert!(
             seen.iter().any(|s| s == expected),
             "{expected} not validated: {seen:?}"
@@ -1636,7 +1658,8 @@ fn access_logs(bootstrap: &Value) -> Vec<&Value> {
 fn every_setup_ships_the_audit_access_log() {
     let mut bootstraps = 0;
     for (path, docs) in all_documents() {
-        if !is_bootstrap(&docs) {
+        // The front tier (envoy/fleet/front-*) runs no filter of ours: nothing to audit there.
+        if !is_bootstrap(&docs) || rel(&path).starts_with("envoy/fleet/front-") {
             continue;
         }
         bootstraps += 1;
@@ -1751,5 +1774,61 @@ fn every_setup_ships_the_audit_access_log() {
     std::fs::write(&path, text).expect("write");
     let keys = BTreeSet::from(["TOKEN_EXCHANGE_CLIENT_SECRET".to_string()]);
     envoy_validate(&path, &dir, &keys, "the platforms' audit access log");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The fleet store as envoy/README.md configures it ("A fleet of Envoys"): `fleet_store` in the
+/// plugin configuration, an HTTP/1.1 cluster for etcd, the store key from the host's
+/// environment. Added to `envoy/okta.yaml`, it passes `envoy --mode validate`.
+#[test]
+fn a_fleet_store_configuration_validates() {
+    let (path, docs) = all_documents()
+        .into_iter()
+        .find(|(p, _)| p.ends_with("okta.yaml") && p.parent() == Some(envoy_dir().as_path()))
+        .expect("envoy/okta.yaml");
+    let what = format!("{} + fleet_store", rel(&path));
+    let mut bootstrap = docs[0].clone();
+    let filters = bootstrap
+        .pointer_mut(
+            "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters",
+        )
+        .and_then(Value::as_array_mut)
+        .expect("http_filters");
+    let plugin = filters
+        .iter_mut()
+        .find(|f| f["name"] == ROOT_ID)
+        .map(|f| &mut f["typed_config"]["config"])
+        .expect("the filter");
+    let mut config: Value =
+        serde_json::from_str(str_at(plugin, "/configuration/value", &what)).expect("json");
+    config["fleet_store"] = json!({"cluster": "etcd", "secret_env": "MCP_GATEWAY_STORE_KEY"});
+    plugin["configuration"]["value"] = Value::String(config.to_string());
+    plugin["vm_config"]["environment_variables"]["host_env_keys"]
+        .as_array_mut()
+        .expect("host_env_keys")
+        .push(json!("MCP_GATEWAY_STORE_KEY"));
+    let env_keys: BTreeSet<String> = plugin["vm_config"]["environment_variables"]["host_env_keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect();
+    bootstrap["static_resources"]["clusters"]
+        .as_array_mut()
+        .expect("clusters")
+        .push(json!({
+            "name": "etcd", "type": "STRICT_DNS", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "etcd", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "etcd.internal", "port_value": 2379}}}}]}]}
+        }));
+    let wasm = filter_wasm().expect("filter module (make wasm)");
+    let text = serde_json::to_string(&bootstrap)
+        .expect("json")
+        .replace(WASM_REL, &wasm.display().to_string());
+    let dir = temp_dir("fleet-store");
+    let copy = dir.join("okta-fleet.json");
+    std::fs::write(&copy, text).expect("write");
+    envoy_validate(&copy, &dir, &env_keys, &what);
     let _ = std::fs::remove_dir_all(&dir);
 }

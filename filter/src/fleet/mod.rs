@@ -288,9 +288,24 @@ impl FleetStore {
         }
     }
 
-    /// A lookup could not be sent (the cluster is gone): the breaker opens like for a failure.
+    /// A lookup could not be sent: the breaker opens like for a failure.
     pub fn unsendable(&mut self, now_ms: u64) {
+        self.refused_by_envoy();
         self.failed("call", &EtcdError::NoAnswer, now_ms);
+    }
+
+    /// Envoy refuses a callout only to a cluster it does not have (a misspelt
+    /// `fleet_store.cluster`, or one a control plane has not delivered yet). The filter cannot
+    /// refuse such a configuration up front: `envoy --mode validate` refuses every callout, so a
+    /// check at configuration would fail every valid configuration there. It says so loudly
+    /// instead, once per breaker period, and exchanges directly meanwhile.
+    fn refused_by_envoy(&self) {
+        if !matches!(self.breaker, Breaker::Open { .. }) {
+            log::error!(
+                "fleet_store.cluster: Envoy refused a callout to cluster {:?} (is it defined?); the fleet store is not used until it is",
+                self.policy.cluster
+            );
+        }
     }
 
     /// The backend token this Envoy got for `key`: written for the other Envoys (and the key's
@@ -400,6 +415,7 @@ impl FleetStore {
     /// A background call could not be sent.
     pub fn not_sent(&mut self, call: &FleetCall, now_ms: u64) {
         self.undo(call);
+        self.refused_by_envoy();
         self.failed("call", &EtcdError::NoAnswer, now_ms);
     }
 
