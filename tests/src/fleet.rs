@@ -147,6 +147,62 @@ impl Etcd {
         Ok(out)
     }
 
+    /// Turns on etcd's RBAC with a `root` user and `user`, who may read and write only keys
+    /// under `prefix` (what envoy/README.md tells operators to grant the gateway).
+    pub async fn enable_auth(
+        &self,
+        user: &str,
+        password: &str,
+        prefix: &str,
+    ) -> anyhow::Result<()> {
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let steps = [
+            (
+                "/v3/auth/user/add",
+                json!({"name": "root", "password": "root-e2e"}),
+            ),
+            ("/v3/auth/role/add", json!({"name": "root"})),
+            (
+                "/v3/auth/user/grant",
+                json!({"user": "root", "role": "root"}),
+            ),
+            (
+                "/v3/auth/user/add",
+                json!({"name": user, "password": password}),
+            ),
+            ("/v3/auth/role/add", json!({"name": "tokencache"})),
+            (
+                "/v3/auth/role/grant",
+                json!({"name": "tokencache", "perm": {"key": STANDARD.encode(prefix),
+                    "range_end": STANDARD.encode(&end), "permType": "READWRITE"}}),
+            ),
+            (
+                "/v3/auth/user/grant",
+                json!({"user": user, "role": "tokencache"}),
+            ),
+            ("/v3/auth/enable", json!({})),
+        ];
+        for (path, body) in steps {
+            let resp = self
+                .http
+                .post(format!("http://127.0.0.1:{}{path}", self.port))
+                .body(body.to_string())
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                bail!(
+                    "etcd {path} answered {}: {}",
+                    resp.status(),
+                    resp.text().await?
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `value` at `key` (to plant garbage).
     pub async fn put(&self, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
         let status = self

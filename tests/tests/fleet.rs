@@ -302,3 +302,64 @@ async fn a_missing_store_cluster_is_named_in_the_log_and_costs_no_request() -> R
     assert_eq!(stack.idp.exchange_count(), 1, "the local cache still works");
     Ok(())
 }
+
+/// etcd with RBAC: the gateway's user may touch only the store's prefix. The filter
+/// authenticates, and the fleet shares; with a wrong password nothing is shared but every
+/// request is still served.
+#[tokio::test]
+async fn with_etcd_authentication_the_fleet_shares_and_a_wrong_password_costs_no_request() -> Result
+{
+    let etcd = Etcd::start().await?;
+    etcd.enable_auth("envoy", "envoy-e2e-pw", "/mcp-token-exchange/")
+        .await?;
+    let with_password = |password: &str| {
+        let mut opts = options(Some(etcd.port), STORE_KEY);
+        opts.plugin_patch["fleet_store"]["username"] = json!("envoy");
+        opts.plugin_patch["fleet_store"]["password_env"] = json!("MCP_GW_ETCD_PASSWORD");
+        opts.extra_env
+            .push(("MCP_GW_ETCD_PASSWORD".into(), password.into()));
+        opts
+    };
+    let stack = Stack::start_with(with_password("envoy-e2e-pw")).await?;
+    let replica = stack.start_replica(&with_password("envoy-e2e-pw"))?;
+    // Each replica authenticates on its first tick; until then it exchanges without sharing.
+    for envoy in [&stack.envoy, &replica] {
+        wait_for(envoy, "authenticated to the fleet store").await?;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let token = stack.user_token();
+    assert_eq!(initialize(&stack.mcp_url(), &token).await?, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(initialize(&replica.url("/mcp"), &token).await?, 200);
+    assert_eq!(
+        stack.idp.exchange_count(),
+        1,
+        "shared through the authenticated store"
+    );
+
+    let wrong = stack.start_replica(&with_password("not-the-password"))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = stack.mint(&MintRequest {
+        sub: "someone-else".into(),
+        ..MintRequest::default()
+    });
+    assert_eq!(initialize(&wrong.url("/mcp"), &other).await?, 200);
+    assert_eq!(initialize(&wrong.url("/mcp"), &token).await?, 200);
+    assert_eq!(
+        stack.idp.exchange_count(),
+        3,
+        "nothing shared without authentication"
+    );
+    wait_for(&wrong, "fleet store authentication failed").await?;
+    Ok(())
+}
+
+async fn wait_for(envoy: &Envoy, needle: &str) -> Result {
+    for _ in 0..100 {
+        if envoy.log().contains(needle) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("Envoy never logged {needle:?}:\n{}", envoy.log_tail(30))
+}

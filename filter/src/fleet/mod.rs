@@ -39,6 +39,9 @@ pub const WAIT_GRACE: Duration = Duration::from_secs(1);
 /// by an Envoy that died ends with its lease, and one grant per worker every 15 s is all the
 /// lease traffic locks cost.
 pub const LOCK_LEASE_TTL: Duration = Duration::from_secs(30);
+/// etcd checks a password with bcrypt (~50 ms on an idle machine, measured; hundreds under
+/// load), so authentication gets this long even when calls get `timeout_ms`.
+pub const AUTHENTICATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Answers larger than this are not what the store sends (a sealed backend token is a few KiB).
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Writes waiting for the tick beyond this are dropped (counted): the store is behind, and the
@@ -81,6 +84,17 @@ pub struct SealedWrite {
 pub struct EtcdRequest {
     pub path: &'static str,
     pub body: String,
+}
+
+impl EtcdRequest {
+    /// How long the call may take.
+    pub fn timeout(&self, configured: Duration) -> Duration {
+        if self.path == etcd::AUTHENTICATE_PATH {
+            configured.max(AUTHENTICATE_TIMEOUT)
+        } else {
+            configured
+        }
+    }
 }
 
 /// What a lookup or poll decided for the exchange of its key.
@@ -492,7 +506,11 @@ impl FleetStore {
 
     fn failed(&mut self, what: &str, e: &EtcdError, now_ms: u64) {
         self.counts.errors += 1;
-        if *e == EtcdError::Unauthenticated && self.policy.credentials.is_some() {
+        // A 401 to a call made with an auth token: the token expired or was revoked. (A 401 to
+        // the authentication itself is a wrong password: that waits for the breaker, so etcd
+        // is not asked for a bcrypt check on every tick.)
+        let expired = *e == EtcdError::Unauthenticated && what != AUTHENTICATION;
+        if expired && self.policy.credentials.is_some() {
             // The auth token expired or was revoked: authenticate again on the next tick.
             self.auth = Auth::Missing;
             return;
@@ -509,6 +527,8 @@ impl FleetStore {
     }
 }
 
+const AUTHENTICATION: &str = "authentication";
+
 fn call_name(call: &FleetCall) -> &'static str {
     match call {
         FleetCall::Lookup(_) => "lookup",
@@ -517,7 +537,7 @@ fn call_name(call: &FleetCall) -> &'static str {
         FleetCall::ValueLease(_) => "value lease grant",
         FleetCall::Write => "write",
         FleetCall::Delete => "delete",
-        FleetCall::Authenticate => "authentication",
+        FleetCall::Authenticate => AUTHENTICATION,
     }
 }
 

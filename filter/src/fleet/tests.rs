@@ -301,3 +301,17 @@ fn deletes_and_unlocks_name_the_entry_and_its_lock() {
     assert!(keys[1].starts_with("/mcp/1/l/"), "{keys:?}");
     assert_eq!(keys[0][9..], keys[1][9..]);
 }
+
+#[test]
+fn a_refused_password_waits_for_the_breaker_instead_of_asking_every_tick() {
+    let mut store = FleetStore::new(policy(true));
+    store.due(NOW);
+    store.on_answer(
+        FleetCall::Authenticate,
+        Some(401),
+        br#"{"error":"etcdserver: authentication failed, invalid user ID or password","code":16}"#,
+        NOW,
+    );
+    assert!(store.is_open());
+    assert!(store.due(NOW + 500).is_empty());
+}

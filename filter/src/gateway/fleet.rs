@@ -134,14 +134,15 @@ impl<H: Host> Gateway<H> {
         if let Some(token) = fleet.auth_header() {
             headers.push(("authorization", token));
         }
+        let timeout = request.timeout(policy.timeout);
         self.host
             .dispatch(
                 &policy.cluster,
                 &headers,
                 Some(request.body.as_bytes()),
-                policy.timeout,
+                timeout,
             )
-            .map(|callout| (callout, policy.timeout))
+            .map(|callout| (callout, timeout))
     }
 
     /// An answer from the fleet store; `receiver` is the request whose context got it (`None`:
