@@ -206,7 +206,7 @@ NOOP_LEAN_WASM := target/wasm32-wasip1/release/noop_filter_lean.wasm
 
 # The measuring harness (bench/bench.py, ~10 min on 2 idle cores); not part of `make test` or CI.
 .PHONY: bench
-bench: toolchain envoy wasm
+bench: toolchain envoy wasm etcd
 	@command -v wrk >/dev/null || apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }
 	$(CARGO) build -p noop-filter --target wasm32-wasip1 --release
 	$(call optimise,$(NOOP_WASM),$(NOOP_LEAN_WASM))

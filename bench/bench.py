@@ -128,6 +128,13 @@ if NO_VERIFY_CACHE_PATCH is None and "verified_cache_max_entries" in (
 FILTER_PATCH = env_patch("BENCH_FILTER_PATCH") or {}
 AUDIT_OFF_PATCH = {"audit_log": False}
 AUDIT_ENVOY_LOG_PATCH = {"audit_log": "envoy_log"}
+# The fleet store (issue 15): etcd on loopback, started only for the rows that use it.
+ETCD_BIN = Path(os.environ.get("ETCD_BIN", "/usr/bin/etcd"))
+STORE_ENV = "MCP_GW_STORE_KEY"
+STORE_KEY = "bench-fleet-store-key-0123456789abcdef"
+FLEET_PATCH = {"fleet_store": {"cluster": "etcd", "secret_env": STORE_ENV}}
+# Set when etcd runs: every bootstrap then has its `etcd` cluster (unused by the other rows).
+ETCD_PORT: list[int] = []
 # The access log of envoy/demo.yaml that writes the filter's audit record (same format; the path
 # is the run's own file).
 AUDIT_FILTER_STATE = "wasm.mcp_token_exchange.audit"
@@ -526,6 +533,7 @@ def bootstrap(port: int, admin_port: int, http_filters: list[dict], idp: Idp,
     }
     if access_log is not None:
         hcm["access_log"] = [audit_access_log(access_log)]
+    extra_clusters = [static_cluster("etcd", port) for port in ETCD_PORT]
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
@@ -571,9 +579,43 @@ def bootstrap(port: int, admin_port: int, http_filters: list[dict], idp: Idp,
                         ],
                     },
                 }
-            ],
+            ] + extra_clusters,
         },
     }
+
+
+def static_cluster(name: str, port: int) -> dict:
+    """A loopback cluster speaking HTTP/1.1 (etcd's JSON API refuses plain h2c)."""
+    return {
+        "name": name, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
+    }
+
+
+class Etcd:
+    """One etcd member on loopback for the fleet-store rows (Debian's etcd-server)."""
+
+    def __init__(self) -> None:
+        if not ETCD_BIN.exists():
+            raise BenchError(f"{ETCD_BIN} is missing (make etcd)")
+        self.port, peer = free_port(), free_port()
+        client = f"http://127.0.0.1:{self.port}"
+        peer_url = f"http://127.0.0.1:{peer}"
+        self.proc = PROCS.start(
+            [ETCD_BIN, "--name", "bench", "--data-dir", RUN / "etcd-data",
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+             "--initial-cluster", f"bench={peer_url}"],
+            RUN / "etcd.log",
+        )
+        def healthy() -> bool:
+            try:
+                return http_call(self.port, "GET", "/health", timeout=1)[0] == 200
+            except OSError:
+                return False
+        wait_until("etcd to be healthy", healthy, 20)
+        ETCD_PORT.append(self.port)
 
 
 class Envoy:
@@ -588,7 +630,7 @@ class Envoy:
         cfg.write_text(json.dumps(bootstrap(self.port, self.admin_port, http_filters, idp,
                                             self.audit_path), indent=1))
         self.log_path = RUN / f"envoy-{name}.log"
-        env = dict(os.environ, **{SECRET_ENV: SECRET})
+        env = dict(os.environ, **{SECRET_ENV: SECRET, STORE_ENV: STORE_KEY})
         self.proc = PROCS.start(
             [ENVOY, "-c", cfg, "--concurrency", str(concurrency), "--disable-hot-restart",
              "-l", "info"],
@@ -659,6 +701,17 @@ class Envoy:
             if k == name:
                 return int(v)
         return 0
+
+    def filter_counters(self, prefix: str) -> dict[str, int]:
+        """The filter's counters whose name starts with `prefix` (without `mcp_token_exchange.`)."""
+        _, body = http_call(self.admin_port, "GET", f"/stats?filter=mcp_token_exchange.{re.escape(prefix)}")
+        out = {}
+        for line in body.decode().splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                # Envoy shows Wasm metrics under `wasmcustom.`.
+                out[name.split("mcp_token_exchange.", 1)[-1]] = int(value)
+        return out
 
     def worker_connections(self) -> list[int]:
         """Downstream connections each worker accepted (how the load spread)."""
@@ -898,6 +951,11 @@ class Scenario:
     # A new token per request (the exchange-miss run): measured after the distinct tokens are
     # minted, with wrk/rotate.lua, not by the common one-token loop.
     new_token_per_request: bool = False
+    # Needs etcd (the fleet store rows).
+    needs_etcd: bool = False
+    # With new_token_per_request: the tokens were exchanged beforehand by another Envoy of the
+    # fleet, so each request is a local miss answered from etcd.
+    fleet_reader: bool = False
     targets: tuple[Target, ...] = ()
 
 
@@ -956,6 +1014,11 @@ SCENARIOS = [
              "same, `audit_log: \"envoy_log\"`: the record as a line in Envoy's application log at `info`, "
              "written on the worker thread (the default before the access-log path)",
              "#bcbd22", patch=AUDIT_ENVOY_LOG_PATCH, optional=True),
+    # The fleet store (etcd) configured: a local hit never reaches it, so this must equal the
+    # default row.
+    Scenario("full_cached_fleet", "filter: full, cached, fleet store on",
+             "same, with `fleet_store` (etcd on loopback) configured: every request is a local hit "
+             "and never reaches etcd", "#17becf", patch=FLEET_PATCH, optional=True, needs_etcd=True),
     Scenario("validate_uncached", "filter: validate-only, uncached",
              "mcp_token_exchange, exchange off, verified-token cache off", FILTER_COLOR,
              patch=merge_patch(VALIDATE_ONLY_PATCH, NO_VERIFY_CACHE_PATCH)
@@ -984,6 +1047,11 @@ SCENARIOS = [
     Scenario("full_miss", "filter: full path, exchange miss",
              "mcp_token_exchange, a new token per request: every request exchanges", "#d62728",
              new_token_per_request=True),
+    Scenario("fleet_hit", "filter: local miss, fleet store hit",
+             "mcp_token_exchange with `fleet_store`, a new token per request, each exchanged "
+             "beforehand by another Envoy: every request reads etcd (loopback) instead of asking the IdP",
+             "#e377c2", patch=FLEET_PATCH, new_token_per_request=True, needs_etcd=True,
+             fleet_reader=True),
 ]
 
 
@@ -1037,7 +1105,7 @@ class Run:
 
     def filter_envoy(self, name: str, patch=None, concurrency: int = 1) -> Envoy:
         plugin = filter_plugin(self.idp, patch)
-        f = wasm_filter("mcp_token_exchange", FILTER_WASM, plugin, [SECRET_ENV])
+        f = wasm_filter("mcp_token_exchange", FILTER_WASM, plugin, [SECRET_ENV, STORE_ENV])
         # The filter's default hands its audit records to the access log: configure it, as
         # envoy/demo.yaml does.
         return Envoy(name, [f], self.idp, concurrency=concurrency, wait_jwks=True,
@@ -1059,11 +1127,18 @@ class Run:
         if "rps" in results.get(s.sid, {}):
             results[s.sid]["patch"] = s.patch
 
+    def ensure_etcd(self) -> None:
+        if not ETCD_PORT:
+            etcd = Etcd()
+            log(f"etcd on 127.0.0.1:{etcd.port}")
+
     def one_token_setups(self) -> None:
         """Every setup of the table that runs with one token, in table order."""
         for s in SCENARIOS:
             if s.new_token_per_request:
                 continue
+            if s.needs_etcd and (not ONLY or s.sid in ONLY):
+                self.ensure_etcd()
             if s.unavailable:
                 self.results[s.sid] = {"na": s.unavailable}
             elif s.optional:
@@ -1118,6 +1193,38 @@ class Run:
         self.results[s.sid] = r
         log(f"{s.sid:18} {r['rps']:9.0f} req/s  p50 {r['p50_us']:6.0f} µs  p99 {r['p99_us']:6.0f} µs"
             f"  IdP calls/request {r['idp_calls'] / max(r['requests'], 1):.3f}  errors {r['errors']}")
+
+    def fleet_hit(self, s: Scenario, tokens: list[str]) -> None:
+        """Local misses answered by the fleet store: a writer Envoy exchanges every token of the
+        slice once (and writes it to etcd), then a fresh reader Envoy is measured on the same
+        tokens."""
+        self.ensure_etcd()
+        idp = self.idp
+        pool = tokens[: min(len(tokens), 60_000)]
+        pool_file = write_tokens(RUN / "tokens-fleet.txt", pool)
+        writer = self.filter_envoy(f"{s.sid}-writer", s.patch)
+        try:
+            writer.probe(self.one_token)
+            budget = int(len(pool) / 100) + 120
+            run_wrk(writer, f"{s.sid}-write", budget, script=ROTATE_LUA,
+                    args=[str(pool_file), str(len(pool))], idp=idp, stop_when_completed=len(pool))
+            time.sleep(2)  # the last writes go out on the writer's next ticks
+        finally:
+            writer.stop()
+        reader = self.filter_envoy(s.sid, s.patch)
+        try:
+            reader.probe(self.one_token)
+            wait_quiet(s.sid)
+            r = run_wrk(reader, s.sid, DURATION, script=ROTATE_LUA, args=[str(pool_file), str(len(pool))],
+                        idp=idp, stop_when_completed=len(pool))
+            time.sleep(1)  # counters reach Envoy on the filter's tick
+            r["fleet"] = reader.filter_counters("fleet.")
+        finally:
+            reader.stop()
+        self.results[s.sid] = r
+        hits = r["fleet"].get("fleet.hits", 0)
+        log(f"{s.sid:18} {r['rps']:9.0f} req/s  p50 {r['p50_us']:6.0f} µs  p99 {r['p99_us']:6.0f} µs"
+            f"  fleet hits {hits} of {r['requests']} requests, IdP calls {r['idp_calls']}  errors {r['errors']}")
 
     def idp_calls(self) -> None:
         """IdP calls over 2 workers: one user's 1,000 requests, then 64-request bursts of one fresh
@@ -1244,7 +1351,9 @@ def main() -> int:
 
     tokens = run.mint_distinct_tokens()
     for s in SCENARIOS:
-        if s.new_token_per_request:
+        if s.fleet_reader:
+            run.fleet_hit(s, tokens)
+        elif s.new_token_per_request:
             run.exchange_miss(s, tokens)
     run.idp_calls()
     run.rss(tokens)
@@ -1376,6 +1485,29 @@ def facts_section(facts: dict, extra: dict) -> list[str]:
     return out
 
 
+def fleet_lines(results: dict) -> list[str]:
+    """What the fleet store rows show, next to the rows they are compared with."""
+    out = []
+    cached, fleet_cached = results.get("full_cached", {}), results.get("full_cached_fleet", {})
+    if "rps" in cached and "rps" in fleet_cached:
+        out.append(f"Fleet store, cached path: {fleet_cached['rps']:,.0f} req/s with `fleet_store` configured "
+                   f"against {cached['rps']:,.0f} without ({fleet_cached['rps'] / cached['rps']:.2f}×; "
+                   "a local hit never reaches etcd, so any difference is noise).")
+    hit, miss = results.get("fleet_hit", {}), results.get("full_miss", {})
+    if "rps" in hit:
+        fleet = hit.get("fleet", {})
+        line = (f"Fleet store hit (a local miss answered by etcd): {hit['rps']:,.0f} req/s, p50 "
+                f"{hit['p50_us']:,.0f} µs, p99 {hit['p99_us']:,.0f} µs; {fleet.get('fleet.hits', 0):,} fleet hits, "
+                f"{hit['idp_calls']:,} IdP calls for {hit['requests']:,} requests")
+        if "rps" in miss:
+            line += (f"; an IdP exchange (the exchange-miss row, loopback IdP): {miss['rps']:,.0f} req/s, "
+                     f"p50 {miss['p50_us']:,.0f} µs")
+        out.append(line + ".")
+    if out:
+        out.append("")
+    return out
+
+
 def throughput_section(facts: dict, results: dict) -> list[str]:
     bare = results["bare"]
     out = []
@@ -1409,6 +1541,7 @@ def throughput_section(facts: dict, results: dict) -> list[str]:
         extra_txt = f" Plugin config patch: `{json.dumps(patch)}`." if patch else ""
         out.append(f"{i}. **{sc.label}**: {sc.desc}.{extra_txt}")
     out.append("")
+    out.extend(fleet_lines(results))
     out.append("The filter rows run `envoy/demo.yaml`'s plugin configuration"
                + (f" with `{json.dumps(FILTER_PATCH)}`" if FILTER_PATCH else "")
                + " — the filter's default configuration, which writes one audit record per decision "
