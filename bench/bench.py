@@ -28,7 +28,8 @@ Knobs (environment):
                              IdP-call, memory or report sections; results.md is not rewritten):
                              a quick loop while optimising. Setup ids: bare jwt jwt_cache noop
                              noop_lean noop_host full_cached full_audit_off full_envoy_log
-                             validate_cached validate_uncached full_noverify
+                             full_cached_fleet validate_cached validate_uncached full_noverify,
+                             and (after minting BENCH_TOKENS) full_miss fleet_hit
   BENCH_NOOP_HOST_CALLS=headers,write,status  the host calls the noop_host row makes (words of
                              bench/noop-filter: headers path clock write status)
   BENCH_VALIDATE_ONLY_PATCH  JSON merge patch on the plugin config that turns the exchange off
@@ -1346,6 +1347,11 @@ def main() -> int:
     run = Run(idp)
     run.one_token_setups()
     if ONLY:
+        rotating = [s for s in SCENARIOS if s.new_token_per_request and s.sid in ONLY]
+        if rotating:
+            tokens = run.mint_distinct_tokens()
+            for s in rotating:
+                (run.fleet_hit if s.fleet_reader else run.exchange_miss)(s, tokens)
         run.log_only_summary()
         return 0
 

@@ -129,6 +129,14 @@ struct InFlight {
     fleet_wait_until: Option<u64>,
 }
 
+/// A callout whose answer will never come.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stale {
+    pub callout: u32,
+    /// The waiters of an exchange given up (`None`: the exchange goes on without this call).
+    pub given_up: Option<Vec<u32>>,
+}
+
 /// An exchange due to be sent from the root context.
 pub struct Due {
     pub key: Digest32,
@@ -507,29 +515,44 @@ impl ExchangeCoordinator {
     }
 
     /// Exchanges whose answer will never come (their callout was cancelled with the request that
-    /// dispatched it): given up, the failure shared, their waiters and callout tokens returned.
-    pub fn give_up_stale(&mut self, shared: &dyn SharedStore, now_ms: u64) -> Vec<(u32, Vec<u32>)> {
-        let stale: Vec<Digest32> = self
+    /// dispatched it). A lost fleet store call only costs the store: the exchange goes on with
+    /// the IdP from the next tick. A lost exchange is given up, the failure shared, its waiters
+    /// returned. Either way the lost callout's token is returned, to forget it.
+    pub fn give_up_stale(&mut self, shared: &dyn SharedStore, now_ms: u64) -> Vec<Stale> {
+        let stale: Vec<(Digest32, Phase, u32)> = self
             .in_flight
             .iter()
-            .filter(|(_, x)| match x.stage {
+            .filter_map(|(key, x)| match x.stage {
                 Stage::Sent {
-                    sent_ms, timeout, ..
-                } => now_ms.saturating_sub(sent_ms) > ms(timeout + STALE_AFTER_TIMEOUT),
-                _ => false,
+                    phase,
+                    callout,
+                    sent_ms,
+                    timeout,
+                } if now_ms.saturating_sub(sent_ms) > ms(timeout + STALE_AFTER_TIMEOUT) => {
+                    Some((*key, phase, callout))
+                }
+                _ => None,
             })
-            .map(|(key, _)| *key)
             .collect();
-        let mut given_up = Vec::new();
-        for key in stale {
+        let mut out = Vec::new();
+        for (key, phase, callout) in stale {
+            if phase != Phase::Exchange {
+                self.defer(&key, Phase::Exchange);
+                out.push(Stale {
+                    callout,
+                    given_up: None,
+                });
+                continue;
+            }
             if let Some(x) = self.in_flight.remove(&key) {
                 self.release(shared, &key, Some(&ExchangeError::Timeout), now_ms);
-                if let Stage::Sent { callout, .. } = x.stage {
-                    given_up.push((callout, x.waiters));
-                }
+                out.push(Stale {
+                    callout,
+                    given_up: Some(x.waiters),
+                });
             }
         }
-        given_up
+        out
     }
 
     /// The request ended: it waits on nothing any more. An exchange it dispatched stays in
@@ -605,6 +628,51 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_fleet_lookup_turns_into_the_exchange_not_a_failure() {
+        let shared = MemoryStore::default();
+        let mut a = worker(1);
+        a.store().prepare_leases(&shared);
+        let (s, t) = (subject("tok"), target());
+        a.join(&shared, 1, &s, &t, NOW_MS);
+        a.begin(
+            s.clone(),
+            Rc::clone(&t),
+            vec![1],
+            Phase::FleetLookup,
+            NOW_MS,
+        );
+        a.sent(
+            &s.key,
+            Phase::FleetLookup,
+            5,
+            Duration::from_millis(250),
+            NOW_MS,
+        );
+        a.join(&shared, 2, &s, &t, NOW_MS);
+        a.forget(1);
+        let lost = a.give_up_stale(&shared, NOW_MS + 2251);
+        assert_eq!(
+            lost,
+            vec![Stale {
+                callout: 5,
+                given_up: None
+            }]
+        );
+        let due = a.due(NOW_MS + 2260);
+        assert!(matches!(
+            due.as_slice(),
+            [Due {
+                phase: Phase::Exchange,
+                ..
+            }]
+        ));
+        assert_eq!(
+            a.in_flight(&s.key).map(|(_, _, w)| w.to_vec()),
+            Some(vec![2])
+        );
+    }
+
+    #[test]
     fn another_worker_waits_and_is_served_from_the_store() {
         let shared = MemoryStore::default();
         let (mut a, mut b) = (worker(1), worker(2));
@@ -663,7 +731,13 @@ mod tests {
         a.forget(1);
         assert!(a.give_up_stale(&shared, NOW_MS + 7000).is_empty());
         let given_up = a.give_up_stale(&shared, NOW_MS + 7001);
-        assert_eq!(given_up, vec![(77, vec![2])]);
+        assert_eq!(
+            given_up,
+            vec![Stale {
+                callout: 77,
+                given_up: Some(vec![2])
+            }]
+        );
         assert!(a.is_idle());
         assert!(a
             .answered(&shared, &s.key, issued("late"), NOW_MS + 8000)

@@ -116,8 +116,11 @@ enum Breaker {
     Open {
         until_ms: u64,
     },
-    /// Cooldown over; one lookup is probing the store.
-    Probing,
+    /// Cooldown over; one lookup is probing the store. A probe whose answer never comes (its
+    /// request went away and Envoy cancelled it) is replaced after another cooldown.
+    Probing {
+        since_ms: u64,
+    },
 }
 
 enum Auth {
@@ -197,14 +200,15 @@ impl FleetStore {
         if !self.ready() {
             return false;
         }
-        match self.breaker {
-            Breaker::Closed => true,
-            Breaker::Open { until_ms } if now_ms >= until_ms => {
-                self.breaker = Breaker::Probing;
-                true
-            }
-            Breaker::Open { .. } | Breaker::Probing => false,
+        let probe = match self.breaker {
+            Breaker::Closed => return true,
+            Breaker::Open { until_ms } => now_ms >= until_ms,
+            Breaker::Probing { since_ms } => now_ms >= since_ms + ms(BREAKER_COOLDOWN),
+        };
+        if probe {
+            self.breaker = Breaker::Probing { since_ms: now_ms };
         }
+        probe
     }
 
     fn names(&self, key: &Digest32) -> (Vec<u8>, Vec<u8>) {

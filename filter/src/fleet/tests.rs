@@ -193,6 +193,9 @@ fn a_failure_opens_the_breaker_for_the_cooldown_then_one_request_probes() {
     let after = NOW + ms(BREAKER_COOLDOWN);
     assert!(store.usable(after), "the probe");
     assert!(!store.usable(after), "only one probe at a time");
+    let lost = after + ms(BREAKER_COOLDOWN);
+    assert!(store.usable(lost), "a probe never answered is replaced");
+    let after = lost;
     store.on_lookup(
         false,
         &KEY,

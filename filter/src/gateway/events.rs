@@ -241,9 +241,9 @@ impl<H: Host> Gateway<H> {
         self.tick_keys(now);
         self.dispatch_due(now);
         self.tick_fleet(now);
-        for (callout, waiters) in self.exchanges.give_up_stale(&self.host, now) {
-            self.callouts.remove(&callout);
-            for w in waiters {
+        for stale in self.exchanges.give_up_stale(&self.host, now) {
+            self.callouts.remove(&stale.callout);
+            for w in stale.given_up.unwrap_or_default() {
                 self.finish_resumed(w, Step::Deny(Denial::Exchange(ExchangeError::Timeout)));
             }
         }
