@@ -65,17 +65,7 @@ impl Metrics {
 
     /// Sets a gauge (defined on first use).
     pub fn gauge(&mut self, host: &impl Host, name: &str, value: u64) {
-        let id = match self.gauges.get(name) {
-            Some(id) => *id,
-            None => {
-                let id = host.define_metric(MetricType::Gauge, &format!("{PREFIX}.{name}"));
-                self.gauges.insert(name.to_string(), id);
-                id
-            }
-        };
-        if let Some(id) = id {
-            host.record_metric(id, value);
-        }
+        record_in(&mut self.gauges, MetricType::Gauge, host, name, value);
     }
 
     pub fn inc(&mut self, name: &str) {
@@ -100,16 +90,33 @@ impl Metrics {
     }
 
     pub fn record(&mut self, host: &impl Host, name: &str, value: u64) {
-        let id = match self.histograms.get(name) {
-            Some(id) => *id,
-            None => {
-                let id = host.define_metric(MetricType::Histogram, &format!("{PREFIX}.{name}"));
-                self.histograms.insert(name.to_string(), id);
-                id
-            }
-        };
-        if let Some(id) = id {
-            host.record_metric(id, value);
+        record_in(
+            &mut self.histograms,
+            MetricType::Histogram,
+            host,
+            name,
+            value,
+        );
+    }
+}
+
+/// Records `value` on the metric `name` of `kind`, defining it on first use.
+fn record_in(
+    ids: &mut HashMap<String, Option<u32>>,
+    kind: MetricType,
+    host: &impl Host,
+    name: &str,
+    value: u64,
+) {
+    let id = match ids.get(name) {
+        Some(id) => *id,
+        None => {
+            let id = host.define_metric(kind, &format!("{PREFIX}.{name}"));
+            ids.insert(name.to_string(), id);
+            id
         }
+    };
+    if let Some(id) = id {
+        host.record_metric(id, value);
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::checks::{require_header_value, require_non_empty, require_range};
+use super::exchange_target::read_env;
 use super::fields::{join, Fields};
 use super::{ConfigError, Env};
 use crate::fleet::seal::{StoreKeys, MIN_SECRET_BYTES};
@@ -114,7 +115,7 @@ impl FleetStoreConfig {
         if self.key_id.contains('/') {
             return Err(ConfigError::new(&field("key_id"), "must not contain '/'"));
         }
-        let secret = read_env_value(&field("secret_env"), self.secret_env.as_deref(), env)?
+        let secret = read_env(&field("secret_env"), self.secret_env.as_deref(), env)?
             .ok_or_else(|| {
                 ConfigError::new(
                 &field("secret_env"),
@@ -134,9 +135,8 @@ impl FleetStoreConfig {
             (None, None) => None,
             (Some(username), Some(_)) => {
                 require_printable(&field("username"), &username, 128)?;
-                let password =
-                    read_env_value(&field("password_env"), self.password_env.as_deref(), env)?
-                        .unwrap_or_default();
+                let password = read_env(&field("password_env"), self.password_env.as_deref(), env)?
+                    .unwrap_or_default();
                 Some(Rc::new(EtcdCredentials { username, password }))
             }
             (Some(_), None) => {
@@ -172,24 +172,6 @@ fn require_printable(field: &str, value: &str, max: usize) -> Result<(), ConfigE
         ));
     }
     Ok(())
-}
-
-fn read_env_value(
-    field: &str,
-    name: Option<&str>,
-    env: Env<'_>,
-) -> Result<Option<String>, ConfigError> {
-    let Some(name) = name else { return Ok(None) };
-    require_non_empty(field, name)?;
-    match env(name) {
-        Some(v) if !v.is_empty() => Ok(Some(v)),
-        _ => Err(ConfigError::new(
-            field,
-            format!(
-                "environment variable {name} is unset or empty in the Wasm VM (pass it with vm_config.environment_variables)"
-            ),
-        )),
-    }
 }
 
 #[cfg(test)]
