@@ -1207,11 +1207,14 @@ class Run:
         try:
             writer.probe(self.one_token)
             budget = int(len(pool) / 100) + 120
-            run_wrk(writer, f"{s.sid}-write", budget, script=ROTATE_LUA,
-                    args=[str(pool_file), str(len(pool))], idp=idp, stop_when_completed=len(pool))
+            w = run_wrk(writer, f"{s.sid}-write", budget, script=ROTATE_LUA,
+                        args=[str(pool_file), str(len(pool))], idp=idp, stop_when_completed=len(pool))
             time.sleep(2)  # the last writes go out on the writer's next ticks
         finally:
             writer.stop()
+        # rotate.lua hands tokens out in order: the reader gets only those the writer exchanged.
+        pool = pool[: max(1, min(len(pool), w["requests"] - CONNECTIONS))]
+        pool_file = write_tokens(RUN / "tokens-fleet-written.txt", pool)
         reader = self.filter_envoy(s.sid, s.patch)
         try:
             reader.probe(self.one_token)
