@@ -14,13 +14,13 @@ use crate::flow_tests::{config, exchanged, token_at, Worker, T0_MS};
 
 /// One etcd member: keys with their lease, leases with their end.
 #[derive(Default)]
-struct FakeEtcd {
+pub(crate) struct FakeEtcd {
     kv: BTreeMap<Vec<u8>, (Vec<u8>, Option<String>)>,
     leases: HashMap<String, u64>,
     next_lease: u64,
     /// Answers nothing (as a dead member behind Envoy: no response).
-    down: bool,
-    calls: usize,
+    pub(crate) down: bool,
+    pub(crate) calls: usize,
 }
 
 impl FakeEtcd {
@@ -66,7 +66,7 @@ impl FakeEtcd {
         }
     }
 
-    fn answer(&mut self, path: &str, body: &[u8], now_ms: u64) -> (Option<u16>, String) {
+    pub(crate) fn answer(&mut self, path: &str, body: &[u8], now_ms: u64) -> (Option<u16>, String) {
         if self.down {
             return (None, String::new());
         }
@@ -116,7 +116,7 @@ struct Fleet {
     exchanges: usize,
 }
 
-fn fleet_config(secret_env: &str, key_id: &str) -> Value {
+pub(crate) fn fleet_config(secret_env: &str, key_id: &str) -> Value {
     let mut c = config();
     c["fleet_store"] = json!({"cluster": "etcd", "secret_env": secret_env, "key_id": key_id});
     c

@@ -89,7 +89,7 @@ fn pool() -> Vec<String> {
 }
 
 /// The subject token of an exchange callout, from its form body.
-fn subject_of(call: &Callout) -> String {
+pub(crate) fn subject_of(call: &Callout) -> String {
     let body = String::from_utf8_lossy(&call.body).into_owned();
     body.split('&')
         .find_map(|kv| kv.strip_prefix("subject_token="))

@@ -36,6 +36,8 @@ mod fake_host;
 #[cfg(test)]
 mod fleet_flow_tests;
 #[cfg(test)]
+mod fleet_properties;
+#[cfg(test)]
 mod flow_properties;
 #[cfg(test)]
 mod flow_tests;
