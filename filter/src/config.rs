@@ -20,6 +20,7 @@ mod exchange_target;
 mod fields;
 mod identity_headers;
 mod key_source;
+mod providers;
 mod resource_metadata;
 mod routes;
 mod validate;
@@ -103,10 +104,55 @@ pub struct RemoteJwks {
     pub max_wait: Duration,
 }
 
-/// How inbound tokens are judged (route-independent parts).
+/// Most providers one configuration may have: a route's accepted providers are a bit set.
+pub const MAX_PROVIDERS: usize = 32;
+
+/// One issuer of inbound tokens: its keys, the audiences its tokens must carry (unless a route
+/// sets its own), and how its claims are read.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    /// The key in `providers` (`default` for the top-level single-issuer fields).
+    pub name: String,
+    /// Exact `iss` of its tokens: what selects this provider.
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub keys: KeySource,
+}
+
+/// The providers a route accepts, by index into [`Policy::providers`]: one bit test on the
+/// cached path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderSet(u32);
+
+impl ProviderSet {
+    pub const NONE: Self = Self(0);
+
+    /// The first `count` providers (at most [`MAX_PROVIDERS`]).
+    pub fn all(count: usize) -> Self {
+        Self((0..count.min(MAX_PROVIDERS)).fold(0, |bits, i| bits | 1 << i))
+    }
+
+    #[must_use]
+    pub fn with(self, index: usize) -> Self {
+        if index < MAX_PROVIDERS {
+            Self(self.0 | 1 << index)
+        } else {
+            self
+        }
+    }
+
+    pub fn contains(self, index: u8) -> bool {
+        u32::from(index) < MAX_PROVIDERS as u32 && self.0 & (1 << index) != 0
+    }
+
+    pub fn indexes(self) -> impl Iterator<Item = usize> {
+        (0..MAX_PROVIDERS).filter(move |i| self.0 & (1 << i) != 0)
+    }
+}
+
+/// How inbound tokens are judged (route- and provider-independent parts).
 #[derive(Debug, Clone)]
 pub struct InboundPolicy {
-    pub issuer: String,
     pub clock_skew_seconds: i64,
     pub max_token_bytes: usize,
     pub verified_cache_max_entries: usize,
@@ -190,7 +236,10 @@ pub struct Route {
     pub name: String,
     pub path_prefix: String,
     pub public: bool,
-    pub audiences: Vec<String>,
+    /// The route's own `audiences`; `None`: each provider's (see [`Policy::accepted_audiences`]).
+    pub audiences: Option<Vec<String>>,
+    /// The providers whose tokens the route accepts.
+    pub providers: ProviderSet,
     pub required_scopes: Vec<String>,
     /// `None` in `validate_only` mode.
     pub target: Option<Rc<ExchangeTarget>>,
@@ -227,7 +276,8 @@ pub struct McpPolicy {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub inbound: InboundPolicy,
-    pub keys: KeySource,
+    /// At least one, at most [`MAX_PROVIDERS`], issuers distinct.
+    pub providers: Vec<Provider>,
     /// Longest prefix first.
     pub routes: Vec<Route>,
     pub unmatched: Unmatched,
@@ -243,6 +293,24 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The provider whose issuer is exactly `iss` (a handful at most: a scan beats hashing).
+    pub fn provider_for_issuer(&self, iss: &str) -> Option<u8> {
+        let index = self.providers.iter().position(|p| p.issuer == iss)?;
+        u8::try_from(index).ok()
+    }
+
+    /// The audiences a token of `provider` needs on `route`: the route's own, else the
+    /// provider's.
+    pub fn accepted_audiences<'a>(&'a self, route: &'a Route, provider: u8) -> &'a [String] {
+        match &route.audiences {
+            Some(own) => own,
+            None => self
+                .providers
+                .get(usize::from(provider))
+                .map_or(&[], |p| &p.audiences),
+        }
+    }
+
     /// The index of the route for a request path in normal form, longest prefix first.
     pub fn route_index(&self, path: &NormalPath<'_>) -> Option<usize> {
         self.routes
@@ -409,7 +477,7 @@ mod tests {
                 .expose(),
             "s3cret"
         );
-        match p.keys {
+        match &p.providers[0].keys {
             KeySource::Remote(r) => {
                 assert_eq!(r.refresh_interval, Duration::from_secs(600));
                 assert_eq!(r.authority, "idp.example.com");

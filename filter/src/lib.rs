@@ -37,6 +37,8 @@ mod flow_properties;
 #[cfg(test)]
 mod flow_tests;
 #[cfg(test)]
+mod provider_flow_tests;
+#[cfg(test)]
 mod test_keys;
 
 proxy_wasm::main! {{

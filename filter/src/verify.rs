@@ -17,7 +17,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
-use crate::config::InboundPolicy;
+use crate::config::Provider;
 use crate::jwks::{JwsAlgorithm, KeySelection, KeySet, PublicKeyMaterial};
 use crate::rsa_public::HashAlg;
 
@@ -83,6 +83,9 @@ pub enum VerifyError {
 /// `policy` (audience per route, scopes per route and tool).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
+    /// Index of the provider that issued the token (in `Policy::providers`): which routes accept
+    /// it and which audiences it needs. Set by the caller that selected the provider.
+    pub provider: u8,
     pub sub: String,
     pub audiences: Vec<String>,
     pub scopes: Vec<String>,
@@ -250,13 +253,52 @@ fn nesting_within(bytes: &[u8], max: usize) -> bool {
     true
 }
 
-/// Verifies `token` against `keys` and the inbound policy at time `now` (Unix seconds): structure,
-/// signature, issuer and time. Audience and scopes depend on the route and are checked by
-/// `policy`: a valid token with too few scopes is a 403, not a 401.
+/// The claims decoded before the signature is checked: only what selects the provider.
+#[derive(Deserialize)]
+struct IssuerClaim {
+    #[serde(default)]
+    iss: Option<String>,
+}
+
+/// The payload segment of a compact JWS, decoded, with its nesting bounded.
+fn payload_bytes(token: &str) -> Result<Vec<u8>, TokenError> {
+    let mut segments = token.split('.');
+    let payload = segments.nth(1).ok_or(TokenError::Malformed)?;
+    match segments.count() {
+        1 => {}
+        // Five segments: a JWE (RFC 7516 §9).
+        3 => return Err(TokenError::Encrypted),
+        _ => return Err(TokenError::Malformed),
+    }
+    let bytes = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| TokenError::Malformed)?;
+    if !nesting_within(&bytes, MAX_CLAIMS_NESTING) {
+        return Err(TokenError::MalformedClaims);
+    }
+    Ok(bytes)
+}
+
+/// The token's `iss`, read without verifying anything: it only selects which provider's keys
+/// and rules verify the token (as `jwt_authn` does), before any key is looked at, so a token
+/// from an unknown issuer costs no key work and no JWKS fetch. Duplicate or mistyped `iss` is
+/// refused here like in the full claims.
+pub fn unverified_issuer(token: &str) -> Result<String, TokenError> {
+    let bytes = payload_bytes(token)?;
+    let claims: IssuerClaim =
+        serde_json::from_slice(&bytes).map_err(|_| TokenError::MalformedClaims)?;
+    claims.iss.ok_or(TokenError::MissingClaim("iss"))
+}
+
+/// Verifies `token` against `keys` and the rules of the provider that issued it at time `now`
+/// (Unix seconds), with `skew` seconds of tolerance: structure, signature, issuer and time.
+/// Audience and scopes depend on the route and are checked by `policy`: a valid token with too
+/// few scopes is a 403, not a 401.
 pub fn verify(
     token: &str,
     keys: &KeySet,
-    policy: &InboundPolicy,
+    provider: &Provider,
+    skew: i64,
     now: i64,
 ) -> Result<Principal, VerifyError> {
     let invalid = VerifyError::Invalid;
@@ -299,29 +341,20 @@ pub fn verify(
     }
 
     // The signature covers the exact payload bytes; decode them again with the strict schema.
-    let payload = token
-        .split('.')
-        .nth(1)
-        .ok_or(invalid(TokenError::Malformed))?;
-    let bytes = URL_SAFE_NO_PAD
-        .decode(payload)
-        .map_err(|_| invalid(TokenError::Malformed))?;
-    if !nesting_within(&bytes, MAX_CLAIMS_NESTING) {
-        return Err(invalid(TokenError::MalformedClaims));
-    }
+    let bytes = payload_bytes(token).map_err(invalid)?;
     let claims: InboundClaims =
         serde_json::from_slice(&bytes).map_err(|_| invalid(TokenError::MalformedClaims))?;
-    check_claims(claims, policy, now)
+    check_claims(claims, provider, skew, now)
 }
 
 fn check_claims(
     claims: InboundClaims,
-    policy: &InboundPolicy,
+    provider: &Provider,
+    skew: i64,
     now: i64,
 ) -> Result<Principal, VerifyError> {
     let invalid = VerifyError::Invalid;
-    let skew = policy.clock_skew_seconds;
-    if claims.iss.as_deref() != Some(policy.issuer.as_str()) {
+    if claims.iss.as_deref() != Some(provider.issuer.as_str()) {
         return Err(invalid(TokenError::WrongIssuer));
     }
     let exp = claims.exp.ok_or(invalid(TokenError::MissingClaim("exp")))?;
@@ -359,6 +392,7 @@ fn check_claims(
         (None, None) => Vec::new(),
     };
     Ok(Principal {
+        provider: 0,
         sub,
         audiences,
         scopes,
@@ -377,12 +411,14 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000;
 
-    fn policy() -> InboundPolicy {
-        InboundPolicy {
+    const SKEW: i64 = 60;
+
+    fn provider() -> Provider {
+        Provider {
+            name: "okta".into(),
             issuer: "https://idp.example.com/oauth2/mcp".into(),
-            clock_skew_seconds: 60,
-            max_token_bytes: 8192,
-            verified_cache_max_entries: 100,
+            audiences: vec!["mcpserver".into()],
+            keys: crate::config::KeySource::Inline(test_keys::key_set()),
         }
     }
 
@@ -400,11 +436,41 @@ mod tests {
 
     fn check(h: serde_json::Value, c: serde_json::Value) -> Result<Principal, VerifyError> {
         let token = sign(&h, &c);
-        verify(&token, &test_keys::key_set(), &policy(), NOW)
+        verify(&token, &test_keys::key_set(), &provider(), SKEW, NOW)
     }
 
     fn invalid(e: TokenError) -> Result<Principal, VerifyError> {
         Err(VerifyError::Invalid(e))
+    }
+
+    #[test]
+    fn the_issuer_is_read_before_anything_is_verified_and_strictly() {
+        let signed = sign(&header("k1"), &claims());
+        assert_eq!(
+            unverified_issuer(&signed).as_deref(),
+            Ok("https://idp.example.com/oauth2/mcp")
+        );
+        let unsigned = |payload: &str| format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(payload));
+        assert_eq!(
+            unverified_issuer(&unsigned(r#"{"iss":"a","iss":"b"}"#)),
+            Err(TokenError::MalformedClaims)
+        );
+        assert_eq!(
+            unverified_issuer(&unsigned(r#"{"iss":["a"]}"#)),
+            Err(TokenError::MalformedClaims)
+        );
+        assert_eq!(
+            unverified_issuer(&unsigned(r#"{"sub":"a"}"#)),
+            Err(TokenError::MissingClaim("iss"))
+        );
+        let deep = format!(r#"{{"iss":"a","x":{}{}}}"#, "[".repeat(40), "]".repeat(40));
+        assert_eq!(
+            unverified_issuer(&unsigned(&deep)),
+            Err(TokenError::MalformedClaims)
+        );
+        assert_eq!(unverified_issuer("a.b.c.d.e"), Err(TokenError::Encrypted));
+        assert_eq!(unverified_issuer("a.b"), Err(TokenError::Malformed));
+        assert_eq!(unverified_issuer("e30.!!!.x"), Err(TokenError::Malformed));
     }
 
     #[test]
@@ -432,7 +498,7 @@ mod tests {
         let mut tampered = token.clone();
         tampered.push('A');
         assert_eq!(
-            verify(&tampered, &test_keys::key_set(), &policy(), NOW).unwrap_err(),
+            verify(&tampered, &test_keys::key_set(), &provider(), SKEW, NOW).unwrap_err(),
             VerifyError::Invalid(TokenError::BadSignature)
         );
         // Signed by k1's private key but claims k2 (a different key).
@@ -454,7 +520,7 @@ mod tests {
         }
         // PS256-bound key verifies PSS signatures.
         let token = sign_pss(&json!({"alg": "PS256", "kid": "pss"}), &claims());
-        assert!(verify(&token, &test_keys::key_set(), &policy(), NOW).is_ok());
+        assert!(verify(&token, &test_keys::key_set(), &provider(), SKEW, NOW).is_ok());
     }
 
     #[test]
@@ -475,7 +541,8 @@ mod tests {
             verify(
                 &sign(&header("k1"), &claims()),
                 &KeySet::default(),
-                &policy(),
+                &provider(),
+                SKEW,
                 NOW
             ),
             Err(VerifyError::NoKeys)
@@ -499,7 +566,7 @@ mod tests {
         let h = json!({"alg": "RS256", "kid": "k1", "crit": ["exp"], "exp": 1});
         assert_eq!(check(h, claims()), invalid(TokenError::UnsupportedHeader));
         assert_eq!(
-            verify("a.b.c.d.e", &test_keys::key_set(), &policy(), NOW),
+            verify("a.b.c.d.e", &test_keys::key_set(), &provider(), SKEW, NOW),
             invalid(TokenError::Encrypted)
         );
     }
@@ -578,7 +645,7 @@ mod tests {
             .replacen('{', "{\"exp\": 9999999999,", 1);
         let token = test_keys::sign_raw(&header("k1").to_string(), &c);
         assert_eq!(
-            verify(&token, &test_keys::key_set(), &policy(), NOW),
+            verify(&token, &test_keys::key_set(), &provider(), SKEW, NOW),
             invalid(TokenError::MalformedClaims)
         );
         let mut c = claims();
@@ -588,7 +655,8 @@ mod tests {
             verify(
                 &test_keys::sign_raw(&header("k1").to_string(), "[1]"),
                 &test_keys::key_set(),
-                &policy(),
+                &provider(),
+                SKEW,
                 NOW
             ),
             invalid(TokenError::MalformedClaims)
@@ -611,7 +679,7 @@ mod tests {
             format!("{} .{}.{}", parts[0], parts[1], parts[2]),
         ];
         for t in cases {
-            let r = verify(&t, &test_keys::key_set(), &policy(), NOW);
+            let r = verify(&t, &test_keys::key_set(), &provider(), SKEW, NOW);
             assert!(matches!(r, Err(VerifyError::Invalid(_))), "{t:?} -> {r:?}");
         }
     }
@@ -625,7 +693,7 @@ mod tests {
             .push(test_keys::es256_jwk("ec"));
         let keys = KeySet::parse(doc.to_string().as_bytes()).unwrap();
         let token = test_keys::sign_es256(&json!({"alg": "ES256", "kid": "ec"}), &claims());
-        assert!(verify(&token, &keys, &policy(), NOW).is_ok());
+        assert!(verify(&token, &keys, &provider(), SKEW, NOW).is_ok());
         // Tampered claims fail; an RSA-signed token naming the EC key fails; ES256 on an RSA key fails.
         let other =
             test_keys::sign_es256(&json!({"alg": "ES256", "kid": "ec"}), &json!({"iss": "x"}));
@@ -640,19 +708,20 @@ mod tests {
                 .0,
             other.split('.').skip(1).collect::<Vec<_>>().join(".")
         );
-        assert!(verify(&forged, &keys, &policy(), NOW).is_err());
+        assert!(verify(&forged, &keys, &provider(), SKEW, NOW).is_err());
         assert_eq!(
             verify(
                 &sign(&json!({"alg": "RS256", "kid": "ec"}), &claims()),
                 &keys,
-                &policy(),
+                &provider(),
+                SKEW,
                 NOW
             ),
             invalid(TokenError::AlgorithmNotAllowed)
         );
         let es_on_rsa = test_keys::sign_es256(&json!({"alg": "ES256", "kid": "k1"}), &claims());
         assert_eq!(
-            verify(&es_on_rsa, &keys, &policy(), NOW),
+            verify(&es_on_rsa, &keys, &provider(), SKEW, NOW),
             invalid(TokenError::AlgorithmNotAllowed)
         );
     }

@@ -59,7 +59,8 @@ fn secs(ms: u64) -> i64 {
 /// What a callout in flight is for.
 #[derive(Clone, Copy)]
 enum CalloutPurpose {
-    Jwks,
+    /// The key set of this provider (its index).
+    Jwks(u8),
     /// The exchange for this key (its state lives in the coordinator).
     Exchange(Digest32),
 }
@@ -111,7 +112,8 @@ pub struct Gateway<H: Host = ProxyWasmHost> {
     pub policy: Rc<Policy>,
     worker_id: u32,
     requests: ContextMap<Request>,
-    keys: KeyManager,
+    /// One per provider, in `policy.providers`' order.
+    keys: Vec<KeyManager>,
     exchanges: ExchangeCoordinator,
     callouts: ContextMap<CalloutPurpose>,
     verified: VerifiedTokens,
@@ -150,7 +152,11 @@ impl<H: Host> Gateway<H> {
                 ExchangeStore::new(namespace, policy.exchange_cache_slots),
                 worker_id,
             ),
-            keys: KeyManager::new(&policy.keys),
+            keys: policy
+                .providers
+                .iter()
+                .map(|p| KeyManager::new(&p.keys))
+                .collect(),
             policy: Rc::new(policy),
             requests: ContextMap::default(),
             callouts: ContextMap::default(),
@@ -184,7 +190,9 @@ impl<H: Host> Gateway<H> {
         };
         if request.state.is_undecided() {
             self.metrics.inc("requests.abandoned");
-            self.keys.forget(context_id);
+            for keys in &mut self.keys {
+                keys.forget(context_id);
+            }
             self.exchanges.forget(context_id);
         }
     }
@@ -201,12 +209,12 @@ impl<H: Host> Gateway<H> {
     #[cfg(test)]
     pub fn is_idle(&self) -> bool {
         self.requests.is_empty()
-            && self.keys.is_idle()
+            && self.keys.iter().all(KeyManager::is_idle)
             && self.exchanges.is_idle()
             && self
                 .callouts
                 .values()
-                .all(|c| matches!(c, CalloutPurpose::Jwks))
+                .all(|c| matches!(c, CalloutPurpose::Jwks(_)))
     }
 
     fn set_fast_tick(&mut self, fast: bool) {
