@@ -34,6 +34,7 @@ pub use document::{
     AuditLog, ClientAuth, ExchangeConfig, FilterConfig, JwksConfig, McpConfig, Mode, RouteConfig,
     ToolConfig, Unmatched,
 };
+pub use providers::{ClaimRules, ClientIdClaim, Provider, ProviderSet, ScopeClaim, MAX_PROVIDERS};
 
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 
@@ -102,52 +103,6 @@ pub struct RemoteJwks {
     pub min_refetch_interval: Duration,
     pub timeout: Duration,
     pub max_wait: Duration,
-}
-
-/// Most providers one configuration may have: a route's accepted providers are a bit set.
-pub const MAX_PROVIDERS: usize = 32;
-
-/// One issuer of inbound tokens: its keys, the audiences its tokens must carry (unless a route
-/// sets its own), and how its claims are read.
-#[derive(Debug, Clone)]
-pub struct Provider {
-    /// The key in `providers` (`default` for the top-level single-issuer fields).
-    pub name: String,
-    /// Exact `iss` of its tokens: what selects this provider.
-    pub issuer: String,
-    pub audiences: Vec<String>,
-    pub keys: KeySource,
-}
-
-/// The providers a route accepts, by index into [`Policy::providers`]: one bit test on the
-/// cached path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProviderSet(u32);
-
-impl ProviderSet {
-    pub const NONE: Self = Self(0);
-
-    /// The first `count` providers (at most [`MAX_PROVIDERS`]).
-    pub fn all(count: usize) -> Self {
-        Self((0..count.min(MAX_PROVIDERS)).fold(0, |bits, i| bits | 1 << i))
-    }
-
-    #[must_use]
-    pub fn with(self, index: usize) -> Self {
-        if index < MAX_PROVIDERS {
-            Self(self.0 | 1 << index)
-        } else {
-            self
-        }
-    }
-
-    pub fn contains(self, index: u8) -> bool {
-        u32::from(index) < MAX_PROVIDERS as u32 && self.0 & (1 << index) != 0
-    }
-
-    pub fn indexes(self) -> impl Iterator<Item = usize> {
-        (0..MAX_PROVIDERS).filter(move |i| self.0 & (1 << i) != 0)
-    }
 }
 
 /// How inbound tokens are judged (route- and provider-independent parts).

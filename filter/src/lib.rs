@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod cache;
+mod claims;
 pub mod client_key;
 mod clock;
 pub mod config;

@@ -213,3 +213,84 @@ fn an_unknown_kid_refetches_only_its_providers_keys() {
     assert_eq!(key_fetches(&w).len(), 1, "no fetch for inline keys");
     w.end(1);
 }
+
+/// An Entra ID v2 access token as documented: `scp` a space-separated string, `roles` an array,
+/// the client in `azp`, header `typ: JWT`.
+fn entra_token(claims: Value) -> String {
+    let now = (T0_MS / 1000) as i64;
+    let mut c = json!({"iss": ENTRA, "aud": "api://mcp", "sub": "entra-sub", "ver": "2.0",
+                       "tid": "tenant-1", "oid": "00000000-0000-0000-0000-000000000001",
+                       "azp": "vscode-app", "iat": now, "exp": now + 3600});
+    for (k, v) in claims.as_object().into_iter().flatten() {
+        c[k] = v.clone();
+    }
+    test_keys::sign(&json!({"alg": "RS256", "kid": "k1", "typ": "JWT"}), &c)
+}
+
+fn with_entra_keys(cfg: &Value) -> Worker {
+    let mut w = Worker::first(cfg);
+    w.tick(20);
+    let fetch = key_fetches(&w).pop().expect("entra's keys");
+    w.answer(&fetch, Some(200), &test_keys::jwks_json());
+    w
+}
+
+#[test]
+fn entra_shaped_scopes_and_client_are_read_by_the_providers_rules() {
+    let mut cfg = two_providers();
+    cfg["providers"]["entra"]["claims"] =
+        json!({"scopes": ["scp", "roles"], "client_id": ["azp", "appid"]});
+    cfg["identity_headers"] = json!({"x-client": "client_id", "x-scopes": "scope"});
+    let mut w = with_entra_keys(&cfg);
+    send_to(
+        &mut w,
+        1,
+        "/entra/mcp",
+        &entra_token(json!({"scp": "User.Read mcp:tools:call"})),
+    );
+    let call = w.exchanges().pop().expect("the Entra-shaped token passes");
+    w.answer(&call, Some(200), &exchanged("backend-entra"));
+    let r = w.host.request(1);
+    assert_eq!(r.fate, Fate::Forwarded);
+    assert_eq!(r.header("x-client"), Some("vscode-app"));
+    assert_eq!(r.header("x-scopes"), Some("User.Read mcp:tools:call"));
+    // An app-only token: its app roles are its scopes.
+    send_to(
+        &mut w,
+        2,
+        "/entra/mcp",
+        &entra_token(json!({"roles": ["mcp:tools:call"]})),
+    );
+    assert_eq!(w.exchanges().len(), 2);
+    // Without the scope, 403 insufficient_scope (not a malformed token).
+    send_to(
+        &mut w,
+        3,
+        "/entra/mcp",
+        &entra_token(json!({"scp": "User.Read"})),
+    );
+    assert_eq!(w.host.fate(3), Fate::Replied(403));
+    for id in 1..=3 {
+        w.end(id);
+    }
+}
+
+#[test]
+fn a_provider_that_requires_at_jwt_refuses_plain_jwts() {
+    let mut cfg = two_providers();
+    cfg["providers"]["entra"]["typ"] = json!("at+jwt");
+    let mut w = with_entra_keys(&cfg);
+    send_to(
+        &mut w,
+        1,
+        "/entra/mcp",
+        &entra_token(json!({"scp": "mcp:tools:call"})),
+    );
+    assert_invalid_token(&w, 1);
+    // The other provider does not require it.
+    send_to(&mut w, 2, "/mcp", &token(OKTA, "mcpserver", "olaf"));
+    assert_eq!(w.exchanges().len(), 1);
+    for id in [1, 2] {
+        w.end(id);
+    }
+}

@@ -13,10 +13,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jwt_compact::{Algorithm, AlgorithmSignature, UntrustedToken};
 use p256::ecdsa::signature::Verifier as _;
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
+use crate::claims::InboundClaims;
 use crate::config::Provider;
 use crate::jwks::{JwsAlgorithm, KeySelection, KeySet, PublicKeyMaterial};
 use crate::rsa_public::HashAlg;
@@ -39,6 +39,8 @@ pub enum TokenError {
     IssuedInFuture,
     WrongIssuer,
     WrongAudience,
+    /// The header `typ` is not the one the provider requires (RFC 8725 §3.11 explicit typing).
+    WrongType,
 }
 
 impl TokenError {
@@ -59,6 +61,7 @@ impl TokenError {
             Self::IssuedInFuture => "the access token was issued in the future",
             Self::WrongIssuer => "the access token was issued by an untrusted issuer",
             Self::WrongAudience => "the access token is not intended for this resource",
+            Self::WrongType => "the token is not an access token of the expected type",
         }
     }
 }
@@ -102,58 +105,6 @@ struct ExtraHeader {
     crit: Option<serde_json::Value>,
     #[serde(default)]
     enc: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Audience {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// `scp` is Okta's JSON array; a string there is refused rather than split, since an issuer that
-/// writes a string into `scp` is not the one we configured.
-#[derive(Deserialize)]
-struct InboundClaims {
-    #[serde(default)]
-    iss: Option<String>,
-    #[serde(default)]
-    sub: Option<String>,
-    #[serde(default)]
-    aud: Option<Audience>,
-    #[serde(default, deserialize_with = "numeric_date")]
-    exp: Option<i64>,
-    #[serde(default, deserialize_with = "numeric_date")]
-    nbf: Option<i64>,
-    #[serde(default, deserialize_with = "numeric_date")]
-    iat: Option<i64>,
-    #[serde(default)]
-    scp: Option<Vec<String>>,
-    #[serde(default)]
-    scope: Option<String>,
-    #[serde(default)]
-    jti: Option<String>,
-    #[serde(default)]
-    cid: Option<String>,
-    #[serde(default)]
-    client_id: Option<String>,
-    #[serde(default)]
-    email: Option<String>,
-}
-
-/// NumericDate as a JSON integer in `0..=i64::MAX`. Floats, strings, negatives and overflow are
-/// refused: no issuer we serve emits them, and guessing is how time checks get bypassed.
-fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    let v = serde_json::Value::deserialize(d)?;
-    match v {
-        serde_json::Value::Number(n) => match n.as_i64() {
-            Some(t) if t >= 0 => Ok(Some(t)),
-            _ => Err(de::Error::custom(
-                "NumericDate must be a non-negative integer",
-            )),
-        },
-        _ => Err(de::Error::custom("NumericDate must be a number")),
-    }
 }
 
 /// RSA signature bytes as they appear in the token.
@@ -253,6 +204,19 @@ fn nesting_within(bytes: &[u8], max: usize) -> bool {
     true
 }
 
+/// Whether a header `typ` is `expected` (lower case, no `application/`): media types compare
+/// ignoring case, and RFC 7515 §4.1.9 lets the `application/` prefix be left out.
+fn typ_matches(typ: Option<&str>, expected: &str) -> bool {
+    let Some(typ) = typ else {
+        return false;
+    };
+    let short = match typ.get(..12) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("application/") => &typ[12..],
+        _ => typ,
+    };
+    short.eq_ignore_ascii_case(expected)
+}
+
 /// The claims decoded before the signature is checked: only what selects the provider.
 #[derive(Deserialize)]
 struct IssuerClaim {
@@ -319,6 +283,11 @@ pub fn verify(
     if extra.crit.is_some() {
         return Err(invalid(TokenError::UnsupportedHeader));
     }
+    if let Some(expected) = &provider.claims.typ {
+        if !typ_matches(untrusted.header().token_type.as_deref(), expected) {
+            return Err(invalid(TokenError::WrongType));
+        }
+    }
     let key = match keys.select(untrusted.header().key_id.as_deref()) {
         KeySelection::Found(key) => key,
         KeySelection::UnknownKid => return Err(VerifyError::UnknownKid),
@@ -344,63 +313,7 @@ pub fn verify(
     let bytes = payload_bytes(token).map_err(invalid)?;
     let claims: InboundClaims =
         serde_json::from_slice(&bytes).map_err(|_| invalid(TokenError::MalformedClaims))?;
-    check_claims(claims, provider, skew, now)
-}
-
-fn check_claims(
-    claims: InboundClaims,
-    provider: &Provider,
-    skew: i64,
-    now: i64,
-) -> Result<Principal, VerifyError> {
-    let invalid = VerifyError::Invalid;
-    if claims.iss.as_deref() != Some(provider.issuer.as_str()) {
-        return Err(invalid(TokenError::WrongIssuer));
-    }
-    let exp = claims.exp.ok_or(invalid(TokenError::MissingClaim("exp")))?;
-    if now.saturating_sub(skew) >= exp {
-        return Err(invalid(TokenError::Expired));
-    }
-    if let Some(nbf) = claims.nbf {
-        if now.saturating_add(skew) < nbf {
-            return Err(invalid(TokenError::NotYetValid));
-        }
-    }
-    if let Some(iat) = claims.iat {
-        if now.saturating_add(skew) < iat {
-            return Err(invalid(TokenError::IssuedInFuture));
-        }
-    }
-    let audiences = match claims.aud {
-        Some(Audience::One(a)) => vec![a],
-        Some(Audience::Many(list)) => list,
-        None => Vec::new(),
-    };
-    let sub = match claims.sub {
-        Some(s) if !s.is_empty() => s,
-        _ => return Err(invalid(TokenError::MissingClaim("sub"))),
-    };
-    // Okta writes `scp` (array); RFC 9068 and most others write `scope` (space-separated).
-    // Only ASCII space separates, per RFC 6749 §3.3: a tab is not a separator.
-    let scopes = match (claims.scp, claims.scope) {
-        (Some(list), _) => list,
-        (None, Some(s)) => s
-            .split(' ')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect(),
-        (None, None) => Vec::new(),
-    };
-    Ok(Principal {
-        provider: 0,
-        sub,
-        audiences,
-        scopes,
-        expires_at: exp,
-        jti: claims.jti,
-        client_id: claims.cid.or(claims.client_id),
-        email: claims.email,
-    })
+    claims.principal(provider, skew, now).map_err(invalid)
 }
 
 #[cfg(test)]
@@ -419,6 +332,7 @@ mod tests {
             issuer: "https://idp.example.com/oauth2/mcp".into(),
             audiences: vec!["mcpserver".into()],
             keys: crate::config::KeySource::Inline(test_keys::key_set()),
+            claims: crate::config::ClaimRules::default(),
         }
     }
 
@@ -471,6 +385,65 @@ mod tests {
         assert_eq!(unverified_issuer("a.b.c.d.e"), Err(TokenError::Encrypted));
         assert_eq!(unverified_issuer("a.b"), Err(TokenError::Malformed));
         assert_eq!(unverified_issuer("e30.!!!.x"), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn a_provider_that_requires_typ_refuses_other_types() {
+        let mut rfc9068 = provider();
+        rfc9068.claims.typ = Some("at+jwt".into());
+        let with_typ = |typ: serde_json::Value| {
+            let mut h = header("k1");
+            h["typ"] = typ;
+            verify(
+                &sign(&h, &claims()),
+                &test_keys::key_set(),
+                &rfc9068,
+                SKEW,
+                NOW,
+            )
+        };
+        for good in [
+            "at+jwt",
+            "AT+JWT",
+            "application/at+jwt",
+            "Application/At+Jwt",
+        ] {
+            assert!(with_typ(json!(good)).is_ok(), "{good}");
+        }
+        for bad in [
+            json!("JWT"),
+            json!("at+jwt "),
+            json!("application/jwt"),
+            json!(null),
+        ] {
+            assert_eq!(
+                with_typ(bad.clone()),
+                invalid(TokenError::WrongType),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            verify(
+                &sign(&header("k1"), &claims()),
+                &test_keys::key_set(),
+                &rfc9068,
+                SKEW,
+                NOW
+            ),
+            invalid(TokenError::WrongType),
+            "no typ at all"
+        );
+        // Without the rule, any typ is fine (Okta and Entra ID send `JWT` or none).
+        let mut h = header("k1");
+        h["typ"] = json!("JWT");
+        assert!(verify(
+            &sign(&h, &claims()),
+            &test_keys::key_set(),
+            &provider(),
+            SKEW,
+            NOW
+        )
+        .is_ok());
     }
 
     #[test]
@@ -649,7 +622,7 @@ mod tests {
             invalid(TokenError::MalformedClaims)
         );
         let mut c = claims();
-        c["scp"] = json!("mcp:tools:call");
+        c["scp"] = json!(["mcp:tools:call", 7]);
         assert_eq!(check(header("k1"), c), invalid(TokenError::MalformedClaims));
         assert_eq!(
             verify(

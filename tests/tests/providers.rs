@@ -143,3 +143,69 @@ async fn tokens_of_other_or_unknown_issuers_are_refused_without_key_work() -> Re
     assert_eq!(stack.idp.exchange_count(), exchanges_before, "no exchange");
     Ok(())
 }
+
+/// Provider `partner` reads its tokens the Entra ID way (`scp` a space-separated string, app
+/// `roles`, client in `azp`) and requires `typ: at+jwt`; `okta` keeps the defaults.
+fn partner_with_entra_claims() -> StackOptions {
+    let mut opts = two_providers();
+    opts.plugin_patch["providers"]["partner"]["claims"] =
+        json!({"scopes": ["scp", "roles"], "client_id": ["azp", "appid"]});
+    opts.plugin_patch["providers"]["partner"]["typ"] = json!("at+jwt");
+    opts.plugin_patch["identity_headers"] = json!({"x-mcp-client-id": "client_id"});
+    opts
+}
+
+/// A `partner` token shaped like Entra ID's, signed by the IdP with header `typ`.
+fn entra_shaped(stack: &Stack, typ: &str, claims: serde_json::Value) -> Result<String> {
+    let minted = partner_token(stack, "erin@partner.example");
+    let payload = minted.split('.').nth(1).unwrap_or_default();
+    use base64::Engine as _;
+    let mut c: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?,
+    )?;
+    c.as_object_mut().map(|o| {
+        o.remove("scp");
+        o.remove("cid");
+    });
+    for (k, v) in claims.as_object().into_iter().flatten() {
+        c[k] = v.clone();
+    }
+    let header = json!({"alg": "RS256", "kid": stack.idp.kid("partner"), "typ": typ});
+    stack.idp.sign_raw(
+        "partner",
+        header.to_string().as_bytes(),
+        c.to_string().as_bytes(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_provider_reads_claims_in_its_issuers_shape() -> Result {
+    let stack = Stack::start_with(partner_with_entra_claims()).await?;
+    let delegated = entra_shaped(
+        &stack,
+        "at+jwt",
+        json!({"scp": "User.Read mcp:tools:call", "azp": "entra-client"}),
+    )?;
+    let who = mcp::whoami(&stack.envoy.url("/partner/mcp"), &delegated).await?;
+    assert_eq!(who.sub, "erin@partner.example");
+    let seen = stack.extra[0].seen_requests();
+    let last = seen.last().expect("the partner upstream was called");
+    assert_eq!(last.header("x-mcp-client-id"), Some("entra-client"));
+
+    let app_only = entra_shaped(&stack, "application/at+jwt", json!({"roles": ["mcp:tools:call"]}))?;
+    mcp::whoami(&stack.envoy.url("/partner/mcp"), &app_only).await?;
+
+    let without_scope = entra_shaped(&stack, "at+jwt", json!({"scp": "User.Read"}))?;
+    let a = post(&stack, "/partner/mcp", &without_scope).await?;
+    assert_eq!(a.status, 403, "{}", a.body);
+    // A plain JWT (the IdP's usual header has no `typ`) is not this provider's access token.
+    assert_invalid_token(
+        &post(&stack, "/partner/mcp", &partner_token(&stack, "pat")).await?,
+        "no typ",
+    );
+    let jwt_typ = entra_shaped(&stack, "JWT", json!({"scp": "mcp:tools:call"}))?;
+    assert_invalid_token(&post(&stack, "/partner/mcp", &jwt_typ).await?, "typ JWT");
+    // `okta` keeps Okta's shapes and needs no `typ`.
+    mcp::whoami(&stack.envoy.url("/mcp"), &stack.user_token()).await?;
+    Ok(())
+}

@@ -2,12 +2,117 @@
 //! audiences and claim rules. Without `providers`, the top-level `issuer`, `audiences` and `jwks`
 //! are the one provider, named `default`, so single-issuer documents keep their meaning.
 
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::checks::{require_audiences, require_header_value, require_non_empty};
 use super::document::{FilterConfig, JwksConfig};
-use super::fields::{join, object, strings, Fields};
-use super::{ConfigError, Provider, ProviderSet, MAX_PROVIDERS};
+use super::fields::{join, list, object, strings, value, Fields};
+use super::{ConfigError, KeySource};
+
+/// Most providers one configuration may have: a route's accepted providers are a bit set.
+pub const MAX_PROVIDERS: usize = 32;
+
+/// One issuer of inbound tokens: its keys, the audiences its tokens must carry (unless a route
+/// sets its own), and how its claims are read.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    /// The key in `providers` (`default` for the top-level single-issuer fields).
+    pub name: String,
+    /// Exact `iss` of its tokens: what selects this provider.
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub keys: KeySource,
+    pub claims: ClaimRules,
+}
+
+/// A claim that carries scopes, with the shapes its issuers write (see `claims`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScopeClaim {
+    /// Okta: an array; Entra ID: a space-separated string.
+    Scp,
+    /// RFC 9068, Keycloak, Auth0: a space-separated string.
+    Scope,
+    /// Entra ID app roles: an array.
+    Roles,
+    /// Auth0 RBAC: an array.
+    Permissions,
+}
+
+/// A claim that names the OAuth client the token was issued to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIdClaim {
+    /// Okta.
+    Cid,
+    /// RFC 9068.
+    ClientId,
+    /// OIDC authorized party: Entra ID v2, Keycloak, Auth0.
+    Azp,
+    /// Entra ID v1.
+    Appid,
+}
+
+/// How one provider's tokens are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRules {
+    /// Every listed claim present adds its scopes (in this order, without duplicates).
+    pub scopes: Vec<ScopeClaim>,
+    /// The first listed claim present names the client.
+    pub client_id: Vec<ClientIdClaim>,
+    /// The JOSE header `typ` every token must have (lower case, without `application/`), e.g.
+    /// `at+jwt` (RFC 9068 §2.1); `None`: not checked.
+    pub typ: Option<String>,
+}
+
+impl Default for ClaimRules {
+    /// Today's single-issuer reading: `scp` and `scope`; client from any of the four claims.
+    fn default() -> Self {
+        Self {
+            scopes: vec![ScopeClaim::Scp, ScopeClaim::Scope],
+            client_id: vec![
+                ClientIdClaim::Cid,
+                ClientIdClaim::ClientId,
+                ClientIdClaim::Azp,
+                ClientIdClaim::Appid,
+            ],
+            typ: None,
+        }
+    }
+}
+
+/// The providers a route accepts, by index into [`Policy::providers`]: one bit test on the
+/// cached path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderSet(u32);
+
+impl ProviderSet {
+    pub const NONE: Self = Self(0);
+
+    /// The first `count` providers (at most [`MAX_PROVIDERS`]).
+    pub fn all(count: usize) -> Self {
+        Self((0..count.min(MAX_PROVIDERS)).fold(0, |bits, i| bits | 1 << i))
+    }
+
+    #[must_use]
+    pub fn with(self, index: usize) -> Self {
+        if index < MAX_PROVIDERS {
+            Self(self.0 | 1 << index)
+        } else {
+            self
+        }
+    }
+
+    pub fn contains(self, index: u8) -> bool {
+        u32::from(index) < MAX_PROVIDERS as u32 && self.0 & (1 << index) != 0
+    }
+
+    pub fn indexes(self) -> impl Iterator<Item = usize> {
+        (0..MAX_PROVIDERS).filter(move |i| self.0 & (1 << i) != 0)
+    }
+}
 
 /// One entry of `providers` as written.
 #[derive(Debug)]
@@ -15,10 +120,15 @@ pub struct ProviderConfig {
     pub issuer: String,
     pub audiences: Vec<String>,
     pub jwks: JwksConfig,
+    /// `claims`: which claims carry scopes and the client; absent: [`ClaimRules::default`].
+    pub claims: ClaimRules,
+    /// Required JOSE header `typ` (`at+jwt`).
+    pub typ: Option<String>,
 }
 
 impl ProviderConfig {
-    const FIELDS: &'static [&'static str] = &["issuer", "audiences", "jwks"];
+    const FIELDS: &'static [&'static str] = &["issuer", "audiences", "jwks", "claims", "typ"];
+    const CLAIMS_FIELDS: &'static [&'static str] = &["scopes", "client_id"];
 
     fn read(path: String, v: Value) -> Result<Self, ConfigError> {
         let mut f = Fields::new(path, v, Self::FIELDS)?;
@@ -32,8 +142,45 @@ impl ProviderConfig {
                 let (path, v) = f.take_required("jwks")?;
                 JwksConfig::read(path, v)?
             },
+            claims: match f.take("claims") {
+                Some((path, v)) => Self::read_claims(path, v)?,
+                None => ClaimRules::default(),
+            },
+            typ: f.optional("typ")?,
         })
     }
+
+    /// `claims.scopes` and `claims.client_id`: lists of claim names the filter knows the shapes
+    /// of; each absent list keeps its default.
+    fn read_claims(path: String, v: Value) -> Result<ClaimRules, ConfigError> {
+        let mut f = Fields::new(path, v, Self::CLAIMS_FIELDS)?;
+        let defaults = ClaimRules::default();
+        Ok(ClaimRules {
+            scopes: claim_names(&mut f, "scopes")?.unwrap_or(defaults.scopes),
+            client_id: claim_names(&mut f, "client_id")?.unwrap_or(defaults.client_id),
+            typ: None,
+        })
+    }
+}
+
+/// A non-empty list of claim names (`ScopeClaim`s or `ClientIdClaim`s); `None` when absent.
+fn claim_names<T: DeserializeOwned>(
+    f: &mut Fields,
+    name: &str,
+) -> Result<Option<Vec<T>>, ConfigError> {
+    let Some((path, v)) = f.take(name) else {
+        return Ok(None);
+    };
+    let items = list(&path, v)?;
+    if items.is_empty() {
+        return Err(ConfigError::new(&path, "must name at least one claim"));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| value(&format!("{path}[{i}]"), v))
+        .collect::<Result<Vec<T>, _>>()
+        .map(Some)
 }
 
 /// `providers` as written: name → provider, sorted by name (the order of `Policy::providers`,
@@ -71,7 +218,14 @@ impl FilterConfig {
         let Some(jwks) = self.jwks.take() else {
             return Err(ConfigError::new("", "missing field `jwks`"));
         };
-        validate_provider("", "default".into(), issuer, audiences, jwks)
+        let config = ProviderConfig {
+            issuer,
+            audiences,
+            jwks,
+            claims: ClaimRules::default(),
+            typ: None,
+        };
+        validate_provider("", "default".into(), config)
     }
 
     fn named_providers(
@@ -108,8 +262,7 @@ impl FilterConfig {
         for (name, config) in configs {
             let field = join("providers", &name);
             require_non_empty(&field, &name)?;
-            let provider =
-                validate_provider(&field, name, config.issuer, config.audiences, config.jwks)?;
+            let provider = validate_provider(&field, name, config)?;
             // The token's `iss` picks its provider: two with one issuer make that ambiguous.
             if let Some(other) = providers.iter().find(|p| p.issuer == provider.issuer) {
                 return Err(ConfigError::new(
@@ -127,21 +280,39 @@ impl FilterConfig {
 fn validate_provider(
     field: &str,
     name: String,
-    issuer: String,
-    audiences: Vec<String>,
-    jwks: JwksConfig,
+    config: ProviderConfig,
 ) -> Result<Provider, ConfigError> {
     let issuer_field = join(field, "issuer");
-    require_non_empty(&issuer_field, &issuer)?;
-    require_header_value(&issuer_field, &issuer)?;
-    require_audiences(&join(field, "audiences"), &audiences)?;
-    let keys = jwks.validate(&join(field, "jwks"))?;
+    require_non_empty(&issuer_field, &config.issuer)?;
+    require_header_value(&issuer_field, &config.issuer)?;
+    require_audiences(&join(field, "audiences"), &config.audiences)?;
+    let keys = config.jwks.validate(&join(field, "jwks"))?;
+    let mut claims = config.claims;
+    claims.typ = match config.typ {
+        Some(typ) => Some(media_type(&join(field, "typ"), &typ)?),
+        None => None,
+    };
     Ok(Provider {
         name,
-        issuer,
-        audiences,
+        issuer: config.issuer,
+        audiences: config.audiences,
         keys,
+        claims,
     })
+}
+
+/// A `typ` as compared: lower case, without the `application/` prefix RFC 7515 §4.1.9 lets
+/// senders leave out (`application/at+JWT` and `at+jwt` are one type).
+pub(crate) fn media_type(field: &str, typ: &str) -> Result<String, ConfigError> {
+    let lower = typ.to_ascii_lowercase();
+    let short = lower.strip_prefix("application/").unwrap_or(&lower);
+    if short.is_empty() || !short.bytes().all(|b| b.is_ascii_graphic()) || short.contains('/') {
+        return Err(ConfigError::new(
+            field,
+            "must be a media type such as `at+jwt`",
+        ));
+    }
+    Ok(short.to_string())
 }
 
 /// A route's `providers` (names) as the set of provider indexes it accepts; absent: all.
@@ -333,6 +504,60 @@ mod tests {
             mutate(&mut v);
             let e = parse(&v).expect_err(field);
             assert_eq!(e.field, field, "{e}");
+        }
+    }
+
+    #[test]
+    fn claim_rules_and_typ_per_provider() {
+        use crate::config::{ClaimRules, ClientIdClaim, ScopeClaim};
+        let mut v = two();
+        v["providers"]["entra"]["claims"] =
+            json!({"scopes": ["scp", "roles"], "client_id": ["azp", "appid"]});
+        v["providers"]["entra"]["typ"] = json!("Application/AT+JWT");
+        let p = parse(&v).unwrap();
+        let entra = p.providers.iter().find(|p| p.name == "entra").unwrap();
+        assert_eq!(entra.claims.scopes, [ScopeClaim::Scp, ScopeClaim::Roles]);
+        assert_eq!(
+            entra.claims.client_id,
+            [ClientIdClaim::Azp, ClientIdClaim::Appid]
+        );
+        assert_eq!(entra.claims.typ.as_deref(), Some("at+jwt"));
+        let okta = p.providers.iter().find(|p| p.name == "okta").unwrap();
+        assert_eq!(okta.claims, ClaimRules::default());
+
+        let cases = [
+            (
+                "providers.okta.claims.scopes[1]",
+                json!({"scopes": ["scp", "groups"]}),
+            ),
+            ("providers.okta.claims.scopes", json!({"scopes": []})),
+            ("providers.okta.claims.scopes", json!({"scopes": "scp"})),
+            (
+                "providers.okta.claims.client_id[0]",
+                json!({"client_id": ["sub"]}),
+            ),
+            ("providers.okta.claims.zz", json!({"zz": 1})),
+            ("providers.okta.claims", json!(["scp"])),
+        ];
+        for (field, claims) in cases {
+            let mut v = two();
+            v["providers"]["okta"]["claims"] = claims;
+            assert_eq!(parse(&v).expect_err(field).field, field);
+        }
+        for typ in [
+            json!(""),
+            json!("application/"),
+            json!("at jwt"),
+            json!("a/b/c"),
+            json!(5),
+        ] {
+            let mut v = two();
+            v["providers"]["okta"]["typ"] = typ.clone();
+            assert_eq!(
+                parse(&v).expect_err("typ").field,
+                "providers.okta.typ",
+                "{typ}"
+            );
         }
     }
 
