@@ -766,6 +766,7 @@ mod tests {
 
     fn principal(exp: i64) -> Rc<Principal> {
         Rc::new(Principal {
+            provider: 0,
             sub: "u".into(),
             audiences: vec![],
             scopes: vec![],

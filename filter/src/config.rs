@@ -21,6 +21,7 @@ mod fields;
 mod fleet_store;
 mod identity_headers;
 mod key_source;
+mod providers;
 mod resource_metadata;
 mod routes;
 mod validate;
@@ -35,6 +36,7 @@ pub use document::{
     AuditLog, ClientAuth, ExchangeConfig, FilterConfig, JwksConfig, McpConfig, Mode, RouteConfig,
     ToolConfig, Unmatched,
 };
+pub use providers::{ClaimRules, ClientIdClaim, Provider, ProviderSet, ScopeClaim, MAX_PROVIDERS};
 
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 
@@ -105,10 +107,9 @@ pub struct RemoteJwks {
     pub max_wait: Duration,
 }
 
-/// How inbound tokens are judged (route-independent parts).
+/// How inbound tokens are judged (route- and provider-independent parts).
 #[derive(Debug, Clone)]
 pub struct InboundPolicy {
-    pub issuer: String,
     pub clock_skew_seconds: i64,
     pub max_token_bytes: usize,
     pub verified_cache_max_entries: usize,
@@ -192,7 +193,10 @@ pub struct Route {
     pub name: String,
     pub path_prefix: String,
     pub public: bool,
-    pub audiences: Vec<String>,
+    /// The route's own `audiences`; `None`: each provider's (see [`Policy::accepted_audiences`]).
+    pub audiences: Option<Vec<String>>,
+    /// The providers whose tokens the route accepts.
+    pub providers: ProviderSet,
     pub required_scopes: Vec<String>,
     /// `None` in `validate_only` mode.
     pub target: Option<Rc<ExchangeTarget>>,
@@ -229,7 +233,8 @@ pub struct McpPolicy {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub inbound: InboundPolicy,
-    pub keys: KeySource,
+    /// At least one, at most [`MAX_PROVIDERS`], issuers distinct.
+    pub providers: Vec<Provider>,
     /// Longest prefix first.
     pub routes: Vec<Route>,
     pub unmatched: Unmatched,
@@ -247,6 +252,24 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The provider whose issuer is exactly `iss` (a handful at most: a scan beats hashing).
+    pub fn provider_for_issuer(&self, iss: &str) -> Option<u8> {
+        let index = self.providers.iter().position(|p| p.issuer == iss)?;
+        u8::try_from(index).ok()
+    }
+
+    /// The audiences a token of `provider` needs on `route`: the route's own, else the
+    /// provider's.
+    pub fn accepted_audiences<'a>(&'a self, route: &'a Route, provider: u8) -> &'a [String] {
+        match &route.audiences {
+            Some(own) => own,
+            None => self
+                .providers
+                .get(usize::from(provider))
+                .map_or(&[], |p| &p.audiences),
+        }
+    }
+
     /// The index of the route for a request path in normal form, longest prefix first.
     pub fn route_index(&self, path: &NormalPath<'_>) -> Option<usize> {
         self.routes
@@ -413,7 +436,7 @@ mod tests {
                 .expose(),
             "s3cret"
         );
-        match p.keys {
+        match &p.providers[0].keys {
             KeySource::Remote(r) => {
                 assert_eq!(r.refresh_interval, Duration::from_secs(600));
                 assert_eq!(r.authority, "idp.example.com");

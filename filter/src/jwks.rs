@@ -129,6 +129,8 @@ struct RawJwk {
     #[serde(default, rename = "use")]
     key_use: Option<String>,
     #[serde(default)]
+    key_ops: Option<Vec<String>>,
+    #[serde(default)]
     n: Option<String>,
     #[serde(default)]
     e: Option<String>,
@@ -203,6 +205,13 @@ fn parse_key(entry: serde_json::Value) -> Result<VerifyingKey, String> {
     if let Some(u) = &jwk.key_use {
         if u != "sig" {
             return Err(format!("use {} is not \"sig\"", sanitize(u)));
+        }
+    }
+    // RFC 7517 §4.3: a key whose operations exclude `verify` is not for checking signatures
+    // (with `use` as well, both must agree, so each is checked on its own).
+    if let Some(ops) = &jwk.key_ops {
+        if !ops.iter().any(|op| op == "verify") {
+            return Err("key_ops does not include \"verify\"".to_string());
         }
     }
     if jwk.kty == "EC" {
@@ -357,6 +366,35 @@ mod tests {
         assert_eq!(set.keys.len(), 1);
         assert_eq!(set.keys[0].kid.as_deref(), Some("good"));
         assert_eq!(set.skipped.len(), 12, "{:?}", set.skipped);
+    }
+
+    /// RFC 7517 §4.2–4.3: only keys whose `use`/`key_ops` allow verification are used (Entra
+    /// ID publishes `use: sig`; others may publish `key_ops`).
+    #[test]
+    fn keys_whose_use_or_key_ops_exclude_verification_are_not_used() {
+        let key = |kid: &str, extra: serde_json::Value| {
+            let mut k = json!({"kty": "RSA", "kid": kid, "n": test_n(), "e": "AQAB"});
+            for (name, v) in extra.as_object().into_iter().flatten() {
+                k[name] = v.clone();
+            }
+            k
+        };
+        let keys = vec![
+            key("sig", json!({"use": "sig"})),
+            key("verify", json!({"key_ops": ["verify"]})),
+            key("both", json!({"use": "sig", "key_ops": ["sign", "verify"]})),
+            key("sign-only", json!({"key_ops": ["sign"]})),
+            key("encrypt", json!({"key_ops": ["encrypt", "wrapKey"]})),
+            key("no-ops", json!({"key_ops": []})),
+            key("disagree", json!({"use": "sig", "key_ops": ["decrypt"]})),
+            key("enc-verify", json!({"use": "enc", "key_ops": ["verify"]})),
+            key("ops-string", json!({"key_ops": "verify"})),
+            key("upper", json!({"key_ops": ["VERIFY"]})),
+        ];
+        let set = KeySet::parse(json!({ "keys": keys }).to_string().as_bytes()).unwrap();
+        let used: Vec<_> = set.keys.iter().filter_map(|k| k.kid.as_deref()).collect();
+        assert_eq!(used, ["sig", "verify", "both"], "{:?}", set.skipped);
+        assert_eq!(set.skipped.len(), 7);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod cache;
+mod claims;
 pub mod client_key;
 mod clock;
 pub mod config;
@@ -41,6 +42,8 @@ mod fleet_properties;
 mod flow_properties;
 #[cfg(test)]
 mod flow_tests;
+#[cfg(test)]
+mod provider_flow_tests;
 #[cfg(test)]
 mod test_keys;
 

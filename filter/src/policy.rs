@@ -89,6 +89,7 @@ mod tests {
 
     fn principal(aud: &[&str], scopes: &[&str]) -> Principal {
         Principal {
+            provider: 0,
             sub: "u".into(),
             audiences: aud.iter().map(|s| s.to_string()).collect(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),

@@ -69,9 +69,11 @@ impl RootContext for Root {
                         }
                     })
                     .collect();
+                let issuers: Vec<&str> =
+                    policy.providers.iter().map(|p| p.issuer.as_str()).collect();
                 info!(
                     "configured: issuer {}, routes: {}",
-                    policy.inbound.issuer,
+                    issuers.join(", "),
                     routes.join("; ")
                 );
                 // Shared data is keyed by a digest of the configuration, so VMs with another

@@ -13,11 +13,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jwt_compact::{Algorithm, AlgorithmSignature, UntrustedToken};
 use p256::ecdsa::signature::Verifier as _;
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
-use crate::config::InboundPolicy;
+use crate::claims::InboundClaims;
+use crate::config::Provider;
 use crate::jwks::{JwsAlgorithm, KeySelection, KeySet, PublicKeyMaterial};
 use crate::rsa_public::HashAlg;
 
@@ -39,6 +39,8 @@ pub enum TokenError {
     IssuedInFuture,
     WrongIssuer,
     WrongAudience,
+    /// The header `typ` is not the one the provider requires (RFC 8725 §3.11 explicit typing).
+    WrongType,
 }
 
 impl TokenError {
@@ -59,6 +61,7 @@ impl TokenError {
             Self::IssuedInFuture => "the access token was issued in the future",
             Self::WrongIssuer => "the access token was issued by an untrusted issuer",
             Self::WrongAudience => "the access token is not intended for this resource",
+            Self::WrongType => "the token is not an access token of the expected type",
         }
     }
 }
@@ -83,6 +86,9 @@ pub enum VerifyError {
 /// `policy` (audience per route, scopes per route and tool).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
+    /// Index of the provider that issued the token (in `Policy::providers`): which routes accept
+    /// it and which audiences it needs. Set by the caller that selected the provider.
+    pub provider: u8,
     pub sub: String,
     pub audiences: Vec<String>,
     pub scopes: Vec<String>,
@@ -99,58 +105,6 @@ struct ExtraHeader {
     crit: Option<serde_json::Value>,
     #[serde(default)]
     enc: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Audience {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// `scp` is Okta's JSON array; a string there is refused rather than split, since an issuer that
-/// writes a string into `scp` is not the one we configured.
-#[derive(Deserialize)]
-struct InboundClaims {
-    #[serde(default)]
-    iss: Option<String>,
-    #[serde(default)]
-    sub: Option<String>,
-    #[serde(default)]
-    aud: Option<Audience>,
-    #[serde(default, deserialize_with = "numeric_date")]
-    exp: Option<i64>,
-    #[serde(default, deserialize_with = "numeric_date")]
-    nbf: Option<i64>,
-    #[serde(default, deserialize_with = "numeric_date")]
-    iat: Option<i64>,
-    #[serde(default)]
-    scp: Option<Vec<String>>,
-    #[serde(default)]
-    scope: Option<String>,
-    #[serde(default)]
-    jti: Option<String>,
-    #[serde(default)]
-    cid: Option<String>,
-    #[serde(default)]
-    client_id: Option<String>,
-    #[serde(default)]
-    email: Option<String>,
-}
-
-/// NumericDate as a JSON integer in `0..=i64::MAX`. Floats, strings, negatives and overflow are
-/// refused: no issuer we serve emits them, and guessing is how time checks get bypassed.
-fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    let v = serde_json::Value::deserialize(d)?;
-    match v {
-        serde_json::Value::Number(n) => match n.as_i64() {
-            Some(t) if t >= 0 => Ok(Some(t)),
-            _ => Err(de::Error::custom(
-                "NumericDate must be a non-negative integer",
-            )),
-        },
-        _ => Err(de::Error::custom("NumericDate must be a number")),
-    }
 }
 
 /// RSA signature bytes as they appear in the token.
@@ -250,13 +204,65 @@ fn nesting_within(bytes: &[u8], max: usize) -> bool {
     true
 }
 
-/// Verifies `token` against `keys` and the inbound policy at time `now` (Unix seconds): structure,
-/// signature, issuer and time. Audience and scopes depend on the route and are checked by
-/// `policy`: a valid token with too few scopes is a 403, not a 401.
+/// Whether a header `typ` is `expected` (lower case, no `application/`): media types compare
+/// ignoring case, and RFC 7515 §4.1.9 lets the `application/` prefix be left out.
+fn typ_matches(typ: Option<&str>, expected: &str) -> bool {
+    let Some(typ) = typ else {
+        return false;
+    };
+    let short = match typ.get(..12) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("application/") => &typ[12..],
+        _ => typ,
+    };
+    short.eq_ignore_ascii_case(expected)
+}
+
+/// The claims decoded before the signature is checked: only what selects the provider.
+#[derive(Deserialize)]
+struct IssuerClaim {
+    #[serde(default)]
+    iss: Option<String>,
+}
+
+/// The payload segment of a compact JWS, decoded, with its nesting bounded.
+fn payload_bytes(token: &str) -> Result<Vec<u8>, TokenError> {
+    let mut segments = token.split('.');
+    let payload = segments.nth(1).ok_or(TokenError::Malformed)?;
+    match segments.count() {
+        1 => {}
+        // Five segments: a JWE (RFC 7516 §9).
+        3 => return Err(TokenError::Encrypted),
+        _ => return Err(TokenError::Malformed),
+    }
+    let bytes = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| TokenError::Malformed)?;
+    if !nesting_within(&bytes, MAX_CLAIMS_NESTING) {
+        return Err(TokenError::MalformedClaims);
+    }
+    Ok(bytes)
+}
+
+/// The token's `iss`, read without verifying anything: it only selects which provider's keys
+/// and rules verify the token (as `jwt_authn` does), before any key is looked at, so a token
+/// from an unknown issuer costs no key work and no JWKS fetch. Duplicate or mistyped `iss` is
+/// refused here like in the full claims.
+pub fn unverified_issuer(token: &str) -> Result<String, TokenError> {
+    let bytes = payload_bytes(token)?;
+    let claims: IssuerClaim =
+        serde_json::from_slice(&bytes).map_err(|_| TokenError::MalformedClaims)?;
+    claims.iss.ok_or(TokenError::MissingClaim("iss"))
+}
+
+/// Verifies `token` against `keys` and the rules of the provider that issued it at time `now`
+/// (Unix seconds), with `skew` seconds of tolerance: structure, signature, issuer and time.
+/// Audience and scopes depend on the route and are checked by `policy`: a valid token with too
+/// few scopes is a 403, not a 401.
 pub fn verify(
     token: &str,
     keys: &KeySet,
-    policy: &InboundPolicy,
+    provider: &Provider,
+    skew: i64,
     now: i64,
 ) -> Result<Principal, VerifyError> {
     let invalid = VerifyError::Invalid;
@@ -276,6 +282,11 @@ pub fn verify(
     // RFC 7515 §4.1.11: a recipient that does not understand a critical extension must reject.
     if extra.crit.is_some() {
         return Err(invalid(TokenError::UnsupportedHeader));
+    }
+    if let Some(expected) = &provider.claims.typ {
+        if !typ_matches(untrusted.header().token_type.as_deref(), expected) {
+            return Err(invalid(TokenError::WrongType));
+        }
     }
     let key = match keys.select(untrusted.header().key_id.as_deref()) {
         KeySelection::Found(key) => key,
@@ -299,74 +310,10 @@ pub fn verify(
     }
 
     // The signature covers the exact payload bytes; decode them again with the strict schema.
-    let payload = token
-        .split('.')
-        .nth(1)
-        .ok_or(invalid(TokenError::Malformed))?;
-    let bytes = URL_SAFE_NO_PAD
-        .decode(payload)
-        .map_err(|_| invalid(TokenError::Malformed))?;
-    if !nesting_within(&bytes, MAX_CLAIMS_NESTING) {
-        return Err(invalid(TokenError::MalformedClaims));
-    }
+    let bytes = payload_bytes(token).map_err(invalid)?;
     let claims: InboundClaims =
         serde_json::from_slice(&bytes).map_err(|_| invalid(TokenError::MalformedClaims))?;
-    check_claims(claims, policy, now)
-}
-
-fn check_claims(
-    claims: InboundClaims,
-    policy: &InboundPolicy,
-    now: i64,
-) -> Result<Principal, VerifyError> {
-    let invalid = VerifyError::Invalid;
-    let skew = policy.clock_skew_seconds;
-    if claims.iss.as_deref() != Some(policy.issuer.as_str()) {
-        return Err(invalid(TokenError::WrongIssuer));
-    }
-    let exp = claims.exp.ok_or(invalid(TokenError::MissingClaim("exp")))?;
-    if now.saturating_sub(skew) >= exp {
-        return Err(invalid(TokenError::Expired));
-    }
-    if let Some(nbf) = claims.nbf {
-        if now.saturating_add(skew) < nbf {
-            return Err(invalid(TokenError::NotYetValid));
-        }
-    }
-    if let Some(iat) = claims.iat {
-        if now.saturating_add(skew) < iat {
-            return Err(invalid(TokenError::IssuedInFuture));
-        }
-    }
-    let audiences = match claims.aud {
-        Some(Audience::One(a)) => vec![a],
-        Some(Audience::Many(list)) => list,
-        None => Vec::new(),
-    };
-    let sub = match claims.sub {
-        Some(s) if !s.is_empty() => s,
-        _ => return Err(invalid(TokenError::MissingClaim("sub"))),
-    };
-    // Okta writes `scp` (array); RFC 9068 and most others write `scope` (space-separated).
-    // Only ASCII space separates, per RFC 6749 §3.3: a tab is not a separator.
-    let scopes = match (claims.scp, claims.scope) {
-        (Some(list), _) => list,
-        (None, Some(s)) => s
-            .split(' ')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect(),
-        (None, None) => Vec::new(),
-    };
-    Ok(Principal {
-        sub,
-        audiences,
-        scopes,
-        expires_at: exp,
-        jti: claims.jti,
-        client_id: claims.cid.or(claims.client_id),
-        email: claims.email,
-    })
+    claims.principal(provider, skew, now).map_err(invalid)
 }
 
 #[cfg(test)]
@@ -377,12 +324,15 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000;
 
-    fn policy() -> InboundPolicy {
-        InboundPolicy {
+    const SKEW: i64 = 60;
+
+    fn provider() -> Provider {
+        Provider {
+            name: "okta".into(),
             issuer: "https://idp.example.com/oauth2/mcp".into(),
-            clock_skew_seconds: 60,
-            max_token_bytes: 8192,
-            verified_cache_max_entries: 100,
+            audiences: vec!["mcpserver".into()],
+            keys: crate::config::KeySource::Inline(test_keys::key_set()),
+            claims: crate::config::ClaimRules::default(),
         }
     }
 
@@ -400,11 +350,100 @@ mod tests {
 
     fn check(h: serde_json::Value, c: serde_json::Value) -> Result<Principal, VerifyError> {
         let token = sign(&h, &c);
-        verify(&token, &test_keys::key_set(), &policy(), NOW)
+        verify(&token, &test_keys::key_set(), &provider(), SKEW, NOW)
     }
 
     fn invalid(e: TokenError) -> Result<Principal, VerifyError> {
         Err(VerifyError::Invalid(e))
+    }
+
+    #[test]
+    fn the_issuer_is_read_before_anything_is_verified_and_strictly() {
+        let signed = sign(&header("k1"), &claims());
+        assert_eq!(
+            unverified_issuer(&signed).as_deref(),
+            Ok("https://idp.example.com/oauth2/mcp")
+        );
+        let unsigned = |payload: &str| format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(payload));
+        assert_eq!(
+            unverified_issuer(&unsigned(r#"{"iss":"a","iss":"b"}"#)),
+            Err(TokenError::MalformedClaims)
+        );
+        assert_eq!(
+            unverified_issuer(&unsigned(r#"{"iss":["a"]}"#)),
+            Err(TokenError::MalformedClaims)
+        );
+        assert_eq!(
+            unverified_issuer(&unsigned(r#"{"sub":"a"}"#)),
+            Err(TokenError::MissingClaim("iss"))
+        );
+        let deep = format!(r#"{{"iss":"a","x":{}{}}}"#, "[".repeat(40), "]".repeat(40));
+        assert_eq!(
+            unverified_issuer(&unsigned(&deep)),
+            Err(TokenError::MalformedClaims)
+        );
+        assert_eq!(unverified_issuer("a.b.c.d.e"), Err(TokenError::Encrypted));
+        assert_eq!(unverified_issuer("a.b"), Err(TokenError::Malformed));
+        assert_eq!(unverified_issuer("e30.!!!.x"), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn a_provider_that_requires_typ_refuses_other_types() {
+        let mut rfc9068 = provider();
+        rfc9068.claims.typ = Some("at+jwt".into());
+        let with_typ = |typ: serde_json::Value| {
+            let mut h = header("k1");
+            h["typ"] = typ;
+            verify(
+                &sign(&h, &claims()),
+                &test_keys::key_set(),
+                &rfc9068,
+                SKEW,
+                NOW,
+            )
+        };
+        for good in [
+            "at+jwt",
+            "AT+JWT",
+            "application/at+jwt",
+            "Application/At+Jwt",
+        ] {
+            assert!(with_typ(json!(good)).is_ok(), "{good}");
+        }
+        for bad in [
+            json!("JWT"),
+            json!("at+jwt "),
+            json!("application/jwt"),
+            json!(null),
+        ] {
+            assert_eq!(
+                with_typ(bad.clone()),
+                invalid(TokenError::WrongType),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            verify(
+                &sign(&header("k1"), &claims()),
+                &test_keys::key_set(),
+                &rfc9068,
+                SKEW,
+                NOW
+            ),
+            invalid(TokenError::WrongType),
+            "no typ at all"
+        );
+        // Without the rule, any typ is fine (Okta and Entra ID send `JWT` or none).
+        let mut h = header("k1");
+        h["typ"] = json!("JWT");
+        assert!(verify(
+            &sign(&h, &claims()),
+            &test_keys::key_set(),
+            &provider(),
+            SKEW,
+            NOW
+        )
+        .is_ok());
     }
 
     #[test]
@@ -432,7 +471,7 @@ mod tests {
         let mut tampered = token.clone();
         tampered.push('A');
         assert_eq!(
-            verify(&tampered, &test_keys::key_set(), &policy(), NOW).unwrap_err(),
+            verify(&tampered, &test_keys::key_set(), &provider(), SKEW, NOW).unwrap_err(),
             VerifyError::Invalid(TokenError::BadSignature)
         );
         // Signed by k1's private key but claims k2 (a different key).
@@ -454,7 +493,7 @@ mod tests {
         }
         // PS256-bound key verifies PSS signatures.
         let token = sign_pss(&json!({"alg": "PS256", "kid": "pss"}), &claims());
-        assert!(verify(&token, &test_keys::key_set(), &policy(), NOW).is_ok());
+        assert!(verify(&token, &test_keys::key_set(), &provider(), SKEW, NOW).is_ok());
     }
 
     #[test]
@@ -475,7 +514,8 @@ mod tests {
             verify(
                 &sign(&header("k1"), &claims()),
                 &KeySet::default(),
-                &policy(),
+                &provider(),
+                SKEW,
                 NOW
             ),
             Err(VerifyError::NoKeys)
@@ -499,7 +539,7 @@ mod tests {
         let h = json!({"alg": "RS256", "kid": "k1", "crit": ["exp"], "exp": 1});
         assert_eq!(check(h, claims()), invalid(TokenError::UnsupportedHeader));
         assert_eq!(
-            verify("a.b.c.d.e", &test_keys::key_set(), &policy(), NOW),
+            verify("a.b.c.d.e", &test_keys::key_set(), &provider(), SKEW, NOW),
             invalid(TokenError::Encrypted)
         );
     }
@@ -578,17 +618,18 @@ mod tests {
             .replacen('{', "{\"exp\": 9999999999,", 1);
         let token = test_keys::sign_raw(&header("k1").to_string(), &c);
         assert_eq!(
-            verify(&token, &test_keys::key_set(), &policy(), NOW),
+            verify(&token, &test_keys::key_set(), &provider(), SKEW, NOW),
             invalid(TokenError::MalformedClaims)
         );
         let mut c = claims();
-        c["scp"] = json!("mcp:tools:call");
+        c["scp"] = json!(["mcp:tools:call", 7]);
         assert_eq!(check(header("k1"), c), invalid(TokenError::MalformedClaims));
         assert_eq!(
             verify(
                 &test_keys::sign_raw(&header("k1").to_string(), "[1]"),
                 &test_keys::key_set(),
-                &policy(),
+                &provider(),
+                SKEW,
                 NOW
             ),
             invalid(TokenError::MalformedClaims)
@@ -611,7 +652,7 @@ mod tests {
             format!("{} .{}.{}", parts[0], parts[1], parts[2]),
         ];
         for t in cases {
-            let r = verify(&t, &test_keys::key_set(), &policy(), NOW);
+            let r = verify(&t, &test_keys::key_set(), &provider(), SKEW, NOW);
             assert!(matches!(r, Err(VerifyError::Invalid(_))), "{t:?} -> {r:?}");
         }
     }
@@ -625,7 +666,7 @@ mod tests {
             .push(test_keys::es256_jwk("ec"));
         let keys = KeySet::parse(doc.to_string().as_bytes()).unwrap();
         let token = test_keys::sign_es256(&json!({"alg": "ES256", "kid": "ec"}), &claims());
-        assert!(verify(&token, &keys, &policy(), NOW).is_ok());
+        assert!(verify(&token, &keys, &provider(), SKEW, NOW).is_ok());
         // Tampered claims fail; an RSA-signed token naming the EC key fails; ES256 on an RSA key fails.
         let other =
             test_keys::sign_es256(&json!({"alg": "ES256", "kid": "ec"}), &json!({"iss": "x"}));
@@ -640,19 +681,20 @@ mod tests {
                 .0,
             other.split('.').skip(1).collect::<Vec<_>>().join(".")
         );
-        assert!(verify(&forged, &keys, &policy(), NOW).is_err());
+        assert!(verify(&forged, &keys, &provider(), SKEW, NOW).is_err());
         assert_eq!(
             verify(
                 &sign(&json!({"alg": "RS256", "kid": "ec"}), &claims()),
                 &keys,
-                &policy(),
+                &provider(),
+                SKEW,
                 NOW
             ),
             invalid(TokenError::AlgorithmNotAllowed)
         );
         let es_on_rsa = test_keys::sign_es256(&json!({"alg": "ES256", "kid": "k1"}), &claims());
         assert_eq!(
-            verify(&es_on_rsa, &keys, &policy(), NOW),
+            verify(&es_on_rsa, &keys, &provider(), SKEW, NOW),
             invalid(TokenError::AlgorithmNotAllowed)
         );
     }

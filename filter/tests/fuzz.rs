@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine;
-use mcp_token_exchange::config::{self, InboundPolicy};
+use mcp_token_exchange::config;
 use mcp_token_exchange::exchange::{self, ExchangeError};
 use mcp_token_exchange::header_map::{self, SerializedHeaders};
 use mcp_token_exchange::jwks::{KeySet, PublicKeyMaterial};
@@ -95,14 +95,18 @@ fn key_set() -> &'static KeySet {
 
 /// The inbound policy, built through the real config parser so that every field gets its
 /// documented default: issuer, 60 s skew, 8 KiB.
-fn policy() -> &'static InboundPolicy {
-    static P: OnceLock<InboundPolicy> = OnceLock::new();
+/// The base config's one provider (the policy itself holds `Rc`s, so it cannot be a static).
+fn provider() -> &'static config::Provider {
+    static P: OnceLock<config::Provider> = OnceLock::new();
     P.get_or_init(|| {
-        let p = config::parse_policy(base_config().to_string().as_bytes(), &env)
-            .expect("base config")
-            .inbound;
-        assert_eq!((p.clock_skew_seconds, p.max_token_bytes), (SKEW, 8192));
-        p
+        let p =
+            config::parse_policy(base_config().to_string().as_bytes(), &env).expect("base config");
+        let inbound = &p.inbound;
+        assert_eq!(
+            (inbound.clock_skew_seconds, inbound.max_token_bytes),
+            (SKEW, 8192)
+        );
+        p.providers[0].clone()
     })
 }
 
@@ -196,7 +200,7 @@ fn run_verify(token: &str) -> Result<verify::Principal, VerifyError> {
 }
 
 fn verify_with(token: &str, keys: &KeySet) -> Result<verify::Principal, VerifyError> {
-    let p = verify::verify(token, keys, policy(), NOW)?;
+    let p = verify::verify(token, keys, provider(), SKEW, NOW)?;
     if policy::audience_allowed(&p, &[AUDIENCE.to_string()]) {
         Ok(p)
     } else {
@@ -1470,17 +1474,35 @@ fn apply_edit(config: &mut Value, edit: &ConfigEdit) {
     }
 }
 
+fn check_keys(keys: &config::KeySource) -> Result<(), TestCaseError> {
+    match keys {
+        config::KeySource::Inline(set) => prop_assert!(!set.keys.is_empty()),
+        config::KeySource::Remote(r) => {
+            prop_assert!(r.path.starts_with('/'));
+            prop_assert!(r.refresh_interval.as_secs() >= 1);
+            prop_assert!(r.timeout.as_millis() >= 1);
+        }
+    }
+    Ok(())
+}
+
 /// Everything a parsed policy promises the rest of the filter.
 fn check_policy(p: &config::Policy) -> Result<(), TestCaseError> {
-    prop_assert!(!p.inbound.issuer.trim().is_empty());
+    prop_assert!(!p.providers.is_empty());
+    for provider in &p.providers {
+        prop_assert!(!provider.issuer.trim().is_empty());
+        prop_assert!(!provider.audiences.is_empty());
+        prop_assert!(provider.audiences.iter().all(|a| !a.trim().is_empty()));
+        check_keys(&provider.keys)?;
+    }
     prop_assert!((0..=600).contains(&p.inbound.clock_skew_seconds));
     prop_assert!((256..=64 * 1024).contains(&p.inbound.max_token_bytes));
     prop_assert!(!p.routes.is_empty());
     for r in &p.routes {
         prop_assert!(r.path_prefix.starts_with('/'), "{:?}", r.path_prefix);
-        if !r.public {
-            prop_assert!(!r.audiences.is_empty());
-            prop_assert!(r.audiences.iter().all(|a| !a.trim().is_empty()));
+        if let (false, Some(audiences)) = (r.public, &r.audiences) {
+            prop_assert!(!audiences.is_empty());
+            prop_assert!(audiences.iter().all(|a| !a.trim().is_empty()));
         }
         for v in [&r.challenge.realm, &r.challenge.resource_metadata_url]
             .into_iter()
@@ -1502,14 +1524,6 @@ fn check_policy(p: &config::Policy) -> Result<(), TestCaseError> {
         prop_assert!(x.audience.is_some() || x.resource.is_some());
         let ms = x.timeout.as_millis();
         prop_assert!((1..=60_000).contains(&ms));
-    }
-    match &p.keys {
-        config::KeySource::Inline(set) => prop_assert!(!set.keys.is_empty()),
-        config::KeySource::Remote(r) => {
-            prop_assert!(r.path.starts_with('/'));
-            prop_assert!(r.refresh_interval.as_secs() >= 1);
-            prop_assert!(r.timeout.as_millis() >= 1);
-        }
     }
     // The secret never shows in Debug output.
     let debug = format!("{p:?}");

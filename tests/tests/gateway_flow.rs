@@ -366,15 +366,25 @@ async fn requests_wait_for_the_first_key_set_instead_of_passing() -> Result {
     Ok(())
 }
 
+const UNREACHABLE_ISSUER: &str = "https://unreachable.example/oauth2/mcp";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_jwks_answers_503_and_never_passes() -> Result {
     let stack = Stack::start_with(StackOptions {
         idp_unreachable: true,
-        plugin_patch: json!({"jwks": {"max_wait_ms": 1000}}),
+        plugin_patch: json!({"issuer": UNREACHABLE_ISSUER, "jwks": {"max_wait_ms": 1000}}),
         ..StackOptions::default()
     })
     .await?;
-    let a = with_bearer(&stack, &stack.user_token()).await?;
+    // The token names the configured issuer, or it would be refused for its issuer (401) before
+    // any key is needed.
+    let mut extra = serde_json::Map::new();
+    extra.insert("iss".into(), json!(UNREACHABLE_ISSUER));
+    let token = stack.mint(&MintRequest {
+        extra,
+        ..MintRequest::default()
+    });
+    let a = with_bearer(&stack, &token).await?;
     assert_eq!(a.status, 503, "{}", a.body);
     assert!(a.header("retry-after").is_some());
     assert!(stack.upstream.seen_requests().is_empty());

@@ -8,15 +8,17 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::fields::{list, strings, value, Fields};
+use super::fields::{list, value, Fields};
+use super::providers::{read_providers, ProviderConfig};
 use super::ConfigError;
 
 /// The raw configuration document. Field docs live in the README's configuration reference.
 /// Read by [`FilterConfig::read`].
 #[derive(Debug)]
 pub struct FilterConfig {
-    pub issuer: String,
-    pub audiences: Vec<String>,
+    /// With `audiences` and `jwks`: the one provider when `providers` is absent.
+    pub issuer: Option<String>,
+    pub audiences: Option<Vec<String>>,
     pub required_scopes: Vec<String>,
     pub clock_skew_seconds: u64,
     pub max_token_bytes: usize,
@@ -29,7 +31,9 @@ pub struct FilterConfig {
     pub authorization_servers: Vec<String>,
     pub resource_name: Option<String>,
     pub resource_documentation: Option<String>,
-    pub jwks: JwksConfig,
+    pub jwks: Option<JwksConfig>,
+    /// Several inbound providers by name (excludes `issuer`, `audiences` and `jwks`).
+    pub providers: Option<Vec<(String, ProviderConfig)>>,
     /// `exchange` (the default): swap the token by RFC 8693. `validate_only`: validate and
     /// forward without a backend token, like Envoy's `jwt_authn`.
     pub mode: Mode,
@@ -58,6 +62,8 @@ pub struct RouteConfig {
     pub public: bool,
     pub audiences: Option<Vec<String>>,
     pub required_scopes: Option<Vec<String>>,
+    /// Names of the providers whose tokens this route accepts; `None`: every provider.
+    pub providers: Option<Vec<String>>,
     pub resource: Option<String>,
     pub resource_name: Option<String>,
     /// Fields that override the top-level `exchange` for this route.
@@ -202,6 +208,7 @@ impl FilterConfig {
         "resource_name",
         "resource_documentation",
         "jwks",
+        "providers",
         "mode",
         "forward_token",
         "exchange",
@@ -217,11 +224,8 @@ impl FilterConfig {
     pub fn read(v: Value) -> Result<Self, ConfigError> {
         let mut f = Fields::new(String::new(), v, Self::FIELDS)?;
         Ok(Self {
-            issuer: f.required("issuer")?,
-            audiences: {
-                let (path, v) = f.take_required("audiences")?;
-                strings(&path, v)?
-            },
+            issuer: f.optional("issuer")?,
+            audiences: f.optional_strings("audiences")?,
             required_scopes: f.strings("required_scopes")?,
             clock_skew_seconds: f.or_else("clock_skew_seconds", defaults::clock_skew_seconds)?,
             max_token_bytes: f.or_else("max_token_bytes", defaults::max_token_bytes)?,
@@ -235,9 +239,13 @@ impl FilterConfig {
             authorization_servers: f.strings("authorization_servers")?,
             resource_name: f.optional("resource_name")?,
             resource_documentation: f.optional("resource_documentation")?,
-            jwks: {
-                let (path, v) = f.take_required("jwks")?;
-                JwksConfig::read(path, v)?
+            jwks: match f.take("jwks") {
+                Some((path, v)) => Some(JwksConfig::read(path, v)?),
+                None => None,
+            },
+            providers: match f.take("providers") {
+                Some((path, v)) => Some(read_providers(&path, v)?),
+                None => None,
             },
             mode: f.or_default("mode")?,
             forward_token: f.or_default("forward_token")?,
@@ -275,6 +283,7 @@ impl RouteConfig {
         "public",
         "audiences",
         "required_scopes",
+        "providers",
         "resource",
         "resource_name",
         "exchange",
@@ -290,6 +299,7 @@ impl RouteConfig {
             public: f.or_default("public")?,
             audiences: f.optional_strings("audiences")?,
             required_scopes: f.optional_strings("required_scopes")?,
+            providers: f.optional_strings("providers")?,
             resource: f.optional("resource")?,
             resource_name: f.optional("resource_name")?,
             exchange: f.optional("exchange")?,
@@ -323,7 +333,7 @@ impl McpConfig {
 }
 
 impl JwksConfig {
-    const FIELDS: &'static [&'static str] = &[
+    pub(super) const FIELDS: &'static [&'static str] = &[
         "inline",
         "cluster",
         "path",
@@ -334,7 +344,7 @@ impl JwksConfig {
         "max_wait_ms",
     ];
 
-    fn read(path: String, v: Value) -> Result<Self, ConfigError> {
+    pub(super) fn read(path: String, v: Value) -> Result<Self, ConfigError> {
         let mut f = Fields::new(path, v, Self::FIELDS)?;
         Ok(Self {
             inline: f.optional("inline")?,

@@ -6,48 +6,53 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::checks::{require_header_value, require_non_empty, require_path, require_range};
+use super::fields::join;
 use super::{ConfigError, JwksConfig, KeySource, RemoteJwks};
 use crate::jwks::KeySet;
 
 impl JwksConfig {
-    pub(super) fn validate(mut self) -> Result<KeySource, ConfigError> {
+    /// The section at `field` (`jwks`, `providers.okta.jwks`).
+    pub(super) fn validate(mut self, field: &str) -> Result<KeySource, ConfigError> {
         match (self.inline.take(), self.cluster.take()) {
             (Some(_), Some(_)) => Err(ConfigError::new(
-                "jwks",
+                field,
                 "set either `inline` or `cluster`/`path`, not both",
             )),
             (None, None) => Err(ConfigError::new(
-                "jwks",
+                field,
                 "set `inline` (a JWK Set) or `cluster` and `path` (where to fetch it)",
             )),
-            (Some(inline), None) => inline_keys(inline).map(KeySource::Inline),
-            (None, Some(cluster)) => self.remote(cluster).map(KeySource::Remote),
+            (Some(inline), None) => {
+                inline_keys(&join(field, "inline"), inline).map(KeySource::Inline)
+            }
+            (None, Some(cluster)) => self.remote(field, cluster).map(KeySource::Remote),
         }
     }
 
-    fn remote(self, cluster: String) -> Result<RemoteJwks, ConfigError> {
-        require_non_empty("jwks.cluster", &cluster)?;
+    fn remote(self, field: &str, cluster: String) -> Result<RemoteJwks, ConfigError> {
+        let at = |name: &str| join(field, name);
+        require_non_empty(&at("cluster"), &cluster)?;
         let path = self
             .path
-            .ok_or_else(|| ConfigError::new("jwks.path", "is required with `cluster`"))?;
-        require_path("jwks.path", &path)?;
+            .ok_or_else(|| ConfigError::new(&at("path"), "is required with `cluster`"))?;
+        require_path(&at("path"), &path)?;
         let authority = self.authority.unwrap_or_else(|| cluster.clone());
-        require_non_empty("jwks.authority", &authority)?;
-        require_header_value("jwks.authority", &authority)?;
+        require_non_empty(&at("authority"), &authority)?;
+        require_header_value(&at("authority"), &authority)?;
         require_range(
-            "jwks.refresh_interval_seconds",
+            &at("refresh_interval_seconds"),
             self.refresh_interval_seconds,
             1,
             7 * 24 * 3600,
         )?;
         require_range(
-            "jwks.min_refetch_interval_seconds",
+            &at("min_refetch_interval_seconds"),
             self.min_refetch_interval_seconds,
             0,
             24 * 3600,
         )?;
-        require_range("jwks.timeout_ms", self.timeout_ms, 1, 60_000)?;
-        require_range("jwks.max_wait_ms", self.max_wait_ms, 0, 60_000)?;
+        require_range(&at("timeout_ms"), self.timeout_ms, 1, 60_000)?;
+        require_range(&at("max_wait_ms"), self.max_wait_ms, 0, 60_000)?;
         Ok(RemoteJwks {
             cluster,
             path,
@@ -61,18 +66,14 @@ impl JwksConfig {
 }
 
 /// A set with no key the verifier can use would refuse every token: refused at load instead.
-fn inline_keys(inline: Value) -> Result<KeySet, ConfigError> {
+fn inline_keys(field: &str, inline: Value) -> Result<KeySet, ConfigError> {
     let doc = match inline {
         Value::String(s) => s.into_bytes(),
-        other => serde_json::to_vec(&other)
-            .map_err(|e| ConfigError::new("jwks.inline", e.to_string()))?,
+        other => serde_json::to_vec(&other).map_err(|e| ConfigError::new(field, e.to_string()))?,
     };
-    let parsed = KeySet::parse(&doc).map_err(|e| ConfigError::new("jwks.inline", e.to_string()))?;
+    let parsed = KeySet::parse(&doc).map_err(|e| ConfigError::new(field, e.to_string()))?;
     if parsed.keys.is_empty() {
-        return Err(ConfigError::new(
-            "jwks.inline",
-            "holds no usable signing key",
-        ));
+        return Err(ConfigError::new(field, "holds no usable signing key"));
     }
     Ok(parsed)
 }

@@ -10,18 +10,20 @@ use super::checks::{
 };
 use super::exchange_target::{route_exchange, DefaultExchange};
 use super::fields::join;
+use super::providers::route_providers;
 use super::resource_metadata::{published_metadata, MetadataContent};
 use super::{
-    ChallengeConfig, ConfigError, Env, ExchangeTarget, ResourceMetadata, Route, RouteConfig,
-    ToolConfig, ToolPolicy,
+    ChallengeConfig, ConfigError, Env, ExchangeTarget, Provider, ProviderSet, ResourceMetadata,
+    Route, RouteConfig, ToolConfig, ToolPolicy,
 };
 
 /// What every route takes from the top level of the document unless it sets its own.
-pub(super) struct RouteDefaults {
-    pub audiences: Vec<String>,
+pub(super) struct RouteDefaults<'a> {
+    /// Every provider: a route accepts all of them unless it names some.
+    pub providers: &'a [Provider],
     pub required_scopes: Vec<String>,
     pub realm: Option<String>,
-    /// The issuer when the document lists none.
+    /// As the document lists them; none: the issuers of the providers a route accepts.
     pub authorization_servers: Vec<String>,
     pub resource_name: Option<String>,
     pub resource_documentation: Option<String>,
@@ -40,10 +42,12 @@ pub(super) struct Routes {
 pub(super) fn single_route(
     resource: Option<&str>,
     resource_metadata_url: Option<String>,
-    defaults: &RouteDefaults,
+    defaults: &RouteDefaults<'_>,
 ) -> Result<Routes, ConfigError> {
+    let providers = ProviderSet::all(defaults.providers.len());
+    let authorization_servers = defaults.authorization_servers(providers);
     let content = MetadataContent {
-        authorization_servers: &defaults.authorization_servers,
+        authorization_servers: &authorization_servers,
         scopes: &defaults.required_scopes,
         name: defaults.resource_name.as_deref(),
         documentation: defaults.resource_documentation.as_deref(),
@@ -53,7 +57,8 @@ pub(super) fn single_route(
         name: "default".into(),
         path_prefix: "/".into(),
         public: false,
-        audiences: defaults.audiences.clone(),
+        audiences: None,
+        providers,
         required_scopes: defaults.required_scopes.clone(),
         target: defaults.exchange.as_ref().map(|e| Rc::clone(&e.target)),
         challenge: ChallengeConfig {
@@ -72,7 +77,7 @@ pub(super) fn single_route(
 
 pub(super) fn configured_routes(
     configs: Vec<RouteConfig>,
-    defaults: &RouteDefaults,
+    defaults: &RouteDefaults<'_>,
     env: Env<'_>,
 ) -> Result<Routes, ConfigError> {
     let mut routes: Vec<Route> = Vec::new();
@@ -97,15 +102,15 @@ fn validate_route(
     field: &str,
     config: RouteConfig,
     earlier: &[Route],
-    defaults: &RouteDefaults,
+    defaults: &RouteDefaults<'_>,
     env: Env<'_>,
 ) -> Result<Route, ConfigError> {
     let at = |name: &str| join(field, name);
     require_unique_prefix(&at("path_prefix"), &config.path_prefix, earlier)?;
-    let audiences = config
-        .audiences
-        .unwrap_or_else(|| defaults.audiences.clone());
-    require_audiences(&at("audiences"), &audiences)?;
+    if let Some(audiences) = &config.audiences {
+        require_audiences(&at("audiences"), audiences)?;
+    }
+    let providers = route_providers(&at("providers"), config.providers, defaults.providers)?;
     let required_scopes = config
         .required_scopes
         .unwrap_or_else(|| defaults.required_scopes.clone());
@@ -118,8 +123,9 @@ fn validate_route(
     )?;
     let advertised_scopes = advertised_scopes(&required_scopes, &config.tools);
     let tools = validate_tools(&at("tools"), config.tools, target.as_ref())?;
+    let authorization_servers = defaults.authorization_servers(providers);
     let content = MetadataContent {
-        authorization_servers: &defaults.authorization_servers,
+        authorization_servers: &authorization_servers,
         scopes: &advertised_scopes,
         name: config
             .resource_name
@@ -133,7 +139,8 @@ fn validate_route(
         name: config.name.unwrap_or_else(|| config.path_prefix.clone()),
         path_prefix: config.path_prefix,
         public: config.public,
-        audiences,
+        audiences: config.audiences,
+        providers,
         required_scopes,
         target,
         challenge: ChallengeConfig {
@@ -144,6 +151,20 @@ fn validate_route(
         tools,
         deny_unlisted_tools: config.deny_unlisted_tools,
     })
+}
+
+impl RouteDefaults<'_> {
+    /// RFC 9728 `authorization_servers` of a route accepting `providers`.
+    fn authorization_servers(&self, providers: ProviderSet) -> Vec<String> {
+        if !self.authorization_servers.is_empty() {
+            return self.authorization_servers.clone();
+        }
+        providers
+            .indexes()
+            .filter_map(|i| self.providers.get(i))
+            .map(|p| p.issuer.clone())
+            .collect()
+    }
 }
 
 fn require_unique_prefix(field: &str, prefix: &str, earlier: &[Route]) -> Result<(), ConfigError> {

@@ -1,13 +1,10 @@
 //! The document → [`Policy`]: each section is checked by its own function. Only the first error
-//! reaches the operator, so the sections run in a fixed order: inbound token rules, published
-//! fields, `mcp`, `identity_headers`, `jwks`, `mode` and `exchange`, then the routes.
+//! reaches the operator, so the sections run in a fixed order: providers (issuers, audiences, keys), inbound token rules, published
+//! fields, `mcp`, `identity_headers`, `mode` and `exchange`, then the routes.
 
 use serde_json::{Map, Value};
 
-use super::checks::{
-    require_audiences, require_header_value, require_non_empty, require_quotable, require_range,
-    require_scopes, split_url,
-};
+use super::checks::{require_quotable, require_range, require_scopes, split_url};
 use super::exchange_target::{default_exchange, DefaultExchange};
 use super::identity_headers::identity_headers;
 use super::routes::{configured_routes, single_route, RouteDefaults, Routes};
@@ -16,12 +13,12 @@ use super::{
 };
 
 impl FilterConfig {
-    pub(super) fn validate(self, env: Env<'_>) -> Result<Policy, ConfigError> {
+    pub(super) fn validate(mut self, env: Env<'_>) -> Result<Policy, ConfigError> {
+        let providers = self.take_providers()?;
         let inbound = self.inbound_policy()?;
         self.check_published_fields()?;
         let mcp = self.mcp.validate()?;
         let identity_headers = identity_headers(&self.identity_headers)?;
-        let keys = self.jwks.validate()?;
         let exchange = exchange_for_mode(self.mode, self.exchange, self.forward_token, env)?;
         let exchange_cache_slots = exchange.as_ref().map_or(0, |e| e.target.cache_max_entries);
         let fleet_store = match self.fleet_store {
@@ -34,16 +31,11 @@ impl FilterConfig {
             Some(f) => Some(std::rc::Rc::new(f.validate(env)?)),
             None => None,
         };
-        let authorization_servers = if self.authorization_servers.is_empty() {
-            vec![inbound.issuer.clone()]
-        } else {
-            self.authorization_servers
-        };
         let defaults = RouteDefaults {
-            audiences: self.audiences,
+            providers: &providers,
             required_scopes: self.required_scopes,
             realm: self.realm,
-            authorization_servers,
+            authorization_servers: self.authorization_servers,
             resource_name: self.resource_name,
             resource_documentation: self.resource_documentation,
             exchange,
@@ -60,7 +52,7 @@ impl FilterConfig {
         )?;
         Ok(Policy {
             inbound,
-            keys,
+            providers,
             routes,
             unmatched: self.unmatched,
             identity_headers,
@@ -73,12 +65,9 @@ impl FilterConfig {
         })
     }
 
-    /// `audiences` and `required_scopes` are checked with the inbound rules: they are the
-    /// defaults every route starts from.
+    /// `required_scopes` is checked with the inbound rules: it is the default every route
+    /// starts from.
     fn inbound_policy(&self) -> Result<InboundPolicy, ConfigError> {
-        require_non_empty("issuer", &self.issuer)?;
-        require_header_value("issuer", &self.issuer)?;
-        require_audiences("audiences", &self.audiences)?;
         require_scopes("required_scopes", &self.required_scopes)?;
         require_range("clock_skew_seconds", self.clock_skew_seconds, 0, 600)?;
         require_range(
@@ -94,7 +83,6 @@ impl FilterConfig {
             1_000_000,
         )?;
         Ok(InboundPolicy {
-            issuer: self.issuer.clone(),
             clock_skew_seconds: self.clock_skew_seconds as i64,
             max_token_bytes: self.max_token_bytes,
             verified_cache_max_entries: self.verified_cache_max_entries,
@@ -171,7 +159,7 @@ fn routes(
     configs: Vec<RouteConfig>,
     resource: Option<String>,
     resource_metadata_url: Option<String>,
-    defaults: &RouteDefaults,
+    defaults: &RouteDefaults<'_>,
     env: Env<'_>,
 ) -> Result<Routes, ConfigError> {
     if configs.is_empty() {

@@ -170,7 +170,10 @@ impl<H: Host> Gateway<H> {
         let entry = self
             .verified
             .get_bytes(token, now, policy.inbound.clock_skew_seconds)?;
-        if !audience_allowed(&entry.principal, &route.audiences)
+        // A token of a provider this route does not accept takes the full path to its 401.
+        let provider = entry.principal.provider;
+        if !route.providers.contains(provider)
+            || !audience_allowed(&entry.principal, policy.accepted_audiences(route, provider))
             || !missing_scopes(&entry.principal, &route.required_scopes).is_empty()
         {
             return None;

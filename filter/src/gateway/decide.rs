@@ -8,7 +8,7 @@ use sha2::Digest as _;
 
 use crate::audit::CacheUse;
 use crate::cache::{exchange_key, fingerprint, token_digest, Digest32};
-use crate::config::ExchangeTarget;
+use crate::config::{ExchangeTarget, ProviderSet};
 use crate::exchange::{ExchangeError, ExchangeRequest};
 use crate::exchange_coordinator::{Join, Subject};
 use crate::host::Host;
@@ -44,8 +44,8 @@ pub(super) enum Step {
 
 pub(super) enum PrincipalWait {
     Deny(Denial),
-    /// Keys are missing or being refetched: park the request.
-    Park,
+    /// This provider's keys are missing or being refetched: park the request.
+    Park(u8),
 }
 
 impl<H: Host> Gateway<H> {
@@ -58,16 +58,17 @@ impl<H: Host> Gateway<H> {
         };
         let digest = digest.unwrap_or_else(|| token_digest(&token));
         let route = &policy.routes[route_index];
-        let principal = match self.principal(&token, Some(&digest), now, false) {
+        let principal = match self.principal(&token, Some(&digest), route_index, now, false) {
             Ok(p) => p,
             Err(PrincipalWait::Deny(d)) => return Step::Deny(d),
-            Err(PrincipalWait::Park) => return self.park(context_id, now),
+            Err(PrincipalWait::Park(provider)) => return self.park(context_id, provider, now),
         };
         let Some(request) = self.requests.get_mut(&context_id) else {
             return Step::Deny(Denial::Internal);
         };
         request.principal = Some(Rc::clone(&principal));
-        if !audience_allowed(&principal, &route.audiences) {
+        let audiences = policy.accepted_audiences(route, principal.provider);
+        if !audience_allowed(&principal, audiences) {
             return Step::Deny(Denial::WrongAudience);
         }
         let missing = missing_scopes(&principal, &route.required_scopes);
@@ -102,28 +103,60 @@ impl<H: Host> Gateway<H> {
         self.exchange(context_id, &token, &digest, &principal, target, now)
     }
 
-    /// The verified principal for `token`: from the verified-token cache, or by verifying.
-    /// `after_fetch`: the key set was just refetched, so an unknown `kid` is final.
+    /// The verified principal for `token` on route `route_index`: from the verified-token cache,
+    /// or by verifying it with the provider its `iss` selects, if the route accepts that
+    /// provider. `after_fetch`: the key set was just refetched, so an unknown `kid` is final.
     pub(super) fn principal(
         &mut self,
         token: &str,
         digest: Option<&Digest32>,
+        route_index: usize,
         now_ms: u64,
         after_fetch: bool,
     ) -> Result<Rc<Principal>, PrincipalWait> {
         let now = secs(now_ms);
         let digest = || digest.copied().unwrap_or_else(|| token_digest(token));
-        let skew = self.policy.inbound.clock_skew_seconds;
+        let policy = Rc::clone(&self.policy);
+        let accepted = policy
+            .routes
+            .get(route_index)
+            .map_or(ProviderSet::NONE, |r| r.providers);
+        let not_accepted = || PrincipalWait::Deny(Denial::Token(TokenError::WrongIssuer));
+        let skew = policy.inbound.clock_skew_seconds;
         if let Some(entry) = self.verified.get(token, now, skew) {
+            if !accepted.contains(entry.principal.provider) {
+                return Err(not_accepted());
+            }
             return Ok(Rc::clone(&entry.principal));
         }
-        let Some(keys) = self.keys.keys().cloned() else {
-            return Err(PrincipalWait::Park);
+        // The issuer picks the provider before any key is looked at: an unknown issuer, or one
+        // this route does not accept, costs no key work and never triggers a JWKS fetch.
+        let issuer =
+            verify::unverified_issuer(token).map_err(|e| PrincipalWait::Deny(Denial::Token(e)))?;
+        let Some(index) = policy.provider_for_issuer(&issuer) else {
+            debug!(
+                "token {} names an issuer no provider has",
+                fingerprint(&digest())
+            );
+            return Err(not_accepted());
         };
-        match verify::verify(token, &keys, &self.policy.inbound, now) {
-            Ok(p) => {
+        if !accepted.contains(index) {
+            return Err(not_accepted());
+        }
+        let (Some(provider), Some(keys)) = (
+            policy.providers.get(usize::from(index)),
+            self.keys.get(usize::from(index)),
+        ) else {
+            return Err(PrincipalWait::Deny(Denial::Internal));
+        };
+        let Some(key_set) = keys.keys().cloned() else {
+            return Err(PrincipalWait::Park(index));
+        };
+        match verify::verify(token, &key_set, provider, skew, now) {
+            Ok(mut p) => {
+                p.provider = index;
                 let p = Rc::new(p);
-                if self.policy.inbound.verified_cache_max_entries > 0 {
+                if policy.inbound.verified_cache_max_entries > 0 {
                     self.verified.put(token, digest(), Rc::clone(&p));
                 }
                 Ok(p)
@@ -132,42 +165,58 @@ impl<H: Host> Gateway<H> {
                 debug!("token {} rejected: {e}", fingerprint(&digest()));
                 Err(PrincipalWait::Deny(Denial::Token(e)))
             }
-            Err(VerifyError::NoKeys) => Err(PrincipalWait::Park),
+            Err(VerifyError::NoKeys) => Err(PrincipalWait::Park(index)),
             Err(VerifyError::UnknownKid) if after_fetch => {
                 Err(PrincipalWait::Deny(Denial::Token(TokenError::UnknownKey)))
             }
-            Err(VerifyError::UnknownKid) => {
-                if self.keys.may_refetch(now_ms) {
-                    info!(
-                        "token {} names an unknown key; refetching the JWKS",
-                        fingerprint(&digest())
-                    );
-                    self.keys.request_fetch(now_ms);
-                    self.set_fast_tick(true);
-                }
-                if self.keys.is_fetching() {
-                    Err(PrincipalWait::Park)
-                } else {
-                    Err(PrincipalWait::Deny(Denial::Token(TokenError::UnknownKey)))
-                }
-            }
+            Err(VerifyError::UnknownKid) => self.refetch_for_unknown_kid(index, &digest(), now_ms),
         }
     }
 
-    /// Parks the request until keys arrive (fetching them if no fetch runs), or refuses it.
-    fn park(&mut self, context_id: u32, now_ms: u64) -> Step {
-        if self.keys.park(context_id, now_ms).is_err() {
+    /// A token names a key its provider's set lacks: refetch (throttled per provider) and
+    /// park, or refuse when no fetch may run.
+    fn refetch_for_unknown_kid(
+        &mut self,
+        provider: u8,
+        digest: &Digest32,
+        now_ms: u64,
+    ) -> Result<Rc<Principal>, PrincipalWait> {
+        let Some(keys) = self.keys.get_mut(usize::from(provider)) else {
+            return Err(PrincipalWait::Deny(Denial::Internal));
+        };
+        if keys.may_refetch(now_ms) {
+            info!(
+                "token {} names an unknown key; refetching the JWKS",
+                fingerprint(digest)
+            );
+            keys.request_fetch(now_ms);
+            self.set_fast_tick(true);
+        }
+        if self.keys[usize::from(provider)].is_fetching() {
+            Err(PrincipalWait::Park(provider))
+        } else {
+            Err(PrincipalWait::Deny(Denial::Token(TokenError::UnknownKey)))
+        }
+    }
+
+    /// Parks the request until `provider`'s keys arrive (fetching them if no fetch runs), or
+    /// refuses it.
+    fn park(&mut self, context_id: u32, provider: u8, now_ms: u64) -> Step {
+        let Some(keys) = self.keys.get_mut(usize::from(provider)) else {
+            return Step::Deny(Denial::Internal);
+        };
+        if keys.park(context_id, now_ms).is_err() {
             return Step::Deny(Denial::KeysUnavailable);
         }
-        if !self.keys.is_fetching() {
-            self.keys.request_fetch(now_ms);
+        if !keys.is_fetching() {
+            keys.request_fetch(now_ms);
         }
         self.set_fast_tick(true);
         self.set_state(context_id, RequestState::WaitingForKeys);
         Step::Wait
     }
 
-    pub(super) fn dispatch_jwks(&mut self, fetch: &JwksFetch, now_ms: u64) {
+    pub(super) fn dispatch_jwks(&mut self, provider: u8, fetch: &JwksFetch, now_ms: u64) {
         let headers = [
             (":method", "GET"),
             (":path", fetch.path.as_str()),
@@ -181,8 +230,10 @@ impl<H: Host> Gateway<H> {
             .dispatch(&fetch.cluster, &headers, None, fetch.timeout)
         {
             Ok(token) => {
-                self.keys.dispatched(token, now_ms);
-                self.callouts.insert(token, CalloutPurpose::Jwks);
+                if let Some(keys) = self.keys.get_mut(usize::from(provider)) {
+                    keys.dispatched(token, now_ms);
+                }
+                self.callouts.insert(token, CalloutPurpose::Jwks(provider));
             }
             Err(_) => {
                 self.metrics.inc("jwks.fetch_failed");

@@ -8,6 +8,7 @@ use crate::exchange::{self, describe_error_body, ExchangeError, MAX_RESPONSE_BYT
 use crate::exchange_coordinator::{Ended, RemoteOutcome};
 use crate::host::Host;
 use crate::jwks::MAX_JWKS_BYTES;
+use crate::key_manager::KeyManager;
 use crate::mcp::BodyError;
 use crate::reply::Denial;
 use crate::request::RequestState;
@@ -133,7 +134,7 @@ impl<H: Host> Gateway<H> {
             .and_then(|s| std::str::from_utf8(s).ok())
             .and_then(|s| s.parse::<u16>().ok());
         let limit = match purpose {
-            CalloutPurpose::Jwks => MAX_JWKS_BYTES,
+            CalloutPurpose::Jwks(_) => MAX_JWKS_BYTES,
             CalloutPurpose::Exchange(_) => MAX_RESPONSE_BYTES,
             CalloutPurpose::Fleet(_) => crate::fleet::MAX_ANSWER_BYTES,
         };
@@ -147,7 +148,7 @@ impl<H: Host> Gateway<H> {
         };
         let now = self.clock.observe(self.host.now_ms());
         match purpose {
-            CalloutPurpose::Jwks => self.on_jwks_answer(status, &body, now),
+            CalloutPurpose::Jwks(provider) => self.on_jwks_answer(provider, status, &body, now),
             CalloutPurpose::Exchange(key) => {
                 let outcome = exchange::parse_response(status, &body, header("retry-after"));
                 let Some(ended) = self.exchanges.answered(&self.host, &key, outcome, now) else {
@@ -205,8 +206,11 @@ impl<H: Host> Gateway<H> {
         }
     }
 
-    fn on_jwks_answer(&mut self, status: Option<u16>, body: &[u8], now: u64) {
-        let answered = self.keys.on_answer(status, body, now);
+    fn on_jwks_answer(&mut self, provider: u8, status: Option<u16>, body: &[u8], now: u64) {
+        let Some(keys) = self.keys.get_mut(usize::from(provider)) else {
+            return;
+        };
+        let answered = keys.on_answer(status, body, now);
         self.metrics.inc(if answered.loaded {
             "jwks.fetch_ok"
         } else {
@@ -220,15 +224,18 @@ impl<H: Host> Gateway<H> {
         // Every parked request gets another go, with the new keys or the old ones (then an
         // unknown kid is a plain 401, since we just fetched).
         for id in answered.resume {
-            let Some((token, digest)) = self.requests.get(&id).map(|r| (r.token.clone(), r.digest))
+            let Some((token, digest, route)) = self
+                .requests
+                .get(&id)
+                .map(|r| (r.token.clone(), r.digest, r.route))
             else {
                 continue;
             };
             self.set_state(id, RequestState::Authenticating);
-            let step = match self.principal(&token, digest.as_ref(), now, true) {
+            let step = match self.principal(&token, digest.as_ref(), route, now, true) {
                 Ok(_) => self.advance(id, now),
                 Err(PrincipalWait::Deny(d)) => Step::Deny(d),
-                Err(PrincipalWait::Park) => Step::Deny(Denial::KeysUnavailable),
+                Err(PrincipalWait::Park(_)) => Step::Deny(Denial::KeysUnavailable),
             };
             self.finish_resumed(id, step);
         }
@@ -255,20 +262,23 @@ impl<H: Host> Gateway<H> {
         let fast = self.exchanges.has_remote_waiters()
             || self.exchanges.has_due()
             || self.fleet_busy()
-            || self.keys.is_fetching();
+            || self.keys.iter().any(KeyManager::is_fetching);
         self.set_fast_tick(fast);
     }
 
+    /// Each provider's key work: fetches due, lost fetches, requests that waited too long.
     fn tick_keys(&mut self, now: u64) {
-        let tick = self.keys.on_tick(now);
-        if let Some(token) = tick.lost_fetch {
-            self.callouts.remove(&token);
-        }
-        if let Some(fetch) = &tick.fetch {
-            self.dispatch_jwks(fetch, now);
-        }
-        for id in tick.expired {
-            self.finish_resumed(id, Step::Deny(Denial::KeysUnavailable));
+        for index in 0..self.keys.len() {
+            let tick = self.keys[index].on_tick(now);
+            if let Some(token) = tick.lost_fetch {
+                self.callouts.remove(&token);
+            }
+            if let (Some(fetch), Ok(provider)) = (&tick.fetch, u8::try_from(index)) {
+                self.dispatch_jwks(provider, fetch, now);
+            }
+            for id in tick.expired {
+                self.finish_resumed(id, Step::Deny(Denial::KeysUnavailable));
+            }
         }
     }
 

@@ -61,7 +61,8 @@ fn secs(ms: u64) -> i64 {
 /// What a callout in flight is for.
 #[derive(Clone)]
 enum CalloutPurpose {
-    Jwks,
+    /// The key set of this provider (its index).
+    Jwks(u8),
     /// The exchange for this key (its state lives in the coordinator).
     Exchange(Digest32),
     /// A call to the fleet store (a phase of an exchange, or the store's own).
@@ -115,7 +116,8 @@ pub struct Gateway<H: Host = ProxyWasmHost> {
     pub policy: Rc<Policy>,
     worker_id: u32,
     requests: ContextMap<Request>,
-    keys: KeyManager,
+    /// One per provider, in `policy.providers`' order.
+    keys: Vec<KeyManager>,
     exchanges: ExchangeCoordinator,
     /// The fleet store (etcd), when configured.
     fleet: Option<FleetStore>,
@@ -158,7 +160,11 @@ impl<H: Host> Gateway<H> {
                 policy.fleet_store.as_ref().map(|f| f.timeout),
             ),
             fleet: policy.fleet_store.clone().map(FleetStore::new),
-            keys: KeyManager::new(&policy.keys),
+            keys: policy
+                .providers
+                .iter()
+                .map(|p| KeyManager::new(&p.keys))
+                .collect(),
             policy: Rc::new(policy),
             requests: ContextMap::default(),
             callouts: ContextMap::default(),
@@ -192,7 +198,9 @@ impl<H: Host> Gateway<H> {
         };
         if request.state.is_undecided() {
             self.metrics.inc("requests.abandoned");
-            self.keys.forget(context_id);
+            for keys in &mut self.keys {
+                keys.forget(context_id);
+            }
             self.exchanges.forget(context_id);
         }
     }
@@ -209,10 +217,10 @@ impl<H: Host> Gateway<H> {
     #[cfg(test)]
     pub fn is_idle(&self) -> bool {
         self.requests.is_empty()
-            && self.keys.is_idle()
+            && self.keys.iter().all(KeyManager::is_idle)
             && self.exchanges.is_idle()
             && self.callouts.values().all(|c| {
-                matches!(c, CalloutPurpose::Jwks)
+                matches!(c, CalloutPurpose::Jwks(_))
                     || matches!(c, CalloutPurpose::Fleet(call) if call.is_background())
             })
     }

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_tests::client::{bearer, jsonrpc_post};
-use gateway_tests::harness::{Stack, StackOptions};
-use gateway_tests::idp::MintRequest;
+use gateway_tests::harness::{Stack, StackOptions, CLIENT_ID, CLIENT_SECRET};
+use gateway_tests::idp::{AuthServerConfig, IdpConfig, MintRequest};
 use gateway_tests::mcp;
 use serde_json::{json, Map, Value};
 
@@ -181,6 +181,64 @@ async fn adversarial_corpus_is_refused_and_the_gateway_keeps_serving() -> Result
     let who = mcp::whoami(&stack.mcp_url(), &stack.user_token()).await?;
     assert_eq!(who.sub, "user@example.com");
     assert_eq!(stack.idp.exchange_count(), 1);
+    Ok(())
+}
+
+/// Two providers on one listener (`okta` = AS `mcp` on `/mcp`, `partner` = AS `partner` on
+/// `/partner/mcp`): tokens that lie about their issuer, or carry the other provider's, are all
+/// refused, and nothing is exchanged or forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_played_across_providers_are_refused() -> Result {
+    let mut idp = IdpConfig::reference(CLIENT_ID, CLIENT_SECRET);
+    idp.authorization_servers.push(AuthServerConfig {
+        id: "partner".into(),
+        audience: "partner-mcp".into(),
+        scopes: vec!["mcp:tools:call".into()],
+        trusted_servers: vec![],
+        exchange_policies: vec![],
+    });
+    let provider = |as_id: &str, audience: &str| {
+        json!({"issuer": format!("{{idp}}/oauth2/{as_id}"), "audiences": [audience],
+               "jwks": {"cluster": "okta", "path": format!("/oauth2/{as_id}/v1/keys"),
+                        "min_refetch_interval_seconds": 1}})
+    };
+    let mut stack = Stack::start_with(StackOptions {
+        idp,
+        plugin_patch: json!({
+            "issuer": null, "audiences": null, "jwks": null, "resource": null,
+            "providers": {"okta": provider("mcp", "mcpserver"),
+                          "partner": provider("partner", "partner-mcp")},
+            "routes": [{"path_prefix": "/mcp", "providers": ["okta"]},
+                       {"path_prefix": "/partner/mcp", "providers": ["partner"]}]
+        }),
+        ..StackOptions::default()
+    })
+    .await?;
+    let forge = Forge {
+        stack: &stack,
+        kid: stack.idp.kid("mcp"),
+    };
+    let mut corpus = corpus::Corpus { cases: Vec::new() };
+    corpus::providers::across_providers(&mut corpus, &forge);
+    let Sent {
+        failures, accepted, ..
+    } = send_all(&stack, &corpus.cases).await;
+    assert!(
+        failures.is_empty(),
+        "{} cases got the wrong answer:\n  {}",
+        failures.len(),
+        failures.join("\n  ")
+    );
+    assert_eq!(accepted, 0, "accepted requests");
+    assert!(stack.upstream.seen_requests().is_empty());
+    assert_eq!(
+        stack.idp.exchange_count(),
+        0,
+        "a refused token was exchanged"
+    );
+    assert!(stack.envoy.is_running() && !stack.envoy.vm_trapped());
+    let who = mcp::whoami(&stack.mcp_url(), &stack.user_token()).await?;
+    assert_eq!(who.sub, "user@example.com");
     Ok(())
 }
 

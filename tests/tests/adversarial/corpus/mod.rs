@@ -4,6 +4,7 @@
 
 mod claims;
 mod credentials;
+pub mod providers;
 mod signature;
 mod structure;
 
