@@ -118,6 +118,24 @@ impl Etcd {
         }
     }
 
+    /// Freezes the member (SIGSTOP): connections are accepted by the kernel but nothing
+    /// answers, as with a hung or partitioned etcd.
+    pub fn freeze(&self, frozen: bool) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .ok_or_else(|| anyhow!("etcd is not running"))?;
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill {signal} {pid} failed");
+        }
+        Ok(())
+    }
+
     /// Starts the member again on the same ports and data.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();

@@ -354,6 +354,65 @@ async fn with_etcd_authentication_the_fleet_shares_and_a_wrong_password_costs_no
     Ok(())
 }
 
+/// A hung etcd (frozen: connections open, no answers) costs one lookup timeout, after which the
+/// breaker sends requests straight to the IdP; a store that answers garbage (here the IdP's own
+/// port: 404s) is the same. Every request is served either way.
+#[tokio::test]
+async fn a_hung_or_garbage_store_costs_one_failure_not_one_per_request() -> Result {
+    let etcd = Etcd::start().await?;
+    let stack = Stack::start_with(options(Some(etcd.port), STORE_KEY)).await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let warm = stack.user_token();
+    assert_eq!(initialize(&stack.mcp_url(), &warm).await?, 200);
+    // Its write goes out on the next ticks.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    etcd.freeze(true)?;
+    for i in 0..8 {
+        let t = stack.mint(&MintRequest {
+            sub: format!("hung-{i}"),
+            ..MintRequest::default()
+        });
+        assert_eq!(initialize(&stack.mcp_url(), &t).await?, 200);
+    }
+    etcd.freeze(false)?;
+    wait_for(&stack.envoy, "fleet store lookup failed").await?;
+    let errors = wait_counter(&stack.envoy, "fleet.errors").await?;
+    assert_eq!(
+        errors, 1,
+        "one timeout, then the breaker: not one per request"
+    );
+
+    // A "store" that answers garbage: the IdP's port, whose 404s are not etcd answers.
+    let mut garbage = options(Some(stack.idp.port()), STORE_KEY);
+    garbage.extra_clusters = vec![("etcd".into(), stack.idp.port())];
+    let replica = stack.start_replica(&garbage)?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for i in 0..3 {
+        let t = stack.mint(&MintRequest {
+            sub: format!("garbage-{i}"),
+            ..MintRequest::default()
+        });
+        assert_eq!(initialize(&replica.url("/mcp"), &t).await?, 200);
+    }
+    wait_for(&replica, "fleet store").await?;
+    assert!(wait_counter(&replica, "fleet.errors").await? >= 1);
+    Ok(())
+}
+
+/// The filter counter `name` once it is reported (counters reach Envoy on the filter's tick).
+async fn wait_counter(envoy: &Envoy, name: &str) -> Result<u64> {
+    let mut value = 0;
+    for _ in 0..30 {
+        value = filter_counter(&envoy.filter_stats().await?, name);
+        if value > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(value)
+}
+
 async fn wait_for(envoy: &Envoy, needle: &str) -> Result {
     for _ in 0..100 {
         if envoy.log().contains(needle) {

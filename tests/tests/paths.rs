@@ -252,9 +252,14 @@ async fn the_filter_alone_refuses_every_path_whose_meaning_could_change() -> Res
     let refusal = |detail: &'static str| {
         move |r: &Value| r["reason"] == "invalid_path" && r["detail"] == detail
     };
+    // Envoy flushes its access log in the background: wait for both records, not just one.
+    let both = |records: &[Value]| {
+        records.iter().any(refusal("dot_segment"))
+            && records.iter().any(refusal("encoded_delimiter"))
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut records = stack.envoy.audit_records()?;
-    while !records.iter().any(refusal("dot_segment")) && std::time::Instant::now() < deadline {
+    while !both(&records) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
         records = stack.envoy.audit_records()?;
     }
