@@ -23,7 +23,7 @@ use crate::harness::{free_port, workspace_root};
 /// Set by `make test-apollo`: the Apollo parts must be there, and a missing one fails the test.
 pub const REQUIRED_ENV: &str = "APOLLO_E2E";
 /// The Apollo MCP Server binary; default `.apollo/bin/apollo-mcp-server`.
-pub const BIN_ENV: &str = "APOLLO_MCP_SERVER_BIN";
+pub const BIN_ENV: &str = "APOLLO_SERVER_BIN";
 
 /// How long a part may take to answer after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(45);
@@ -49,7 +49,7 @@ pub struct Parts {
 }
 
 impl Parts {
-    /// Finds every part (the binary at `$APOLLO_MCP_SERVER_BIN` or `.apollo/bin/`, Node.js at
+    /// Finds every part (the binary at `$APOLLO_SERVER_BIN` or `.apollo/bin/`, Node.js at
     /// `$NODE` or on `PATH`), or says which are missing and how to install them.
     pub fn locate() -> anyhow::Result<Parts> {
         let mcp_server_bin = std::env::var_os(BIN_ENV)
@@ -269,13 +269,19 @@ impl ApolloMcpServer {
         let mut cmd = Command::new(&parts.mcp_server_bin);
         cmd.arg("apollo-mcp.yaml")
             .current_dir(apollo_dir())
-            .env("APOLLO_AUTH_SERVER", auth_server)
-            .env("APOLLO_GRAPHQL_ENDPOINT", graphql)
-            .env("APOLLO_MCP_PORT", port.to_string())
-            .env("APOLLO_MCP_RESOURCE", resource)
+            .env("WALKTHROUGH_AUTH_SERVER", auth_server)
+            .env("WALKTHROUGH_GRAPHQL_ENDPOINT", graphql)
+            .env("WALKTHROUGH_MCP_PORT", port.to_string())
+            .env("WALKTHROUGH_MCP_RESOURCE", resource)
             // No GraphOS: schema and operations are local files.
             .env_remove("APOLLO_KEY")
             .env_remove("APOLLO_GRAPH_REF");
+        // Apollo MCP Server reads every `APOLLO_MCP_*` variable as configuration.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("APOLLO_MCP_") {
+                cmd.env_remove(name);
+            }
+        }
         let mut process = Process::spawn(
             &format!("Apollo MCP Server ({})", parts.mcp_server_bin.display()),
             cmd,
