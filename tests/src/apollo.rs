@@ -275,7 +275,10 @@ impl ApolloMcpServer {
             .env("WALKTHROUGH_MCP_RESOURCE", resource)
             // No GraphOS: schema and operations are local files.
             .env_remove("APOLLO_KEY")
-            .env_remove("APOLLO_GRAPH_REF");
+            .env_remove("APOLLO_GRAPH_REF")
+            // Its error at exit, not a backtrace, belongs in the last lines of its log.
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE");
         // Apollo MCP Server reads every `APOLLO_MCP_*` variable as configuration.
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("APOLLO_MCP_") {
