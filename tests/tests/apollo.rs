@@ -260,3 +260,24 @@ async fn an_apollo_mcp_server_that_exits_at_start_is_named_with_its_log() -> Res
     );
     Ok(())
 }
+
+/// The GraphQL backend refuses an http issuer that is not on loopback (Okta's verifier's own https
+/// check, relaxed only for this machine's test IdP), and that failure names it and its log.
+#[tokio::test]
+async fn a_backend_with_a_non_loopback_http_issuer_is_named_with_its_log() -> Result {
+    let Some(parts) =
+        parts_or_skip("a_backend_with_a_non_loopback_http_issuer_is_named_with_its_log")?
+    else {
+        return Ok(());
+    };
+    let logs = log_dir("backend-issuer")?;
+    let err = match Backend::start(&parts, "http://idp.example.com/oauth2/backend", &logs).await {
+        Ok(_) => anyhow::bail!("the backend accepted an http issuer off loopback"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("the GraphQL backend"), "{err}");
+    assert!(err.contains("exited during start"), "{err}");
+    assert!(err.contains("backend.log"), "{err}");
+    assert!(err.contains("must start with https"), "{err}");
+    Ok(())
+}
