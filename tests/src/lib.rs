@@ -4,9 +4,12 @@
 //!   token exchange with Okta's rules and error shapes, fault injection).
 //! - [`mcp`]: a real MCP server (Streamable HTTP) that validates the exchanged token itself, and
 //!   a real MCP client used by the tests and the demo.
+//! - [`apollo`]: the walkthrough's upstream parts (Apollo MCP Server, a GraphQL API verifying
+//!   tokens with `@okta/jwt-verifier`) as processes, and a TCP tap.
 //! - [`harness`] starts them with a real Envoy; [`client`] is how the tests send requests through
 //!   it and see the answers; [`fleet`] adds a real etcd and a front Envoy for several replicas.
 
+pub mod apollo;
 pub mod cli;
 pub mod client;
 pub mod fleet;

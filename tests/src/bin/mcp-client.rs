@@ -1,9 +1,10 @@
-//! A real MCP client: initialize → tools/list → tools/call whoami over Streamable HTTP, with
-//! `Authorization: Bearer <token>` on every request.
+//! A real MCP client: initialize → tools/list → tools/call whoami (or `--tool`) over Streamable
+//! HTTP, with `Authorization: Bearer <token>` on every request.
 //!
 //! ```text
 //! mcp-client --url http://127.0.0.1:10000/mcp --token TOKEN
 //! mcp-client --url http://127.0.0.1:10000/mcp --mint-from http://127.0.0.1:9400 [--sub user@example.com]
+//! mcp-client --url http://127.0.0.1:10000/mcp --token TOKEN --tool GetProduct --args '{"id":"p-2"}'
 //! ```
 //!
 //! `--mint-from` asks the test IdP for a user token of its MCP authorization server
@@ -19,13 +20,15 @@ use gateway_tests::mcp::{error_status, McpSession};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: mcp-client --url MCP_URL (--token TOKEN | --mint-from IDP_URL \
-[--sub SUBJECT (default user@example.com)])";
+[--sub SUBJECT (default user@example.com)]) [--tool NAME (default whoami)] [--args JSON_OBJECT]";
 
 struct Args {
     url: String,
     token: Option<String>,
     mint_from: Option<String>,
     sub: String,
+    tool: String,
+    tool_args: Value,
 }
 
 fn parse(args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -33,6 +36,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut token = None;
     let mut mint_from = None;
     let mut sub = None;
+    let mut tool = None;
+    let mut tool_args = Value::Null;
     let mut flags = Flags::new(args);
     while let Some(name) = flags.next_flag() {
         if name == "-h" || name == "--help" {
@@ -44,6 +49,11 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--token" => token = Some(value()?),
             "--mint-from" => mint_from = Some(value()?),
             "--sub" => sub = Some(value()?),
+            "--tool" => tool = Some(value()?),
+            "--args" => {
+                tool_args = serde_json::from_str(&value()?)
+                    .map_err(|e| format!("--args is not JSON: {e}\n{USAGE}"))?
+            }
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
     }
@@ -57,6 +67,8 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Args, String> {
         token,
         mint_from,
         sub: sub.unwrap_or_else(|| "user@example.com".to_string()),
+        tool: tool.unwrap_or_else(|| "whoami".to_string()),
+        tool_args,
     })
 }
 
@@ -129,6 +141,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let outcome = async {
         let tools = session.tools().await?;
         println!("tools/list: {}", tools.join(", "));
+        if args.tool != "whoami" {
+            let result = session.call(&args.tool, args.tool_args.clone()).await?;
+            println!("tools/call {}: {result}", args.tool);
+            return anyhow::Ok(());
+        }
         let who = session.call("whoami", Value::Null).await?;
         println!(
             "tools/call whoami: the MCP server saw sub={} aud={} scopes={} iss={} client_id={}",
