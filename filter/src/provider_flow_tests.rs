@@ -294,3 +294,74 @@ fn a_provider_that_requires_at_jwt_refuses_plain_jwts() {
         w.end(id);
     }
 }
+
+/// The `entra` provider's tokens exchanged by Entra ID's on-behalf-of flow.
+fn entra_obo() -> Value {
+    let mut cfg = two_providers();
+    cfg["providers"]["entra"]["claims"] = json!({"scopes": ["scp"], "client_id": ["azp"]});
+    cfg["routes"][1]["exchange"] = json!({
+        "profile": "entra_obo", "cluster": "entra", "path": "/tenant-1/oauth2/v2.0/token",
+        "authority": "login.microsoftonline.com", "audience": null,
+        "scope": "api://backend/.default"
+    });
+    cfg
+}
+
+fn obo_requests(w: &Worker) -> Vec<crate::fake_host::Callout> {
+    w.host
+        .callouts()
+        .into_iter()
+        .filter(|c| c.path().ends_with("/oauth2/v2.0/token"))
+        .collect()
+}
+
+#[test]
+fn an_entra_token_is_exchanged_on_behalf_of_the_user() {
+    let mut w = with_entra_keys(&entra_obo());
+    let user = entra_token(json!({"scp": "mcp:tools:call"}));
+    send_to(&mut w, 1, "/entra/mcp", &user);
+    let call = obo_requests(&w).pop().expect("no OBO request");
+    assert_eq!(call.cluster, "entra");
+    assert_eq!(call.path(), "/tenant-1/oauth2/v2.0/token");
+    let form = String::from_utf8_lossy(&call.body).into_owned();
+    assert!(form.contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"));
+    assert!(form.contains(&format!("assertion={user}")));
+    assert!(form.contains("requested_token_use=on_behalf_of"));
+    let reply = json!({"token_type": "Bearer", "scope": "api://backend/read",
+                       "expires_in": 3599, "access_token": "backend-for-entra"});
+    w.answer(&call, Some(200), &reply.to_string());
+    assert_eq!(
+        w.authorization(1).as_deref(),
+        Some("Bearer backend-for-entra")
+    );
+    w.end(1);
+    // Cached like any exchanged token.
+    assert_eq!(send_to(&mut w, 2, "/entra/mcp", &user), Action::Continue);
+    w.end(2);
+}
+
+#[test]
+fn a_conditional_access_challenge_sends_the_user_back_with_the_claims() {
+    let mut w = with_entra_keys(&entra_obo());
+    send_to(
+        &mut w,
+        1,
+        "/entra/mcp",
+        &entra_token(json!({"scp": "mcp:tools:call"})),
+    );
+    let call = obo_requests(&w).pop().expect("no OBO request");
+    let claims = r#"{"access_token":{"capolids":{"essential":true,"values":["p1"]}}}"#;
+    let error = json!({"error": "interaction_required",
+        "error_description": "AADSTS50079: Due to a configuration change ... must enroll in MFA",
+        "error_codes": [50079], "claims": claims});
+    w.answer(&call, Some(400), &error.to_string());
+    let r = w.host.request(1);
+    assert_eq!(r.fate, Fate::Replied(401), "the user's to fix, not a 502");
+    let challenge = r.reply_header("www-authenticate").unwrap_or_default();
+    assert!(
+        challenge.contains("error=\"insufficient_claims\""),
+        "{challenge}"
+    );
+    assert!(challenge.contains("claims=\""), "{challenge}");
+    w.end(1);
+}

@@ -159,6 +159,8 @@ pub struct JwksConfig {
 
 #[derive(Debug)]
 pub struct ExchangeConfig {
+    /// `rfc8693` (the default) or `entra_obo`.
+    pub profile: Option<String>,
     pub cluster: String,
     pub path: String,
     pub authority: String,
@@ -361,6 +363,7 @@ impl JwksConfig {
 
 impl ExchangeConfig {
     const FIELDS: &'static [&'static str] = &[
+        "profile",
         "cluster",
         "path",
         "authority",
@@ -383,6 +386,7 @@ impl ExchangeConfig {
     pub(super) fn read(path: String, v: Value) -> Result<Self, ConfigError> {
         let mut f = Fields::new(path, v, Self::FIELDS)?;
         Ok(Self {
+            profile: f.optional("profile")?,
             cluster: f.required("cluster")?,
             path: f.required("path")?,
             authority: f.required("authority")?,

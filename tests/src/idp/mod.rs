@@ -21,6 +21,7 @@
 //! same thing for `make run` and humans.
 
 mod client_jwt;
+mod entra;
 mod keys;
 mod server;
 mod token;
@@ -45,6 +46,7 @@ pub use client_jwt::{
     client_jwt_claims, ClientKeyAlg, ClientSigningKey, CLIENT_ASSERTION_TYPE, JWT_TOKEN_TYPE,
     MAX_ASSERTION_LIFETIME_SECS,
 };
+pub use entra::{EntraConfig, JWT_BEARER_GRANT, MFA_CLAIMS_CHALLENGE};
 
 /// `grant_type` of RFC 8693 token exchange.
 pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -115,6 +117,8 @@ pub struct IdpConfig {
     pub accept_actor_tokens: bool,
     /// One line per request on stderr (never tokens or secrets).
     pub log_requests: bool,
+    /// Also serve one Entra ID tenant (v2 endpoints under `/{tenant}/`, see `entra`).
+    pub entra: Option<EntraConfig>,
 }
 
 impl Default for IdpConfig {
@@ -163,6 +167,7 @@ impl IdpConfig {
             user_client_id: "mcp-client".into(),
             accept_actor_tokens: false,
             log_requests: true,
+            entra: None,
         }
     }
 
@@ -355,6 +360,8 @@ pub(crate) struct State {
     last_exchange: Mutex<Option<RecordedExchange>>,
     /// Every `/v1/token` request that carried a readable body, in arrival order.
     exchanges: Mutex<Vec<RecordedExchange>>,
+    /// The Entra ID tenant, when configured.
+    pub(crate) entra: Option<entra::EntraState>,
 }
 
 impl State {
@@ -563,7 +570,19 @@ pub async fn start(listen: SocketAddr, config: IdpConfig) -> anyhow::Result<IdpH
     }
 
     let client_keys = config.client_keys()?;
+    let entra = match config.entra.clone() {
+        Some(tenant) => Some(
+            tokio::task::spawn_blocking({
+                let base_url = base_url.clone();
+                move || entra::EntraState::new(tenant, &base_url)
+            })
+            .await
+            .context("key generation task")??,
+        ),
+        None => None,
+    };
     let state = Arc::new(State {
+        entra,
         config,
         base_url,
         servers,
@@ -633,6 +652,30 @@ impl IdpHandle {
     }
 
     /// `{base}/oauth2/{as_id}`, the `iss` of that AS's tokens.
+    /// The Entra ID tenant's issuer (`{base}/{tenant}/v2.0`). Panics without an Entra tenant.
+    pub fn entra_issuer(&self) -> String {
+        self.entra().issuer.clone()
+    }
+
+    fn entra(&self) -> &entra::EntraState {
+        match &self.inner.state.entra {
+            Some(e) => e,
+            None => panic!("the IdP has no Entra ID tenant (IdpConfig::entra)"),
+        }
+    }
+
+    /// An Entra ID v2 user token for the gateway's API: `scp` as given (space-separated);
+    /// `extra` claims override the defaults (`null` removes one).
+    pub fn mint_entra(
+        &self,
+        sub: &str,
+        scp: &str,
+        extra: &Map<String, Value>,
+    ) -> anyhow::Result<String> {
+        let e = self.entra();
+        e.sign_v2(e.user_claims(sub, scp, extra))
+    }
+
     pub fn issuer(&self, as_id: &str) -> String {
         format!("{}/oauth2/{as_id}", self.inner.state.base_url)
     }
