@@ -616,7 +616,13 @@ fn every_envoy_bootstrap_validates() {
         }
         seen.push(what);
     }
-    for expected in ["envoy/demo.yaml", "envoy/okta.yaml"] {
+    for expected in [
+        "envoy/demo.yaml",
+        "envoy/okta.yaml",
+        "envoy/entra.yaml",
+        "envoy/keycloak.yaml",
+        "envoy/auth0.yaml",
+    ] {
         assert!(
             seen.iter().any(|s| s == expected),
             "{expected} not validated: {seen:?}"

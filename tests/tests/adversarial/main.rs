@@ -202,12 +202,15 @@ async fn tokens_played_across_providers_are_refused() -> Result {
                "jwks": {"cluster": "okta", "path": format!("/oauth2/{as_id}/v1/keys"),
                         "min_refetch_interval_seconds": 1}})
     };
+    let mut partner = provider("partner", "partner-mcp");
+    partner["claims"] = json!({"scopes": ["scp", "roles"], "client_id": ["azp"]});
+    partner["typ"] = json!("at+jwt");
     let mut stack = Stack::start_with(StackOptions {
         idp,
         plugin_patch: json!({
             "issuer": null, "audiences": null, "jwks": null, "resource": null,
             "providers": {"okta": provider("mcp", "mcpserver"),
-                          "partner": provider("partner", "partner-mcp")},
+                          "partner": partner},
             "routes": [{"path_prefix": "/mcp", "providers": ["okta"]},
                        {"path_prefix": "/partner/mcp", "providers": ["partner"]}]
         }),
@@ -220,6 +223,12 @@ async fn tokens_played_across_providers_are_refused() -> Result {
     };
     let mut corpus = corpus::Corpus { cases: Vec::new() };
     corpus::providers::across_providers(&mut corpus, &forge);
+    corpus::providers::claim_shapes(&mut corpus, &forge);
+    assert!(
+        corpus.cases.len() >= 30,
+        "only {} cases",
+        corpus.cases.len()
+    );
     let Sent {
         failures, accepted, ..
     } = send_all(&stack, &corpus.cases).await;
@@ -239,6 +248,24 @@ async fn tokens_played_across_providers_are_refused() -> Result {
     assert!(stack.envoy.is_running() && !stack.envoy.vm_trapped());
     let who = mcp::whoami(&stack.mcp_url(), &stack.user_token()).await?;
     assert_eq!(who.sub, "user@example.com");
+    // A well-formed partner token gets past verification to its exchange: the cases above were
+    // refused for what each broke, not for being partner tokens.
+    let mut claims = claims_of(&stack.user_token());
+    claims.insert("iss".into(), json!(stack.idp.issuer("partner")));
+    claims.insert("aud".into(), json!("partner-mcp"));
+    claims.insert("scp".into(), json!("mcp:tools:call"));
+    let header = json!({"kid": stack.idp.kid("partner"), "alg": "RS256", "typ": "at+jwt"});
+    let good = stack.idp.sign_raw(
+        "partner",
+        header.to_string().as_bytes(),
+        Value::Object(claims).to_string().as_bytes(),
+    )?;
+    send_raw(stack.envoy.port, "/partner/mcp", &bearer_header(&good)).await?;
+    assert_eq!(
+        stack.idp.exchange_count(),
+        2,
+        "the good partner token was exchanged"
+    );
     Ok(())
 }
 
