@@ -22,6 +22,7 @@
 
 mod client_jwt;
 mod entra;
+mod keycloak;
 mod keys;
 mod server;
 mod token;
@@ -47,6 +48,7 @@ pub use client_jwt::{
     MAX_ASSERTION_LIFETIME_SECS,
 };
 pub use entra::{EntraConfig, JWT_BEARER_GRANT, MFA_CLAIMS_CHALLENGE};
+pub use keycloak::{KeycloakClient, KeycloakConfig};
 
 /// `grant_type` of RFC 8693 token exchange.
 pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -119,6 +121,8 @@ pub struct IdpConfig {
     pub log_requests: bool,
     /// Also serve one Entra ID tenant (v2 endpoints under `/{tenant}/`, see `entra`).
     pub entra: Option<EntraConfig>,
+    /// Also serve one Keycloak realm (under `/realms/{realm}/`, see `keycloak`).
+    pub keycloak: Option<KeycloakConfig>,
 }
 
 impl Default for IdpConfig {
@@ -168,6 +172,7 @@ impl IdpConfig {
             accept_actor_tokens: false,
             log_requests: true,
             entra: None,
+            keycloak: None,
         }
     }
 
@@ -362,6 +367,8 @@ pub(crate) struct State {
     exchanges: Mutex<Vec<RecordedExchange>>,
     /// The Entra ID tenant, when configured.
     pub(crate) entra: Option<entra::EntraState>,
+    /// The Keycloak realm, when configured.
+    pub(crate) keycloak: Option<keycloak::KeycloakState>,
 }
 
 impl State {
@@ -581,8 +588,20 @@ pub async fn start(listen: SocketAddr, config: IdpConfig) -> anyhow::Result<IdpH
         ),
         None => None,
     };
+    let keycloak = match config.keycloak.clone() {
+        Some(realm) => Some(
+            tokio::task::spawn_blocking({
+                let base_url = base_url.clone();
+                move || keycloak::KeycloakState::new(realm, &base_url)
+            })
+            .await
+            .context("key generation task")??,
+        ),
+        None => None,
+    };
     let state = Arc::new(State {
         entra,
+        keycloak,
         config,
         base_url,
         servers,
@@ -674,6 +693,29 @@ impl IdpHandle {
     ) -> anyhow::Result<String> {
         let e = self.entra();
         e.sign_v2(e.user_claims(sub, scp, extra))
+    }
+
+    /// The Keycloak realm's issuer (`{base}/realms/{realm}`). Panics without a realm.
+    pub fn keycloak_issuer(&self) -> String {
+        self.keycloak().issuer.clone()
+    }
+
+    fn keycloak(&self) -> &keycloak::KeycloakState {
+        match &self.inner.state.keycloak {
+            Some(k) => k,
+            None => panic!("the IdP has no Keycloak realm (IdpConfig::keycloak)"),
+        }
+    }
+
+    /// A Keycloak access token of the realm for the clients in `aud`, with `scope`.
+    pub fn mint_keycloak(
+        &self,
+        sub: &str,
+        aud: &[&str],
+        scope: &str,
+        extra: &Map<String, Value>,
+    ) -> anyhow::Result<String> {
+        self.keycloak().mint(sub, aud, scope, extra)
     }
 
     pub fn issuer(&self, as_id: &str) -> String {
