@@ -23,7 +23,7 @@ use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
 use super::keys::{parse_jws, random_b64, SigningKey};
-use super::{now_secs, ClientConfig, TOKEN_EXCHANGE_GRANT};
+use super::{now_secs, ClientConfig, IdpHandle, TOKEN_EXCHANGE_GRANT};
 
 /// The RFC 7523 JWT bearer grant, which Entra ID's on-behalf-of flow uses.
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -75,6 +75,32 @@ pub(crate) struct EntraState {
     pub(crate) config: EntraConfig,
     pub(crate) issuer: String,
     pub(crate) key: SigningKey,
+}
+
+impl IdpHandle {
+    /// The Entra ID tenant's issuer (`{base}/{tenant}/v2.0`). Panics without an Entra tenant.
+    pub fn entra_issuer(&self) -> String {
+        self.entra().issuer.clone()
+    }
+
+    fn entra(&self) -> &EntraState {
+        match &self.inner.state.entra {
+            Some(e) => e,
+            None => panic!("the IdP has no Entra ID tenant (IdpConfig::entra)"),
+        }
+    }
+
+    /// An Entra ID v2 user token for the gateway's API: `scp` as given (space-separated);
+    /// `extra` claims override the defaults (`null` removes one).
+    pub fn mint_entra(
+        &self,
+        sub: &str,
+        scp: &str,
+        extra: &Map<String, Value>,
+    ) -> anyhow::Result<String> {
+        let e = self.entra();
+        e.sign_v2(e.user_claims(sub, scp, extra))
+    }
 }
 
 /// An error in Entra's JSON shape.

@@ -21,7 +21,7 @@ use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
 use super::keys::{parse_jws, random_b64, SigningKey};
-use super::{now_secs, ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT};
+use super::{now_secs, IdpHandle, ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT};
 
 /// Lifetime of the realm's access tokens (Keycloak's default is 5 minutes; longer here so
 /// tests do not race it).
@@ -83,6 +83,31 @@ pub(crate) struct KeycloakState {
     pub(crate) config: KeycloakConfig,
     pub(crate) issuer: String,
     key: SigningKey,
+}
+
+impl IdpHandle {
+    /// The Keycloak realm's issuer (`{base}/realms/{realm}`). Panics without a realm.
+    pub fn keycloak_issuer(&self) -> String {
+        self.keycloak().issuer.clone()
+    }
+
+    fn keycloak(&self) -> &KeycloakState {
+        match &self.inner.state.keycloak {
+            Some(k) => k,
+            None => panic!("the IdP has no Keycloak realm (IdpConfig::keycloak)"),
+        }
+    }
+
+    /// A Keycloak access token of the realm for the clients in `aud`, with `scope`.
+    pub fn mint_keycloak(
+        &self,
+        sub: &str,
+        aud: &[&str],
+        scope: &str,
+        extra: &Map<String, Value>,
+    ) -> anyhow::Result<String> {
+        self.keycloak().mint(sub, aud, scope, extra)
+    }
 }
 
 /// A Keycloak error: `error` and `error_description`.

@@ -671,53 +671,6 @@ impl IdpHandle {
     }
 
     /// `{base}/oauth2/{as_id}`, the `iss` of that AS's tokens.
-    /// The Entra ID tenant's issuer (`{base}/{tenant}/v2.0`). Panics without an Entra tenant.
-    pub fn entra_issuer(&self) -> String {
-        self.entra().issuer.clone()
-    }
-
-    fn entra(&self) -> &entra::EntraState {
-        match &self.inner.state.entra {
-            Some(e) => e,
-            None => panic!("the IdP has no Entra ID tenant (IdpConfig::entra)"),
-        }
-    }
-
-    /// An Entra ID v2 user token for the gateway's API: `scp` as given (space-separated);
-    /// `extra` claims override the defaults (`null` removes one).
-    pub fn mint_entra(
-        &self,
-        sub: &str,
-        scp: &str,
-        extra: &Map<String, Value>,
-    ) -> anyhow::Result<String> {
-        let e = self.entra();
-        e.sign_v2(e.user_claims(sub, scp, extra))
-    }
-
-    /// The Keycloak realm's issuer (`{base}/realms/{realm}`). Panics without a realm.
-    pub fn keycloak_issuer(&self) -> String {
-        self.keycloak().issuer.clone()
-    }
-
-    fn keycloak(&self) -> &keycloak::KeycloakState {
-        match &self.inner.state.keycloak {
-            Some(k) => k,
-            None => panic!("the IdP has no Keycloak realm (IdpConfig::keycloak)"),
-        }
-    }
-
-    /// A Keycloak access token of the realm for the clients in `aud`, with `scope`.
-    pub fn mint_keycloak(
-        &self,
-        sub: &str,
-        aud: &[&str],
-        scope: &str,
-        extra: &Map<String, Value>,
-    ) -> anyhow::Result<String> {
-        self.keycloak().mint(sub, aud, scope, extra)
-    }
-
     pub fn issuer(&self, as_id: &str) -> String {
         format!("{}/oauth2/{as_id}", self.inner.state.base_url)
     }
