@@ -195,6 +195,57 @@ fn waiting_for_one_providers_keys_does_not_hold_up_another() {
     assert!(w.gw.is_idle());
 }
 
+/// Both providers with fetched keys, each its own cluster and refetch throttle.
+fn two_remote() -> Value {
+    let mut cfg = two_providers();
+    cfg["providers"]["okta"]["jwks"] = json!({"cluster": "okta", "path": "/oauth2/mcp/v1/keys",
+        "max_wait_ms": 2000, "min_refetch_interval_seconds": 30});
+    cfg
+}
+
+fn unknown_kid(iss: &str, aud: &str) -> String {
+    let now = (T0_MS / 1000) as i64;
+    test_keys::sign(
+        &json!({"alg": "RS256", "kid": "k9"}),
+        &json!({"iss": iss, "aud": aud, "sub": "u", "scp": ["mcp:tools:call"], "exp": now + 60}),
+    )
+}
+
+#[test]
+fn refetch_throttles_are_per_provider() {
+    let mut w = Worker::first(&two_remote());
+    w.tick(20);
+    let first = key_fetches(&w);
+    assert_eq!(first.len(), 2, "each provider fetches its own keys");
+    for f in &first {
+        w.answer(f, Some(200), &test_keys::jwks_json());
+    }
+    w.tick(31_000);
+    // An unknown kid at okta refetches okta's keys, and only those.
+    send_to(&mut w, 1, "/mcp", &unknown_kid(OKTA, "mcpserver"));
+    w.tick(20);
+    let fetches = key_fetches(&w);
+    assert_eq!(fetches.len(), 3);
+    assert_eq!(fetches[2].path(), "/oauth2/mcp/v1/keys");
+    w.answer(&fetches[2], Some(200), &test_keys::jwks_json());
+    assert_invalid_token(&w, 1);
+    // okta's throttle is spent; entra's is not: an unknown kid there still refetches.
+    send_to(&mut w, 2, "/mcp", &unknown_kid(OKTA, "mcpserver"));
+    assert_invalid_token(&w, 2);
+    send_to(&mut w, 3, "/entra/mcp", &unknown_kid(ENTRA, "api://mcp"));
+    assert_eq!(w.host.fate(3), Fate::Waiting, "parked for entra's refetch");
+    w.tick(20);
+    let fetches = key_fetches(&w);
+    assert_eq!(fetches.len(), 4);
+    assert_eq!(fetches[3].path(), "/tenant-1/discovery/v2.0/keys");
+    w.answer(&fetches[3], Some(200), &test_keys::jwks_json());
+    assert_invalid_token(&w, 3);
+    for id in 1..=3 {
+        w.end(id);
+    }
+    assert!(w.gw.is_idle());
+}
+
 #[test]
 fn an_unknown_kid_refetches_only_its_providers_keys() {
     let mut w = Worker::first(&two_providers());
