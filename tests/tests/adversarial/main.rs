@@ -10,6 +10,7 @@
 mod corpus;
 mod expect;
 mod forge;
+mod idp_errors;
 mod raw_http;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use gateway_tests::client::{bearer, jsonrpc_post};
 use gateway_tests::harness::{Stack, StackOptions, CLIENT_ID, CLIENT_SECRET};
-use gateway_tests::idp::{AuthServerConfig, IdpConfig, MintRequest};
+use gateway_tests::idp::{AuthServerConfig, Endpoint, Fault, IdpConfig, MintRequest};
 use gateway_tests::mcp;
 use serde_json::{json, Map, Value};
 
@@ -266,6 +267,49 @@ async fn tokens_played_across_providers_are_refused() -> Result {
         2,
         "the good partner token was exchanged"
     );
+    Ok(())
+}
+
+/// Hostile token-endpoint error bodies (`idp_errors`): each gets its row of the answer table,
+/// a claims challenge only ever reaches the client base64-encoded, nothing reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_token_endpoint_errors_get_table_answers() -> Result {
+    let mut stack = Stack::start().await?;
+    let mut failures = Vec::new();
+    for (i, (name, status, body, expect)) in
+        idp_errors::hostile_error_bodies().into_iter().enumerate()
+    {
+        stack.idp.set_fault(
+            Endpoint::Token,
+            Fault::Respond {
+                status,
+                content_type: "application/json".into(),
+                body,
+            },
+        );
+        // A token of its own per case: a failure is shared for its token's failure window.
+        let token = stack.mint(&MintRequest {
+            sub: format!("hostile-{i}@example.com"),
+            ..MintRequest::default()
+        });
+        let a = send_raw(stack.envoy.port, "/mcp", &bearer_header(&token)).await?;
+        let challenge = a.header("www-authenticate").unwrap_or_default().to_string();
+        let claims_ok = challenge.split("claims=\"").nth(1).is_none_or(|rest| {
+            rest.split('"').next().is_some_and(|v| {
+                v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+            })
+        });
+        if a.status != expect || !claims_ok || a.header("x-injected").is_some() {
+            failures.push(format!("{name}: {} {challenge} {}", a.status, a.body));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(stack.upstream.seen_requests().is_empty());
+    assert!(stack.envoy.is_running() && !stack.envoy.vm_trapped());
+    stack.idp.clear_faults();
+    let who = mcp::whoami(&stack.mcp_url(), &stack.user_token()).await?;
+    assert_eq!(who.sub, "user@example.com");
     Ok(())
 }
 
