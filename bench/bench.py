@@ -136,6 +136,21 @@ STORE_KEY = "bench-fleet-store-key-0123456789abcdef"
 FLEET_PATCH = {"fleet_store": {"cluster": "etcd", "secret_env": STORE_ENV}}
 # Set when etcd runs: every bootstrap then has its `etcd` cluster (unused by the other rows).
 ETCD_PORT: list[int] = []
+# Issue 12: the demo's issuer as one of two providers (`providers`), the other the bench IdP's
+# `backend` server with keys of its own. The token names the second provider in name order, so
+# what the row measures is the cached path with provider selection configured: the cached path
+# does no selection (one bit test for the route's providers), which this row is there to show.
+TWO_PROVIDERS_PATCH = {
+    "issuer": None, "audiences": None, "jwks": None,
+    "providers": {
+        "a_partner": {"issuer": "http://127.0.0.1:9400/oauth2/backend", "audiences": ["backend"],
+                      "jwks": {"cluster": "okta", "path": "/oauth2/backend/v1/keys",
+                               "authority": "127.0.0.1:9400"}},
+        "okta": {"issuer": "http://127.0.0.1:9400/oauth2/mcp", "audiences": ["mcpserver"],
+                 "jwks": {"cluster": "okta", "path": "/oauth2/mcp/v1/keys",
+                          "authority": "127.0.0.1:9400"}},
+    },
+}
 # The access log of envoy/demo.yaml that writes the filter's audit record (same format; the path
 # is the run's own file).
 AUDIT_FILTER_STATE = "wasm.mcp_token_exchange.audit"
@@ -499,7 +514,8 @@ def jwt_authn_filter(idp: Idp, cache: bool) -> dict:
 
 def filter_plugin(idp: Idp, patch=None) -> dict:
     plugin = merge_patch(retarget(demo_plugin_config(), idp.port), FILTER_PATCH)
-    return merge_patch(plugin, patch) if patch else plugin
+    # Patches name the demo IdP's address like demo.yaml does (TWO_PROVIDERS_PATCH).
+    return merge_patch(plugin, retarget(patch, idp.port)) if patch else plugin
 
 
 def bootstrap(port: int, admin_port: int, http_filters: list[dict], idp: Idp,
@@ -1006,6 +1022,14 @@ SCENARIOS = [
                              "noop", 1.10, "≤ 1.10×", key="p99_us"),
                       Target(5, "*stricter:* default config, full path, exchange cached ÷ trimmed no-op (same VM calls as the filter)",
                              "noop_lean", 0.95, "(≥ 0.95×)"))),
+    # The same with a second provider configured (issue 12): compared with the row above in the
+    # same run.
+    Scenario("full_two_providers", "filter: full path, cached, two providers",
+             "same, `providers` with two issuers (the token's is the second in name order), each "
+             "with its own keys: provider selection configured", "#17becf",
+             patch=TWO_PROVIDERS_PATCH, optional=True,
+             targets=(Target(8, "two providers configured ÷ one provider, full path, exchange cached",
+                             "full_cached", 0.97, "≥ 0.97×"),)),
     # Extra rows: the same with the audit record off, and through Envoy's application log (the
     # default before the access-log path), i.e. what each way of writing the record costs.
     Scenario("full_audit_off", "filter: full path, cached, audit off",

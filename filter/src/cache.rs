@@ -360,6 +360,7 @@ fn encode_failure(e: &ExchangeError) -> u8 {
         ExchangeError::Unavailable { .. } => 4,
         ExchangeError::Timeout => 5,
         ExchangeError::BadResponse { .. } => 6,
+        ExchangeError::InteractionRequired { .. } => 7,
     }
 }
 
@@ -376,6 +377,11 @@ fn decode_failure(state: u8) -> Option<ExchangeError> {
         5 => ExchangeError::Timeout,
         6 => ExchangeError::BadResponse {
             reason: "(from another worker)",
+        },
+        // The claims challenge stays with the worker that got it.
+        7 => ExchangeError::InteractionRequired {
+            code: code(),
+            claims: None,
         },
         _ => return None,
     })

@@ -7,7 +7,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{ClientIdClaim, Provider, ScopeClaim};
+use crate::config::{ClaimRules, ClientIdClaim, Provider, ScopeClaim};
 use crate::verify::{Principal, TokenError};
 
 #[derive(Deserialize)]
@@ -81,20 +81,22 @@ enum Shape {
 }
 
 impl ScopeClaim {
-    /// As the issuers that write this claim document it: `scp` is Okta's array or Entra ID's
-    /// string; `scope` is a string (RFC 9068 §2.2.3); `roles` (Entra ID) and `permissions`
-    /// (Auth0) are arrays. Any other shape is a malformed token, not an empty scope list.
-    fn shape(self) -> Shape {
+    /// As the issuers that write this claim document it: `scp` is Okta's array or (where the
+    /// provider allows it) Entra ID's string; `scope` is a string (RFC 9068 §2.2.3); `roles`
+    /// (Entra ID) and `permissions` (Auth0) are arrays. Any other shape is a malformed token,
+    /// not an empty scope list.
+    fn shape(self, rules: &ClaimRules) -> Shape {
         match self {
-            Self::Scp => Shape::Either,
+            Self::Scp if rules.scp_string => Shape::Either,
+            Self::Scp | Self::Roles | Self::Permissions => Shape::List,
             Self::Scope => Shape::SpaceSeparated,
-            Self::Roles | Self::Permissions => Shape::List,
         }
     }
 }
 
-/// Adds the scopes in `value` (a claim of `shape`) to `out`, skipping ones already there.
-fn add_scopes(value: &Value, shape: Shape, out: &mut Vec<String>) -> Result<(), TokenError> {
+/// The scopes in `value`, a claim of `shape`, without duplicates.
+fn scopes_in(value: &Value, shape: Shape) -> Result<Vec<String>, TokenError> {
+    let mut out: Vec<String> = Vec::new();
     let mut add = |s: &str| {
         if !s.is_empty() && !out.iter().any(|o| o == s) {
             out.push(s.to_string());
@@ -109,10 +111,14 @@ fn add_scopes(value: &Value, shape: Shape, out: &mut Vec<String>) -> Result<(), 
         }
         _ => return Err(TokenError::MalformedClaims),
     }
-    Ok(())
+    Ok(out)
 }
 
 impl InboundClaims {
+    pub(crate) fn issuer(&self) -> Option<&str> {
+        self.iss.as_deref()
+    }
+
     fn scope_claim(&self, claim: ScopeClaim) -> Option<&Value> {
         match claim {
             ScopeClaim::Scp => self.scp.as_ref(),
@@ -156,12 +162,17 @@ impl InboundClaims {
             Some(s) if !s.is_empty() => s,
             _ => return Err(TokenError::MissingClaim("sub")),
         };
-        let mut scopes = Vec::new();
-        for &claim in &provider.claims.scopes {
+        // The first listed claim present carries the scopes; every listed claim present must
+        // have its shape, so a mistyped one is refused even when another wins.
+        let rules = &provider.claims;
+        let mut scopes = None;
+        for &claim in &rules.scopes {
             if let Some(value) = self.scope_claim(claim) {
-                add_scopes(value, claim.shape(), &mut scopes)?;
+                let found = scopes_in(value, claim.shape(rules))?;
+                scopes.get_or_insert(found);
             }
         }
+        let scopes = scopes.unwrap_or_default();
         let client_id = provider
             .claims
             .client_id
@@ -190,7 +201,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::config::{ClaimRules, KeySource};
+    use crate::config::KeySource;
     use crate::jwks::KeySet;
 
     const NOW: i64 = 1_800_000_000;
@@ -216,21 +227,28 @@ mod tests {
         parsed.principal(&provider(rules), 60, NOW)
     }
 
+    /// As `claims` in the configuration lists them.
     fn rules(scopes: &[ScopeClaim], client_id: &[ClientIdClaim]) -> ClaimRules {
         ClaimRules {
             scopes: scopes.to_vec(),
+            scp_string: true,
             client_id: client_id.to_vec(),
             typ: None,
         }
     }
 
     #[test]
-    fn scp_is_an_okta_array_or_an_entra_string() {
-        let d = ClaimRules::default();
+    fn scp_is_an_okta_array_or_where_listed_an_entra_string() {
+        let d = rules(&[ScopeClaim::Scp], &[]);
         let okta = read(json!({"scp": ["a", "b"]}), d.clone()).unwrap();
         assert_eq!(okta.scopes, ["a", "b"]);
         let entra = read(json!({"scp": "a  b"}), d.clone()).unwrap();
         assert_eq!(entra.scopes, ["a", "b"], "the shape Entra ID issues");
+        // Without `claims`, today's reading: a string in `scp` is a malformed token.
+        assert_eq!(
+            read(json!({"scp": "a b"}), ClaimRules::default()).unwrap_err(),
+            TokenError::MalformedClaims
+        );
         // (`null` is an absent claim, as it always was: no scopes, not a refusal.)
         for bad in [json!(1), json!({"a": 1}), json!(["a", 1]), json!(true)] {
             assert_eq!(
@@ -242,19 +260,33 @@ mod tests {
     }
 
     #[test]
+    fn the_first_listed_scope_claim_present_wins() {
+        use ScopeClaim::*;
+        let both = json!({"scp": ["okta"], "scope": "rfc9068", "roles": ["App.Role"]});
+        let first = |order: &[ScopeClaim]| read(both.clone(), rules(order, &[])).unwrap().scopes;
+        assert_eq!(first(&[Scp, Scope]), ["okta"]);
+        assert_eq!(first(&[Scope, Scp]), ["rfc9068"]);
+        assert_eq!(first(&[Permissions, Roles]), ["App.Role"]);
+        assert!(first(&[Permissions]).is_empty());
+        // Today's default: `scp` wins over `scope`.
+        assert_eq!(read(both, ClaimRules::default()).unwrap().scopes, ["okta"]);
+    }
+
+    #[test]
     fn scope_is_a_string_and_roles_and_permissions_are_arrays() {
         use ScopeClaim::*;
-        let all = rules(&[Scope, Roles, Permissions], &[]);
+        let each = |claim: ScopeClaim| rules(&[claim], &[]);
+        let p = read(json!({"scope": "read write read"}), each(Scope)).unwrap();
+        assert_eq!(p.scopes, ["read", "write"], "no duplicates");
+        let p = read(json!({"roles": ["Admin"]}), each(Roles)).unwrap();
+        assert_eq!(p.scopes, ["Admin"]);
         let p = read(
-            json!({"scope": "read write", "roles": ["Admin"], "permissions": ["read", "delete"]}),
-            all.clone(),
+            json!({"permissions": ["read", "delete"]}),
+            each(Permissions),
         )
         .unwrap();
-        assert_eq!(
-            p.scopes,
-            ["read", "write", "Admin", "delete"],
-            "union, no duplicates"
-        );
+        assert_eq!(p.scopes, ["read", "delete"]);
+        let all = rules(&[Scope, Roles, Permissions], &[]);
         for (claim, bad) in [
             ("scope", json!(["read"])),
             ("roles", json!("Admin")),
@@ -275,12 +307,34 @@ mod tests {
     }
 
     #[test]
+    fn a_listed_claim_of_the_wrong_shape_refuses_the_token_even_when_another_wins() {
+        let d = ClaimRules::default();
+        assert_eq!(
+            read(json!({"scp": ["a"], "scope": 5}), d.clone()).unwrap_err(),
+            TokenError::MalformedClaims
+        );
+        assert_eq!(
+            read(json!({"scp": ["a"], "scope": ["b"]}), d).unwrap_err(),
+            TokenError::MalformedClaims
+        );
+    }
+
+    #[test]
     fn claims_a_provider_does_not_read_neither_grant_nor_refuse() {
         let okta_only = rules(&[ScopeClaim::Scp], &[ClientIdClaim::Cid]);
         let p = read(
             json!({"scp": ["a"], "roles": "not an array", "permissions": ["admin"],
                    "scope": ["odd"], "azp": "other"}),
-            okta_only,
+            okta_only.clone(),
+        )
+        .unwrap();
+        assert_eq!(p.scopes, ["a"]);
+        let p = read(json!({"roles": ["admin"]}), okta_only).unwrap();
+        assert!(p.scopes.is_empty(), "roles are not read");
+        let p = read(
+            json!({"scp": ["a"], "roles": "not an array", "permissions": ["admin"],
+                   "scope": ["odd"], "azp": "other"}),
+            rules(&[ScopeClaim::Scp], &[ClientIdClaim::Cid]),
         )
         .unwrap();
         assert_eq!(p.scopes, ["a"]);

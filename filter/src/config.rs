@@ -115,9 +115,21 @@ pub struct InboundPolicy {
     pub verified_cache_max_entries: usize,
 }
 
+/// Which grant obtains the backend token (`exchange.profile`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExchangeProfile {
+    /// RFC 8693 token exchange (Okta, Keycloak ≥ 26.2, Auth0 custom token exchange).
+    #[default]
+    Rfc8693,
+    /// Microsoft Entra ID on-behalf-of: RFC 7523 JWT bearer grant with
+    /// `requested_token_use=on_behalf_of` and a `scope` such as `api://backend/.default`.
+    EntraObo,
+}
+
 /// Where and how the backend token is obtained.
 #[derive(Debug, Clone)]
 pub struct ExchangeTarget {
+    pub profile: ExchangeProfile,
     pub cluster: String,
     pub path: String,
     pub authority: String,
@@ -152,7 +164,8 @@ impl ExchangeTarget {
     /// obtained for one target to a request for another.
     pub fn cache_identity(&self) -> String {
         format!(
-            "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
+            "{:?}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
+            self.profile,
             self.cluster,
             self.authority,
             self.path,

@@ -7,10 +7,12 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::Deserialize;
 
-use crate::config::{ClientAuth, ExchangeTarget, TOKEN_TYPE_ACCESS_TOKEN};
+use crate::config::{ClientAuth, ExchangeProfile, ExchangeTarget, TOKEN_TYPE_ACCESS_TOKEN};
 use crate::jwks::sanitize;
 
 pub const GRANT_TYPE_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 7523 JWT bearer grant: Entra ID's on-behalf-of flow.
+pub const GRANT_TYPE_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 /// Token endpoint answers larger than this are not read (a token response is a few KiB).
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -52,6 +54,36 @@ fn push_field(body: &mut String, name: &str, value: &str) {
     form_urlencode(value, body);
 }
 
+/// RFC 8693 §2.1: the subject token and what the backend token is for.
+fn token_exchange_fields(target: &ExchangeTarget, subject_token: &str, body: &mut String) {
+    push_field(body, "grant_type", GRANT_TYPE_TOKEN_EXCHANGE);
+    push_field(body, "subject_token", subject_token);
+    push_field(body, "subject_token_type", &target.subject_token_type);
+    if let Some(v) = &target.requested_token_type {
+        push_field(body, "requested_token_type", v);
+    }
+    if let Some(v) = &target.audience {
+        push_field(body, "audience", v);
+    }
+    if let Some(v) = &target.resource {
+        push_field(body, "resource", v);
+    }
+    if let Some(v) = &target.scope {
+        push_field(body, "scope", v);
+    }
+}
+
+/// Entra ID's on-behalf-of request (v2 endpoint): the inbound token as the RFC 7523
+/// `assertion`, the backend named by `scope` (required by the configuration).
+fn on_behalf_of_fields(target: &ExchangeTarget, subject_token: &str, body: &mut String) {
+    push_field(body, "grant_type", GRANT_TYPE_JWT_BEARER);
+    push_field(body, "assertion", subject_token);
+    push_field(body, "requested_token_use", "on_behalf_of");
+    if let Some(v) = &target.scope {
+        push_field(body, "scope", v);
+    }
+}
+
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 impl ExchangeRequest {
@@ -64,20 +96,9 @@ impl ExchangeRequest {
         nonce: &str,
     ) -> Result<ExchangeRequest, String> {
         let mut body = String::with_capacity(subject_token.len() + 1024);
-        push_field(&mut body, "grant_type", GRANT_TYPE_TOKEN_EXCHANGE);
-        push_field(&mut body, "subject_token", subject_token);
-        push_field(&mut body, "subject_token_type", &target.subject_token_type);
-        if let Some(v) = &target.requested_token_type {
-            push_field(&mut body, "requested_token_type", v);
-        }
-        if let Some(v) = &target.audience {
-            push_field(&mut body, "audience", v);
-        }
-        if let Some(v) = &target.resource {
-            push_field(&mut body, "resource", v);
-        }
-        if let Some(v) = &target.scope {
-            push_field(&mut body, "scope", v);
+        match target.profile {
+            ExchangeProfile::Rfc8693 => token_exchange_fields(target, subject_token, &mut body),
+            ExchangeProfile::EntraObo => on_behalf_of_fields(target, subject_token, &mut body),
         }
         let key = || {
             target
@@ -172,6 +193,14 @@ pub enum ExchangeError {
     /// The IdP will not issue the backend token for this user (`invalid_scope`, `invalid_target`,
     /// `access_denied`, `unauthorized_client`, `consent_required`).
     TargetRefused { code: String },
+    /// The user (or an admin) must act at the IdP first: sign in again, pass MFA or Conditional
+    /// Access, consent (`interaction_required`; Entra ID's AADSTS50076/50079 and
+    /// `consent_required` with a claims challenge). `claims`: the IdP's claims challenge (a
+    /// JSON text), for the client to take to the authorization endpoint.
+    InteractionRequired {
+        code: String,
+        claims: Option<String>,
+    },
     /// The gateway's own client registration is wrong (`invalid_client`,
     /// `unsupported_grant_type`): an operator problem.
     GatewayMisconfigured { code: String },
@@ -193,6 +222,15 @@ impl fmt::Display for ExchangeError {
                 write!(f, "token endpoint refused the subject token ({code})")
             }
             Self::TargetRefused { code } => write!(f, "token endpoint refused the target ({code})"),
+            Self::InteractionRequired { code, claims } => write!(
+                f,
+                "token endpoint requires user interaction ({code}{})",
+                if claims.is_some() {
+                    ", claims challenge"
+                } else {
+                    ""
+                }
+            ),
             Self::GatewayMisconfigured { code } => {
                 write!(f, "token endpoint refused the gateway client ({code})")
             }
@@ -220,7 +258,21 @@ struct SuccessBody {
 struct ErrorBody {
     error: Option<serde_json::Value>,
     error_description: Option<serde_json::Value>,
+    /// Entra ID: the AADSTS numbers behind `error`.
+    #[serde(default)]
+    error_codes: Option<serde_json::Value>,
+    /// Entra ID: a claims challenge (JSON text) to relay to the client.
+    #[serde(default)]
+    claims: Option<serde_json::Value>,
 }
+
+/// Entra ID error numbers that change what an `invalid_grant` means (its error-code reference):
+/// the assertion is fine, but an admin must consent (65001) or the user must pass MFA (50076,
+/// 50079).
+const AADSTS_CONSENT_REQUIRED: u64 = 65001;
+const AADSTS_MFA_REQUIRED: [u64; 2] = [50076, 50079];
+/// A claims challenge longer than this is not relayed (it goes into a header, base64-encoded).
+const MAX_CLAIMS_CHALLENGE_BYTES: usize = 2048;
 
 /// What the token endpoint said, for logs: the error code and description, sanitised.
 pub fn describe_error_body(body: &[u8]) -> Option<String> {
@@ -286,17 +338,42 @@ fn parse_retry_after(v: &[u8]) -> Option<u64> {
 }
 
 fn classify_error(status: u16, body: &[u8]) -> ExchangeError {
-    let code = serde_json::from_slice::<ErrorBody>(body)
-        .ok()
-        .and_then(|b| b.error)
-        .and_then(|e| e.as_str().map(str::to_string));
-    let Some(code) = code else {
+    let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body) else {
         return ExchangeError::BadResponse {
             reason: "error response without an OAuth error code",
         };
     };
-    let code_owned = sanitize(&code);
-    match code.as_str() {
+    let Some(code) = parsed.error.as_ref().and_then(|e| e.as_str()) else {
+        return ExchangeError::BadResponse {
+            reason: "error response without an OAuth error code",
+        };
+    };
+    let code_owned = sanitize(code);
+    let entra_codes: Vec<u64> = match &parsed.error_codes {
+        Some(serde_json::Value::Array(codes)) => {
+            codes.iter().filter_map(serde_json::Value::as_u64).collect()
+        }
+        _ => Vec::new(),
+    };
+    let claims = parsed
+        .claims
+        .as_ref()
+        .and_then(|c| c.as_str())
+        .filter(|c| !c.is_empty() && c.len() <= MAX_CLAIMS_CHALLENGE_BYTES)
+        .map(str::to_string);
+    let interaction = |claims| ExchangeError::InteractionRequired {
+        code: code_owned.clone(),
+        claims,
+    };
+    match code {
+        "interaction_required" => interaction(claims),
+        "consent_required" if claims.is_some() => interaction(claims),
+        "invalid_grant" if entra_codes.iter().any(|c| AADSTS_MFA_REQUIRED.contains(c)) => {
+            interaction(claims)
+        }
+        "invalid_grant" if entra_codes.contains(&AADSTS_CONSENT_REQUIRED) => {
+            ExchangeError::TargetRefused { code: code_owned }
+        }
         "invalid_grant" | "invalid_request" => ExchangeError::SubjectRejected { code: code_owned },
         "invalid_scope"
         | "invalid_target"
@@ -380,6 +457,7 @@ pub(crate) mod tests {
     /// A target like the reference setup's (also for other modules' tests).
     pub(crate) fn target(auth: ClientAuth) -> ExchangeTarget {
         ExchangeTarget {
+            profile: ExchangeProfile::Rfc8693,
             cluster: "okta".into(),
             path: "/oauth2/backend/v1/token".into(),
             authority: "idp.example.com".into(),
@@ -402,7 +480,7 @@ pub(crate) mod tests {
         .with_identity()
     }
 
-    fn form(body: &[u8]) -> Vec<(String, String)> {
+    pub(crate) fn form(body: &[u8]) -> Vec<(String, String)> {
         // Independent decoder: '+' is space, %XX is a byte.
         let decode = |s: &str| {
             let mut out = Vec::new();

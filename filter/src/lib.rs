@@ -33,6 +33,8 @@ mod request;
 mod root;
 
 #[cfg(test)]
+mod exchange_profile_tests;
+#[cfg(test)]
 mod fake_host;
 #[cfg(test)]
 mod fleet_flow_tests;

@@ -195,6 +195,57 @@ fn waiting_for_one_providers_keys_does_not_hold_up_another() {
     assert!(w.gw.is_idle());
 }
 
+/// Both providers with fetched keys, each its own cluster and refetch throttle.
+fn two_remote() -> Value {
+    let mut cfg = two_providers();
+    cfg["providers"]["okta"]["jwks"] = json!({"cluster": "okta", "path": "/oauth2/mcp/v1/keys",
+        "max_wait_ms": 2000, "min_refetch_interval_seconds": 30});
+    cfg
+}
+
+fn unknown_kid(iss: &str, aud: &str) -> String {
+    let now = (T0_MS / 1000) as i64;
+    test_keys::sign(
+        &json!({"alg": "RS256", "kid": "k9"}),
+        &json!({"iss": iss, "aud": aud, "sub": "u", "scp": ["mcp:tools:call"], "exp": now + 60}),
+    )
+}
+
+#[test]
+fn refetch_throttles_are_per_provider() {
+    let mut w = Worker::first(&two_remote());
+    w.tick(20);
+    let first = key_fetches(&w);
+    assert_eq!(first.len(), 2, "each provider fetches its own keys");
+    for f in &first {
+        w.answer(f, Some(200), &test_keys::jwks_json());
+    }
+    w.tick(31_000);
+    // An unknown kid at okta refetches okta's keys, and only those.
+    send_to(&mut w, 1, "/mcp", &unknown_kid(OKTA, "mcpserver"));
+    w.tick(20);
+    let fetches = key_fetches(&w);
+    assert_eq!(fetches.len(), 3);
+    assert_eq!(fetches[2].path(), "/oauth2/mcp/v1/keys");
+    w.answer(&fetches[2], Some(200), &test_keys::jwks_json());
+    assert_invalid_token(&w, 1);
+    // okta's throttle is spent; entra's is not: an unknown kid there still refetches.
+    send_to(&mut w, 2, "/mcp", &unknown_kid(OKTA, "mcpserver"));
+    assert_invalid_token(&w, 2);
+    send_to(&mut w, 3, "/entra/mcp", &unknown_kid(ENTRA, "api://mcp"));
+    assert_eq!(w.host.fate(3), Fate::Waiting, "parked for entra's refetch");
+    w.tick(20);
+    let fetches = key_fetches(&w);
+    assert_eq!(fetches.len(), 4);
+    assert_eq!(fetches[3].path(), "/tenant-1/discovery/v2.0/keys");
+    w.answer(&fetches[3], Some(200), &test_keys::jwks_json());
+    assert_invalid_token(&w, 3);
+    for id in 1..=3 {
+        w.end(id);
+    }
+    assert!(w.gw.is_idle());
+}
+
 #[test]
 fn an_unknown_kid_refetches_only_its_providers_keys() {
     let mut w = Worker::first(&two_providers());
@@ -293,4 +344,75 @@ fn a_provider_that_requires_at_jwt_refuses_plain_jwts() {
     for id in [1, 2] {
         w.end(id);
     }
+}
+
+/// The `entra` provider's tokens exchanged by Entra ID's on-behalf-of flow.
+fn entra_obo() -> Value {
+    let mut cfg = two_providers();
+    cfg["providers"]["entra"]["claims"] = json!({"scopes": ["scp"], "client_id": ["azp"]});
+    cfg["routes"][1]["exchange"] = json!({
+        "profile": "entra_obo", "cluster": "entra", "path": "/tenant-1/oauth2/v2.0/token",
+        "authority": "login.microsoftonline.com", "audience": null,
+        "scope": "api://backend/.default"
+    });
+    cfg
+}
+
+fn obo_requests(w: &Worker) -> Vec<crate::fake_host::Callout> {
+    w.host
+        .callouts()
+        .into_iter()
+        .filter(|c| c.path().ends_with("/oauth2/v2.0/token"))
+        .collect()
+}
+
+#[test]
+fn an_entra_token_is_exchanged_on_behalf_of_the_user() {
+    let mut w = with_entra_keys(&entra_obo());
+    let user = entra_token(json!({"scp": "mcp:tools:call"}));
+    send_to(&mut w, 1, "/entra/mcp", &user);
+    let call = obo_requests(&w).pop().expect("no OBO request");
+    assert_eq!(call.cluster, "entra");
+    assert_eq!(call.path(), "/tenant-1/oauth2/v2.0/token");
+    let form = String::from_utf8_lossy(&call.body).into_owned();
+    assert!(form.contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"));
+    assert!(form.contains(&format!("assertion={user}")));
+    assert!(form.contains("requested_token_use=on_behalf_of"));
+    let reply = json!({"token_type": "Bearer", "scope": "api://backend/read",
+                       "expires_in": 3599, "access_token": "backend-for-entra"});
+    w.answer(&call, Some(200), &reply.to_string());
+    assert_eq!(
+        w.authorization(1).as_deref(),
+        Some("Bearer backend-for-entra")
+    );
+    w.end(1);
+    // Cached like any exchanged token.
+    assert_eq!(send_to(&mut w, 2, "/entra/mcp", &user), Action::Continue);
+    w.end(2);
+}
+
+#[test]
+fn a_conditional_access_challenge_sends_the_user_back_with_the_claims() {
+    let mut w = with_entra_keys(&entra_obo());
+    send_to(
+        &mut w,
+        1,
+        "/entra/mcp",
+        &entra_token(json!({"scp": "mcp:tools:call"})),
+    );
+    let call = obo_requests(&w).pop().expect("no OBO request");
+    let claims = r#"{"access_token":{"capolids":{"essential":true,"values":["p1"]}}}"#;
+    let error = json!({"error": "interaction_required",
+        "error_description": "AADSTS50079: Due to a configuration change ... must enroll in MFA",
+        "error_codes": [50079], "claims": claims});
+    w.answer(&call, Some(400), &error.to_string());
+    let r = w.host.request(1);
+    assert_eq!(r.fate, Fate::Replied(401), "the user's to fix, not a 502");
+    let challenge = r.reply_header("www-authenticate").unwrap_or_default();
+    assert!(
+        challenge.contains("error=\"insufficient_claims\""),
+        "{challenge}"
+    );
+    assert!(challenge.contains("claims=\""), "{challenge}");
+    w.end(1);
 }

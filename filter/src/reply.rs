@@ -6,6 +6,9 @@
 //! JSON-RPC `id` (a string or number, re-serialised) of a request refused for a header mismatch,
 //! which JSON-RPC requires the error to carry.
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
 use crate::config::ChallengeConfig;
 use crate::exchange::ExchangeError;
 use crate::mcp::BodyError;
@@ -74,6 +77,9 @@ impl Denial {
             Self::Path(_) => "invalid_path",
             Self::Exchange(ExchangeError::SubjectRejected { .. }) => "exchange_subject_rejected",
             Self::Exchange(ExchangeError::TargetRefused { .. }) => "exchange_target_refused",
+            Self::Exchange(ExchangeError::InteractionRequired { .. }) => {
+                "exchange_interaction_required"
+            }
             Self::Exchange(ExchangeError::GatewayMisconfigured { .. }) => {
                 "exchange_client_rejected"
             }
@@ -189,6 +195,19 @@ impl Denial {
                 "insufficient_scope",
                 fixed("the authorization server refused a token for the upstream service"),
             ),
+            // The user's (or an admin's) to fix at the IdP, never the gateway's: a 401 sending the
+            // client back to sign in, with the IdP's claims challenge when there is one
+            // (Microsoft's `insufficient_claims` format, see `reply`).
+            Self::Exchange(ExchangeError::InteractionRequired { claims, .. }) => (
+                401,
+                WithError,
+                if claims.is_some() {
+                    "insufficient_claims"
+                } else {
+                    "invalid_token"
+                },
+                fixed("the authorization server requires the user to sign in again"),
+            ),
             Self::Exchange(ExchangeError::GatewayMisconfigured { .. }) => (
                 502,
                 NoChallenge,
@@ -242,10 +261,17 @@ impl Denial {
             Challenge::WithError => Some(Some((code, description.as_str()))),
         };
         if let Some(error) = error {
-            headers.push((
-                "www-authenticate",
-                challenge_header(challenge, error, &required_scopes.join(" ")),
-            ));
+            let mut value = challenge_header(challenge, error, &required_scopes.join(" "));
+            if let Self::Exchange(ExchangeError::InteractionRequired {
+                claims: Some(claims),
+                ..
+            }) = self
+            {
+                // Base64 as Microsoft's claims challenges carry it: the IdP's JSON text never
+                // reaches the header as it is.
+                value.push_str(&format!(", claims=\"{}\"", STANDARD.encode(claims)));
+            }
+            headers.push(("www-authenticate", value));
         }
         if status == 503 {
             let retry = match self {

@@ -217,13 +217,6 @@ fn typ_matches(typ: Option<&str>, expected: &str) -> bool {
     short.eq_ignore_ascii_case(expected)
 }
 
-/// The claims decoded before the signature is checked: only what selects the provider.
-#[derive(Deserialize)]
-struct IssuerClaim {
-    #[serde(default)]
-    iss: Option<String>,
-}
-
 /// The payload segment of a compact JWS, decoded, with its nesting bounded.
 fn payload_bytes(token: &str) -> Result<Vec<u8>, TokenError> {
     let mut segments = token.split('.');
@@ -243,23 +236,49 @@ fn payload_bytes(token: &str) -> Result<Vec<u8>, TokenError> {
     Ok(bytes)
 }
 
-/// The token's `iss`, read without verifying anything: it only selects which provider's keys
-/// and rules verify the token (as `jwt_authn` does), before any key is looked at, so a token
-/// from an unknown issuer costs no key work and no JWKS fetch. Duplicate or mistyped `iss` is
-/// refused here like in the full claims.
-pub fn unverified_issuer(token: &str) -> Result<String, TokenError> {
-    let bytes = payload_bytes(token)?;
-    let claims: IssuerClaim =
-        serde_json::from_slice(&bytes).map_err(|_| TokenError::MalformedClaims)?;
-    claims.iss.ok_or(TokenError::MissingClaim("iss"))
+/// The token's claims, decoded with the strict schema but not yet verified: only their `iss`
+/// may be looked at (see [`UnverifiedClaims::issuer`]) until [`verify_decoded`] checks the
+/// signature over them.
+pub struct UnverifiedClaims(InboundClaims);
+
+impl UnverifiedClaims {
+    /// Selects which provider's keys and rules verify the token (as `jwt_authn` does), before
+    /// any key is looked at, so a token from an unknown issuer costs no key work and no JWKS
+    /// fetch.
+    pub fn issuer(&self) -> Option<&str> {
+        self.0.issuer()
+    }
 }
 
-/// Verifies `token` against `keys` and the rules of the provider that issued it at time `now`
-/// (Unix seconds), with `skew` seconds of tolerance: structure, signature, issuer and time.
-/// Audience and scopes depend on the route and are checked by `policy`: a valid token with too
-/// few scopes is a 403, not a 401.
+/// Decodes the claims of `token` once, before anything is verified. Duplicate and mistyped
+/// claims are refused here, whatever the signature.
+pub fn decode_claims(token: &str) -> Result<UnverifiedClaims, TokenError> {
+    let bytes = payload_bytes(token)?;
+    serde_json::from_slice(&bytes)
+        .map(UnverifiedClaims)
+        .map_err(|_| TokenError::MalformedClaims)
+}
+
+/// [`decode_claims`] then [`verify_decoded`].
+#[cfg(test)]
 pub fn verify(
     token: &str,
+    keys: &KeySet,
+    provider: &Provider,
+    skew: i64,
+    now: i64,
+) -> Result<Principal, VerifyError> {
+    let claims = decode_claims(token).map_err(VerifyError::Invalid)?;
+    verify_decoded(token, claims, keys, provider, skew, now)
+}
+
+/// Verifies `token`, whose `claims` were decoded by [`decode_claims`], against `keys` and the
+/// rules of the provider that issued it at time `now` (Unix seconds), with `skew` seconds of
+/// tolerance: structure, signature, issuer and time. Audience and scopes depend on the route and
+/// are checked by `policy`: a valid token with too few scopes is a 403, not a 401.
+pub fn verify_decoded(
+    token: &str,
+    claims: UnverifiedClaims,
     keys: &KeySet,
     provider: &Provider,
     skew: i64,
@@ -298,8 +317,8 @@ pub fn verify(
         return Err(invalid(TokenError::AlgorithmNotAllowed));
     }
     // The signature is checked directly rather than through `jwt-compact`'s validator, which
-    // would also deserialize the claims into its own lenient struct: the claims are decoded once,
-    // below, with the strict schema. The signed data is everything before the last dot
+    // would also deserialize the claims into its own lenient struct: the claims were decoded
+    // once, with the strict schema. The signed data is everything before the last dot
     // (RFC 7515 §5.2), exactly the bytes `UntrustedToken` parsed the header and claims from.
     let (signed_data, _) = token
         .rsplit_once('.')
@@ -309,11 +328,8 @@ pub fn verify(
         return Err(invalid(TokenError::BadSignature));
     }
 
-    // The signature covers the exact payload bytes; decode them again with the strict schema.
-    let bytes = payload_bytes(token).map_err(invalid)?;
-    let claims: InboundClaims =
-        serde_json::from_slice(&bytes).map_err(|_| invalid(TokenError::MalformedClaims))?;
-    claims.principal(provider, skew, now).map_err(invalid)
+    // The signature covers the exact payload bytes `claims` were decoded from.
+    claims.0.principal(provider, skew, now).map_err(invalid)
 }
 
 #[cfg(test)]
@@ -357,34 +373,42 @@ mod tests {
         Err(VerifyError::Invalid(e))
     }
 
+    fn issuer_of(token: &str) -> Result<String, TokenError> {
+        let claims = decode_claims(token)?;
+        claims
+            .issuer()
+            .map(str::to_string)
+            .ok_or(TokenError::MissingClaim("iss"))
+    }
+
     #[test]
     fn the_issuer_is_read_before_anything_is_verified_and_strictly() {
         let signed = sign(&header("k1"), &claims());
         assert_eq!(
-            unverified_issuer(&signed).as_deref(),
+            issuer_of(&signed).as_deref(),
             Ok("https://idp.example.com/oauth2/mcp")
         );
         let unsigned = |payload: &str| format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(payload));
         assert_eq!(
-            unverified_issuer(&unsigned(r#"{"iss":"a","iss":"b"}"#)),
+            issuer_of(&unsigned(r#"{"iss":"a","iss":"b"}"#)),
             Err(TokenError::MalformedClaims)
         );
         assert_eq!(
-            unverified_issuer(&unsigned(r#"{"iss":["a"]}"#)),
+            issuer_of(&unsigned(r#"{"iss":["a"]}"#)),
             Err(TokenError::MalformedClaims)
         );
         assert_eq!(
-            unverified_issuer(&unsigned(r#"{"sub":"a"}"#)),
+            issuer_of(&unsigned(r#"{"sub":"a"}"#)),
             Err(TokenError::MissingClaim("iss"))
         );
         let deep = format!(r#"{{"iss":"a","x":{}{}}}"#, "[".repeat(40), "]".repeat(40));
         assert_eq!(
-            unverified_issuer(&unsigned(&deep)),
+            issuer_of(&unsigned(&deep)),
             Err(TokenError::MalformedClaims)
         );
-        assert_eq!(unverified_issuer("a.b.c.d.e"), Err(TokenError::Encrypted));
-        assert_eq!(unverified_issuer("a.b"), Err(TokenError::Malformed));
-        assert_eq!(unverified_issuer("e30.!!!.x"), Err(TokenError::Malformed));
+        assert_eq!(issuer_of("a.b.c.d.e"), Err(TokenError::Encrypted));
+        assert_eq!(issuer_of("a.b"), Err(TokenError::Malformed));
+        assert_eq!(issuer_of("e30.!!!.x"), Err(TokenError::Malformed));
     }
 
     #[test]

@@ -638,6 +638,9 @@ fn every_envoy_bootstrap_validates() {
         "envoy/demo.yaml",
         "envoy/okta.yaml",
         "envoy/fleet/front-ring-hash.yaml",
+        "envoy/entra.yaml",
+        "envoy/keycloak.yaml",
+        "envoy/auth0.yaml",
     ] {
         assert!(
             seen.iter().any(|s| s == expected),

@@ -160,13 +160,12 @@ fn entra_shaped(stack: &Stack, typ: &str, claims: serde_json::Value) -> Result<S
     let minted = partner_token(stack, "erin@partner.example");
     let payload = minted.split('.').nth(1).unwrap_or_default();
     use base64::Engine as _;
-    let mut c: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?,
-    )?;
-    c.as_object_mut().map(|o| {
+    let mut c: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?)?;
+    if let Some(o) = c.as_object_mut() {
         o.remove("scp");
         o.remove("cid");
-    });
+    }
     for (k, v) in claims.as_object().into_iter().flatten() {
         c[k] = v.clone();
     }
@@ -192,7 +191,11 @@ async fn each_provider_reads_claims_in_its_issuers_shape() -> Result {
     let last = seen.last().expect("the partner upstream was called");
     assert_eq!(last.header("x-mcp-client-id"), Some("entra-client"));
 
-    let app_only = entra_shaped(&stack, "application/at+jwt", json!({"roles": ["mcp:tools:call"]}))?;
+    let app_only = entra_shaped(
+        &stack,
+        "application/at+jwt",
+        json!({"roles": ["mcp:tools:call"]}),
+    )?;
     mcp::whoami(&stack.envoy.url("/partner/mcp"), &app_only).await?;
 
     let without_scope = entra_shaped(&stack, "at+jwt", json!({"scp": "User.Read"}))?;

@@ -160,6 +160,8 @@ pub struct JwksConfig {
 
 #[derive(Debug)]
 pub struct ExchangeConfig {
+    /// `rfc8693` (the default) or `entra_obo`.
+    pub profile: Option<String>,
     pub cluster: String,
     pub path: String,
     pub authority: String,
@@ -367,6 +369,7 @@ impl JwksConfig {
 
 impl ExchangeConfig {
     const FIELDS: &'static [&'static str] = &[
+        "profile",
         "cluster",
         "path",
         "authority",
@@ -389,6 +392,7 @@ impl ExchangeConfig {
     pub(super) fn read(path: String, v: Value) -> Result<Self, ConfigError> {
         let mut f = Fields::new(path, v, Self::FIELDS)?;
         Ok(Self {
+            profile: f.optional("profile")?,
             cluster: f.required("cluster")?,
             path: f.required("path")?,
             authority: f.required("authority")?,

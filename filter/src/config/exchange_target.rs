@@ -11,7 +11,9 @@ use super::checks::{
     require_scope_list,
 };
 use super::fields::join;
-use super::{ClientAuth, ConfigError, Env, ExchangeConfig, ExchangeTarget, Secret};
+use super::{
+    ClientAuth, ConfigError, Env, ExchangeConfig, ExchangeProfile, ExchangeTarget, Secret,
+};
 use crate::client_key::ClientKey;
 
 /// The top-level `exchange`: its validated target, and the raw object that route overrides are
@@ -70,6 +72,7 @@ struct ClientCredentials {
 impl ExchangeConfig {
     /// `prefix` is where this object sits in the document (`exchange`, `routes[0].exchange`).
     fn validate(self, prefix: &str, env: Env<'_>) -> Result<ExchangeTarget, ConfigError> {
+        let profile = self.profile(prefix)?;
         self.check_endpoint(prefix)?;
         let credentials = self.client_credentials(prefix, env)?;
         let assertion_audience = self
@@ -80,9 +83,51 @@ impl ExchangeConfig {
             &join(prefix, "client_assertion_audience"),
             &assertion_audience,
         )?;
-        self.check_requested_token(prefix)?;
+        match profile {
+            ExchangeProfile::Rfc8693 => self.check_requested_token(prefix)?,
+            ExchangeProfile::EntraObo => self.check_on_behalf_of(prefix)?,
+        }
         self.check_limits(prefix)?;
-        Ok(self.into_target(credentials, assertion_audience))
+        Ok(self.into_target(profile, credentials, assertion_audience))
+    }
+
+    fn profile(&self, prefix: &str) -> Result<ExchangeProfile, ConfigError> {
+        match self.profile.as_deref() {
+            None | Some("rfc8693") => Ok(ExchangeProfile::Rfc8693),
+            Some("entra_obo") => Ok(ExchangeProfile::EntraObo),
+            Some(_) => Err(ConfigError::new(
+                &join(prefix, "profile"),
+                "expected `rfc8693` or `entra_obo`",
+            )),
+        }
+    }
+
+    /// Entra ID's on-behalf-of request names the backend only by `scope`
+    /// (`api://backend/.default`); the RFC 8693 fields have no place in it, and sending them
+    /// would only hide a misconfiguration.
+    fn check_on_behalf_of(&self, prefix: &str) -> Result<(), ConfigError> {
+        let scope_field = join(prefix, "scope");
+        let Some(scope) = &self.scope else {
+            return Err(ConfigError::new(
+                &scope_field,
+                "is required with `profile: entra_obo` (e.g. `api://backend/.default`)",
+            ));
+        };
+        require_scope_list(&scope_field, scope)?;
+        for (name, set) in [
+            ("audience", self.audience.is_some()),
+            ("resource", self.resource.is_some()),
+            ("requested_token_type", self.requested_token_type.is_some()),
+            ("actor_token", self.actor_token),
+        ] {
+            if set {
+                return Err(ConfigError::new(
+                    &join(prefix, name),
+                    "is not part of Entra ID's on-behalf-of request (`profile: entra_obo`); the backend is named by `scope`",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The token endpoint and the gateway's client id, which go into request headers.
@@ -182,10 +227,12 @@ impl ExchangeConfig {
 
     fn into_target(
         self,
+        profile: ExchangeProfile,
         credentials: ClientCredentials,
         assertion_audience: String,
     ) -> ExchangeTarget {
         ExchangeTarget {
+            profile,
             cluster: self.cluster,
             path: self.path,
             authority: self.authority,

@@ -2,8 +2,6 @@
 //! audiences and claim rules. Without `providers`, the top-level `issuer`, `audiences` and `jwks`
 //! are the one provider, named `default`, so single-issuer documents keep their meaning.
 
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::checks::{require_audiences, require_header_value, require_non_empty};
@@ -28,8 +26,7 @@ pub struct Provider {
 }
 
 /// A claim that carries scopes, with the shapes its issuers write (see `claims`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScopeClaim {
     /// Okta: an array; Entra ID: a space-separated string.
     Scp,
@@ -42,8 +39,7 @@ pub enum ScopeClaim {
 }
 
 /// A claim that names the OAuth client the token was issued to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientIdClaim {
     /// Okta.
     Cid,
@@ -55,11 +51,40 @@ pub enum ClientIdClaim {
     Appid,
 }
 
+/// A claim name in the configuration. Matched by hand rather than with `#[derive(Deserialize)]`:
+/// serde's enum visitors cost the module kilobytes (see `fields`).
+trait ClaimName: Sized + Copy + 'static {
+    const NAMES: &'static [(&'static str, Self)];
+}
+
+impl ClaimName for ScopeClaim {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("scp", Self::Scp),
+        ("scope", Self::Scope),
+        ("roles", Self::Roles),
+        ("permissions", Self::Permissions),
+    ];
+}
+
+impl ClaimName for ClientIdClaim {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("cid", Self::Cid),
+        ("client_id", Self::ClientId),
+        ("azp", Self::Azp),
+        ("appid", Self::Appid),
+    ];
+}
+
 /// How one provider's tokens are read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimRules {
-    /// Every listed claim present adds its scopes (in this order, without duplicates).
+    /// The first listed claim present carries the token's scopes (Entra ID writes `scp` in
+    /// delegated tokens and `roles` in app-only ones; Okta's `scp` wins over `scope` as before).
     pub scopes: Vec<ScopeClaim>,
+    /// `scp` may also be Entra ID's space-separated string: only when the operator listed the
+    /// scope claims (`claims.scopes`). Without them `scp` must be Okta's array, as it always had
+    /// to be.
+    pub scp_string: bool,
     /// The first listed claim present names the client.
     pub client_id: Vec<ClientIdClaim>,
     /// The JOSE header `typ` every token must have (lower case, without `application/`), e.g.
@@ -68,10 +93,12 @@ pub struct ClaimRules {
 }
 
 impl Default for ClaimRules {
-    /// Today's single-issuer reading: `scp` and `scope`; client from any of the four claims.
+    /// Today's single-issuer reading: `scp` (array) else `scope`; the client from any of the four
+    /// claims.
     fn default() -> Self {
         Self {
             scopes: vec![ScopeClaim::Scp, ScopeClaim::Scope],
+            scp_string: false,
             client_id: vec![
                 ClientIdClaim::Cid,
                 ClientIdClaim::ClientId,
@@ -155,8 +182,10 @@ impl ProviderConfig {
     fn read_claims(path: String, v: Value) -> Result<ClaimRules, ConfigError> {
         let mut f = Fields::new(path, v, Self::CLAIMS_FIELDS)?;
         let defaults = ClaimRules::default();
+        let scopes = claim_names(&mut f, "scopes")?;
         Ok(ClaimRules {
-            scopes: claim_names(&mut f, "scopes")?.unwrap_or(defaults.scopes),
+            scp_string: scopes.is_some(),
+            scopes: scopes.unwrap_or(defaults.scopes),
             client_id: claim_names(&mut f, "client_id")?.unwrap_or(defaults.client_id),
             typ: None,
         })
@@ -164,10 +193,7 @@ impl ProviderConfig {
 }
 
 /// A non-empty list of claim names (`ScopeClaim`s or `ClientIdClaim`s); `None` when absent.
-fn claim_names<T: DeserializeOwned>(
-    f: &mut Fields,
-    name: &str,
-) -> Result<Option<Vec<T>>, ConfigError> {
+fn claim_names<T: ClaimName>(f: &mut Fields, name: &str) -> Result<Option<Vec<T>>, ConfigError> {
     let Some((path, v)) = f.take(name) else {
         return Ok(None);
     };
@@ -178,7 +204,24 @@ fn claim_names<T: DeserializeOwned>(
     items
         .into_iter()
         .enumerate()
-        .map(|(i, v)| value(&format!("{path}[{i}]"), v))
+        .map(|(i, v)| {
+            let field = format!("{path}[{i}]");
+            let name: String = value(&field, v)?;
+            T::NAMES
+                .iter()
+                .find(|(known, _)| *known == name)
+                .map(|(_, claim)| *claim)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = T::NAMES.iter().map(|(n, _)| *n).collect();
+                    ConfigError::new(
+                        &field,
+                        format!(
+                            "is no claim the filter reads here (one of: {})",
+                            known.join(", ")
+                        ),
+                    )
+                })
+        })
         .collect::<Result<Vec<T>, _>>()
         .map(Some)
 }

@@ -131,9 +131,14 @@ impl<H: Host> Gateway<H> {
         }
         // The issuer picks the provider before any key is looked at: an unknown issuer, or one
         // this route does not accept, costs no key work and never triggers a JWKS fetch.
-        let issuer =
-            verify::unverified_issuer(token).map_err(|e| PrincipalWait::Deny(Denial::Token(e)))?;
-        let Some(index) = policy.provider_for_issuer(&issuer) else {
+        let claims =
+            verify::decode_claims(token).map_err(|e| PrincipalWait::Deny(Denial::Token(e)))?;
+        let Some(issuer) = claims.issuer() else {
+            return Err(PrincipalWait::Deny(Denial::Token(
+                TokenError::MissingClaim("iss"),
+            )));
+        };
+        let Some(index) = policy.provider_for_issuer(issuer) else {
             debug!(
                 "token {} names an issuer no provider has",
                 fingerprint(&digest())
@@ -152,7 +157,7 @@ impl<H: Host> Gateway<H> {
         let Some(key_set) = keys.keys().cloned() else {
             return Err(PrincipalWait::Park(index));
         };
-        match verify::verify(token, &key_set, provider, skew, now) {
+        match verify::verify_decoded(token, claims, &key_set, provider, skew, now) {
             Ok(mut p) => {
                 p.provider = index;
                 let p = Rc::new(p);

@@ -21,6 +21,8 @@
 //! same thing for `make run` and humans.
 
 mod client_jwt;
+mod entra;
+mod keycloak;
 mod keys;
 mod server;
 mod token;
@@ -45,6 +47,8 @@ pub use client_jwt::{
     client_jwt_claims, ClientKeyAlg, ClientSigningKey, CLIENT_ASSERTION_TYPE, JWT_TOKEN_TYPE,
     MAX_ASSERTION_LIFETIME_SECS,
 };
+pub use entra::{EntraConfig, JWT_BEARER_GRANT, MFA_CLAIMS_CHALLENGE};
+pub use keycloak::{KeycloakClient, KeycloakConfig};
 
 /// `grant_type` of RFC 8693 token exchange.
 pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -115,6 +119,10 @@ pub struct IdpConfig {
     pub accept_actor_tokens: bool,
     /// One line per request on stderr (never tokens or secrets).
     pub log_requests: bool,
+    /// Also serve one Entra ID tenant (v2 endpoints under `/{tenant}/`, see `entra`).
+    pub entra: Option<EntraConfig>,
+    /// Also serve one Keycloak realm (under `/realms/{realm}/`, see `keycloak`).
+    pub keycloak: Option<KeycloakConfig>,
 }
 
 impl Default for IdpConfig {
@@ -163,6 +171,8 @@ impl IdpConfig {
             user_client_id: "mcp-client".into(),
             accept_actor_tokens: false,
             log_requests: true,
+            entra: None,
+            keycloak: None,
         }
     }
 
@@ -355,6 +365,10 @@ pub(crate) struct State {
     last_exchange: Mutex<Option<RecordedExchange>>,
     /// Every `/v1/token` request that carried a readable body, in arrival order.
     exchanges: Mutex<Vec<RecordedExchange>>,
+    /// The Entra ID tenant, when configured.
+    pub(crate) entra: Option<entra::EntraState>,
+    /// The Keycloak realm, when configured.
+    pub(crate) keycloak: Option<keycloak::KeycloakState>,
 }
 
 impl State {
@@ -563,7 +577,31 @@ pub async fn start(listen: SocketAddr, config: IdpConfig) -> anyhow::Result<IdpH
     }
 
     let client_keys = config.client_keys()?;
+    let entra = match config.entra.clone() {
+        Some(tenant) => Some(
+            tokio::task::spawn_blocking({
+                let base_url = base_url.clone();
+                move || entra::EntraState::new(tenant, &base_url)
+            })
+            .await
+            .context("key generation task")??,
+        ),
+        None => None,
+    };
+    let keycloak = match config.keycloak.clone() {
+        Some(realm) => Some(
+            tokio::task::spawn_blocking({
+                let base_url = base_url.clone();
+                move || keycloak::KeycloakState::new(realm, &base_url)
+            })
+            .await
+            .context("key generation task")??,
+        ),
+        None => None,
+    };
     let state = Arc::new(State {
+        entra,
+        keycloak,
         config,
         base_url,
         servers,

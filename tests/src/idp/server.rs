@@ -115,6 +115,18 @@ async fn dispatch(state: &Arc<State>, raw: &std::net::TcpStream, req: Request<In
         let rest = rest.to_string();
         return Ok((admin(state, &rest, req).await, None));
     }
+    if let Some(tenant) = &state.entra {
+        let prefix = format!("/{}/", tenant.config.tenant);
+        if let Some(endpoint) = path.strip_prefix(&prefix) {
+            return entra_endpoint(state, tenant, endpoint, raw, req).await;
+        }
+    }
+    if let Some(realm) = &state.keycloak {
+        let prefix = format!("/realms/{}/protocol/openid-connect/", realm.config.realm);
+        if let Some(endpoint) = path.strip_prefix(&prefix) {
+            return keycloak_endpoint(state, realm, endpoint, raw, req).await;
+        }
+    }
     let Some(rest) = path.strip_prefix("/oauth2/") else {
         return Ok((not_found(&path), None));
     };
@@ -217,6 +229,104 @@ async fn token_endpoint(
         note.push_str(&format!(" error={error}"));
     }
     Ok((resp, Some(note)))
+}
+
+/// The Keycloak realm's endpoints: `certs` and `token`.
+async fn keycloak_endpoint(
+    state: &State,
+    realm: &super::keycloak::KeycloakState,
+    endpoint: &str,
+    raw: &std::net::TcpStream,
+    req: Request<Incoming>,
+) -> Routed {
+    match (endpoint, req.method().clone()) {
+        ("certs", Method::GET) => Ok((cacheable(state, json_response(200, &realm.certs())), None)),
+        ("token", Method::POST) => {
+            let (authorization, form) = recorded_form(state, req).await;
+            if let Some(resp) = apply_fault(state.fault(&Endpoint::Token), raw).await? {
+                return Ok((resp, Some("(fault)".into())));
+            }
+            let (status, body) = realm.token(authorization.as_deref(), &form);
+            let note = body["error"]
+                .as_str()
+                .map(|e| format!("keycloak error={e}"));
+            Ok((oauth_json(status, body.to_string()), note))
+        }
+        ("certs", _) => Ok((method_not_allowed("GET"), None)),
+        ("token", _) => Ok((method_not_allowed("POST"), None)),
+        _ => Ok((not_found(endpoint), None)),
+    }
+}
+
+/// A token request's `Authorization` and form, counted and recorded like `/v1/token`'s.
+async fn recorded_form(
+    state: &State,
+    req: Request<Incoming>,
+) -> (Option<String>, Vec<(String, String)>) {
+    state.count_token_request();
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let authorization = header(hyper::header::AUTHORIZATION);
+    let content_type = header(CONTENT_TYPE);
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let form: Vec<(String, String)> = form_urlencoded::parse(&body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    state.record_exchange(super::RecordedExchange {
+        client_auth: if authorization.is_some() {
+            "client_secret_basic".into()
+        } else {
+            "client_secret_post".into()
+        },
+        client_id: form
+            .iter()
+            .find(|(k, _)| k == "client_id")
+            .map(|(_, v)| v.clone()),
+        form: form
+            .iter()
+            .filter(|(k, _)| k != "client_secret")
+            .cloned()
+            .collect(),
+        content_type,
+        host: None,
+    });
+    (authorization, form)
+}
+
+/// The Entra ID tenant's endpoints: `discovery/v2.0/keys` and `oauth2/v2.0/token`.
+async fn entra_endpoint(
+    state: &State,
+    tenant: &super::entra::EntraState,
+    endpoint: &str,
+    raw: &std::net::TcpStream,
+    req: Request<Incoming>,
+) -> Routed {
+    match (endpoint, req.method().clone()) {
+        ("discovery/v2.0/keys", Method::GET) => {
+            Ok((cacheable(state, json_response(200, &tenant.jwks())), None))
+        }
+        ("oauth2/v2.0/token", Method::POST) => {
+            let (authorization, form) = recorded_form(state, req).await;
+            if let Some(resp) = apply_fault(state.fault(&Endpoint::Token), raw).await? {
+                return Ok((resp, Some("(fault)".into())));
+            }
+            let (status, body) =
+                tenant.token(&state.config.clients, authorization.as_deref(), &form);
+            let note = body["error"].as_str().map(|e| format!("entra error={e}"));
+            Ok((oauth_json(status, body.to_string()), note))
+        }
+        ("discovery/v2.0/keys", _) => Ok((method_not_allowed("GET"), None)),
+        ("oauth2/v2.0/token", _) => Ok((method_not_allowed("POST"), None)),
+        _ => Ok((not_found(endpoint), None)),
+    }
 }
 
 /// `Ok(Some(resp))`: answer this instead; `Ok(None)`: go on normally (possibly after a delay).

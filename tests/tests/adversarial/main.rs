@@ -10,6 +10,7 @@
 mod corpus;
 mod expect;
 mod forge;
+mod idp_errors;
 mod raw_http;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use gateway_tests::client::{bearer, jsonrpc_post};
 use gateway_tests::harness::{Stack, StackOptions, CLIENT_ID, CLIENT_SECRET};
-use gateway_tests::idp::{AuthServerConfig, IdpConfig, MintRequest};
+use gateway_tests::idp::{AuthServerConfig, Endpoint, Fault, IdpConfig, MintRequest};
 use gateway_tests::mcp;
 use serde_json::{json, Map, Value};
 
@@ -202,12 +203,15 @@ async fn tokens_played_across_providers_are_refused() -> Result {
                "jwks": {"cluster": "okta", "path": format!("/oauth2/{as_id}/v1/keys"),
                         "min_refetch_interval_seconds": 1}})
     };
+    let mut partner = provider("partner", "partner-mcp");
+    partner["claims"] = json!({"scopes": ["scp", "roles"], "client_id": ["azp"]});
+    partner["typ"] = json!("at+jwt");
     let mut stack = Stack::start_with(StackOptions {
         idp,
         plugin_patch: json!({
             "issuer": null, "audiences": null, "jwks": null, "resource": null,
             "providers": {"okta": provider("mcp", "mcpserver"),
-                          "partner": provider("partner", "partner-mcp")},
+                          "partner": partner},
             "routes": [{"path_prefix": "/mcp", "providers": ["okta"]},
                        {"path_prefix": "/partner/mcp", "providers": ["partner"]}]
         }),
@@ -220,6 +224,12 @@ async fn tokens_played_across_providers_are_refused() -> Result {
     };
     let mut corpus = corpus::Corpus { cases: Vec::new() };
     corpus::providers::across_providers(&mut corpus, &forge);
+    corpus::providers::claim_shapes(&mut corpus, &forge);
+    assert!(
+        corpus.cases.len() >= 30,
+        "only {} cases",
+        corpus.cases.len()
+    );
     let Sent {
         failures, accepted, ..
     } = send_all(&stack, &corpus.cases).await;
@@ -237,6 +247,67 @@ async fn tokens_played_across_providers_are_refused() -> Result {
         "a refused token was exchanged"
     );
     assert!(stack.envoy.is_running() && !stack.envoy.vm_trapped());
+    let who = mcp::whoami(&stack.mcp_url(), &stack.user_token()).await?;
+    assert_eq!(who.sub, "user@example.com");
+    // A well-formed partner token gets past verification to its exchange: the cases above were
+    // refused for what each broke, not for being partner tokens.
+    let mut claims = claims_of(&stack.user_token());
+    claims.insert("iss".into(), json!(stack.idp.issuer("partner")));
+    claims.insert("aud".into(), json!("partner-mcp"));
+    claims.insert("scp".into(), json!("mcp:tools:call"));
+    let header = json!({"kid": stack.idp.kid("partner"), "alg": "RS256", "typ": "at+jwt"});
+    let good = stack.idp.sign_raw(
+        "partner",
+        header.to_string().as_bytes(),
+        Value::Object(claims).to_string().as_bytes(),
+    )?;
+    send_raw(stack.envoy.port, "/partner/mcp", &bearer_header(&good)).await?;
+    assert_eq!(
+        stack.idp.exchange_count(),
+        2,
+        "the good partner token was exchanged"
+    );
+    Ok(())
+}
+
+/// Hostile token-endpoint error bodies (`idp_errors`): each gets its row of the answer table,
+/// a claims challenge only ever reaches the client base64-encoded, nothing reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_token_endpoint_errors_get_table_answers() -> Result {
+    let mut stack = Stack::start().await?;
+    let mut failures = Vec::new();
+    for (i, (name, status, body, expect)) in
+        idp_errors::hostile_error_bodies().into_iter().enumerate()
+    {
+        stack.idp.set_fault(
+            Endpoint::Token,
+            Fault::Respond {
+                status,
+                content_type: "application/json".into(),
+                body,
+            },
+        );
+        // A token of its own per case: a failure is shared for its token's failure window.
+        let token = stack.mint(&MintRequest {
+            sub: format!("hostile-{i}@example.com"),
+            ..MintRequest::default()
+        });
+        let a = send_raw(stack.envoy.port, "/mcp", &bearer_header(&token)).await?;
+        let challenge = a.header("www-authenticate").unwrap_or_default().to_string();
+        let claims_ok = challenge.split("claims=\"").nth(1).is_none_or(|rest| {
+            rest.split('"').next().is_some_and(|v| {
+                v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+            })
+        });
+        if a.status != expect || !claims_ok || a.header("x-injected").is_some() {
+            failures.push(format!("{name}: {} {challenge} {}", a.status, a.body));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(stack.upstream.seen_requests().is_empty());
+    assert!(stack.envoy.is_running() && !stack.envoy.vm_trapped());
+    stack.idp.clear_faults();
     let who = mcp::whoami(&stack.mcp_url(), &stack.user_token()).await?;
     assert_eq!(who.sub, "user@example.com");
     Ok(())
