@@ -19,6 +19,7 @@ mod document;
 mod exchange_target;
 mod fields;
 mod identity_headers;
+mod introspection;
 mod key_source;
 mod providers;
 mod resource_metadata;
@@ -28,12 +29,13 @@ mod validate;
 use crate::client_key::ClientKey;
 use crate::jwks::KeySet;
 use crate::request_path::{prefix_covers, NormalPath};
-use fields::UniqueKeys;
+pub(crate) use fields::UniqueKeys;
 
 pub use document::{
     AuditLog, ClientAuth, ExchangeConfig, FilterConfig, JwksConfig, McpConfig, Mode, RouteConfig,
     ToolConfig, Unmatched,
 };
+pub use introspection::Introspection;
 pub use providers::{ClaimRules, ClientIdClaim, Provider, ProviderSet, ScopeClaim, MAX_PROVIDERS};
 
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";

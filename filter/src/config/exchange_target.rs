@@ -258,7 +258,11 @@ impl ExchangeConfig {
 
 /// The value of the environment variable named at `field`. Secrets live in the VM's environment
 /// so that they never appear in the plugin configuration.
-fn read_env(field: &str, name: Option<&str>, env: Env<'_>) -> Result<Option<String>, ConfigError> {
+pub(super) fn read_env(
+    field: &str,
+    name: Option<&str>,
+    env: Env<'_>,
+) -> Result<Option<String>, ConfigError> {
     let Some(name) = name else { return Ok(None) };
     require_non_empty(field, name)?;
     match env(name) {

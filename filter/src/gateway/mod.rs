@@ -25,6 +25,7 @@ mod admission;
 mod decide;
 mod effects;
 mod events;
+mod introspect;
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -63,6 +64,10 @@ enum CalloutPurpose {
     Jwks(u8),
     /// The exchange for this key (its state lives in the coordinator).
     Exchange(Digest32),
+    /// The introspection of the opaque token with this digest (only the full module: cargo
+    /// feature `introspection`).
+    #[cfg_attr(not(feature = "introspection"), allow(dead_code))]
+    Introspect(Digest32),
 }
 
 /// The per-VM gateway, shared by the root context and the HTTP contexts.
@@ -115,6 +120,7 @@ pub struct Gateway<H: Host = ProxyWasmHost> {
     /// One per provider, in `policy.providers`' order.
     keys: Vec<KeyManager>,
     exchanges: ExchangeCoordinator,
+    introspections: introspect::Introspections,
     callouts: ContextMap<CalloutPurpose>,
     verified: VerifiedTokens,
     metrics: Metrics,
@@ -159,6 +165,7 @@ impl<H: Host> Gateway<H> {
                 .collect(),
             policy: Rc::new(policy),
             requests: ContextMap::default(),
+            introspections: introspect::Introspections::default(),
             callouts: ContextMap::default(),
             metrics,
             // std seeds RandomState from the host's random source (WASI random_get).
@@ -194,6 +201,7 @@ impl<H: Host> Gateway<H> {
                 keys.forget(context_id);
             }
             self.exchanges.forget(context_id);
+            self.introspections.forget(context_id);
         }
     }
 
@@ -211,6 +219,7 @@ impl<H: Host> Gateway<H> {
         self.requests.is_empty()
             && self.keys.iter().all(KeyManager::is_idle)
             && self.exchanges.is_idle()
+            && self.introspections.is_idle()
             && self
                 .callouts
                 .values()
