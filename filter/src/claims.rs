@@ -214,6 +214,7 @@ mod tests {
             audiences: vec!["api://mcp".into()],
             keys: KeySource::Inline(KeySet::default()),
             claims,
+            introspection: None,
         }
     }
 

@@ -20,6 +20,7 @@ mod exchange_target;
 mod fields;
 mod fleet_store;
 mod identity_headers;
+mod introspection;
 mod key_source;
 mod providers;
 mod resource_metadata;
@@ -29,13 +30,14 @@ mod validate;
 use crate::client_key::ClientKey;
 use crate::jwks::KeySet;
 use crate::request_path::{prefix_covers, NormalPath};
-use fields::UniqueKeys;
+pub(crate) use fields::UniqueKeys;
 pub use fleet_store::{EtcdCredentials, FleetStorePolicy};
 
 pub use document::{
     AuditLog, ClientAuth, ExchangeConfig, FilterConfig, JwksConfig, McpConfig, Mode, RouteConfig,
     ToolConfig, Unmatched,
 };
+pub use introspection::Introspection;
 pub use providers::{ClaimRules, ClientIdClaim, Provider, ProviderSet, ScopeClaim, MAX_PROVIDERS};
 
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";

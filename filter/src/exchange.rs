@@ -84,6 +84,16 @@ fn on_behalf_of_fields(target: &ExchangeTarget, subject_token: &str, body: &mut 
     }
 }
 
+/// `Authorization: Basic` for a client id and secret. RFC 6749 §2.3.1: each is
+/// form-urlencoded before they are joined and encoded.
+pub fn basic_authorization(client_id: &str, secret: &str) -> String {
+    let mut pair = String::new();
+    form_urlencode(client_id, &mut pair);
+    pair.push(':');
+    form_urlencode(secret, &mut pair);
+    format!("Basic {}", STANDARD.encode(pair))
+}
+
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 impl ExchangeRequest {
@@ -136,11 +146,10 @@ impl ExchangeRequest {
         match target.client_auth {
             // RFC 6749 §2.3.1: id and secret are form-urlencoded before being joined and encoded.
             ClientAuth::ClientSecretBasic => {
-                let mut pair = String::new();
-                form_urlencode(&target.client_id, &mut pair);
-                pair.push(':');
-                form_urlencode(secret()?, &mut pair);
-                headers.push(("authorization", format!("Basic {}", STANDARD.encode(pair))));
+                headers.push((
+                    "authorization",
+                    basic_authorization(&target.client_id, secret()?),
+                ));
             }
             ClientAuth::ClientSecretPost => {
                 push_field(&mut body, "client_id", &target.client_id);

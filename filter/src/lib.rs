@@ -13,6 +13,7 @@ mod clock;
 pub mod config;
 pub mod exchange;
 pub mod header_map;
+pub mod introspection;
 pub mod jwks;
 pub mod mcp;
 pub mod policy;

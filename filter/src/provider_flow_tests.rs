@@ -416,3 +416,122 @@ fn a_conditional_access_challenge_sends_the_user_back_with_the_claims() {
     assert!(challenge.contains("claims=\""), "{challenge}");
     w.end(1);
 }
+
+/// `okta` also introspects opaque tokens (RFC 7662) at its introspection endpoint.
+#[cfg(feature = "introspection")]
+fn introspecting() -> Value {
+    let mut cfg = two_providers();
+    cfg["providers"]["okta"]["introspection"] = json!({
+        "cluster": "okta", "path": "/oauth2/mcp/v1/introspect", "authority": "okta.example.com",
+        "client_id": "gw", "client_secret_env": "SECRET", "cache_max_seconds": 60
+    });
+    cfg
+}
+
+#[cfg(feature = "introspection")]
+fn introspections(w: &Worker) -> Vec<crate::fake_host::Callout> {
+    w.host
+        .callouts()
+        .into_iter()
+        .filter(|c| c.path().ends_with("/introspect"))
+        .collect()
+}
+
+#[cfg(feature = "introspection")]
+fn active(sub: &str) -> String {
+    let now = (T0_MS / 1000) as i64;
+    json!({"active": true, "sub": sub, "scope": "mcp:tools:call", "client_id": "vscode",
+           "aud": "mcpserver", "exp": now + 3600, "iss": OKTA, "token_type": "Bearer"})
+    .to_string()
+}
+
+#[cfg(feature = "introspection")]
+#[test]
+fn requests_with_one_opaque_token_share_one_introspection_from_the_root_context() {
+    let mut w = Worker::first(&introspecting());
+    assert_eq!(send_to(&mut w, 1, "/mcp", "opaque-token-1"), Action::Pause);
+    assert_eq!(send_to(&mut w, 2, "/mcp", "opaque-token-1"), Action::Pause);
+    assert!(
+        introspections(&w).is_empty(),
+        "dispatched from the tick, not a request's callback"
+    );
+    w.tick(20);
+    let calls = introspections(&w);
+    assert_eq!(calls.len(), 1, "coalesced");
+    assert_eq!(calls[0].sdk_owner, ROOT);
+    assert_eq!(calls[0].envoy_owner, ROOT);
+    let form = String::from_utf8_lossy(&calls[0].body).into_owned();
+    assert_eq!(form, "token=opaque-token-1&token_type_hint=access_token");
+    w.answer(&calls[0], Some(200), &active("ann"));
+    w.tick(20);
+    let exchange = w
+        .exchanges()
+        .pop()
+        .expect("the principal goes on to its exchange");
+    assert!(String::from_utf8_lossy(&exchange.body).contains("subject_token=opaque-token-1"));
+    w.answer(&exchange, Some(200), &exchanged("backend-ann"));
+    for id in [1, 2] {
+        assert_eq!(w.host.fate(id), Fate::Forwarded, "request {id}");
+        w.end(id);
+    }
+    // Kept: no second introspection within cache_max_seconds…
+    send_to(&mut w, 3, "/mcp", "opaque-token-1");
+    assert_eq!(
+        w.host.fate(3),
+        Fate::Forwarded,
+        "{:?}",
+        w.host.request(3).reply_body
+    );
+    assert_eq!(w.authorization(3).as_deref(), Some("Bearer backend-ann"));
+    w.end(3);
+    assert_eq!(introspections(&w).len(), 1);
+    // …and asked again after it, though the token's exp is an hour away.
+    w.tick(61_000);
+    send_to(&mut w, 4, "/mcp", "opaque-token-1");
+    w.tick(20);
+    assert_eq!(introspections(&w).len(), 2);
+    w.end(4);
+    w.tick(6_500);
+    assert!(w.gw.is_idle());
+}
+
+#[cfg(feature = "introspection")]
+#[test]
+fn an_inactive_or_unusable_answer_is_never_a_pass() {
+    let mut w = Worker::first(&introspecting());
+    let cases = [
+        (r#"{"active": false}"#, 401),
+        ("<html>sign in</html>", 502),
+        (r#"{"sub": "ann"}"#, 502),
+        (r#"{"active": "true", "sub": "ann"}"#, 502),
+        (r#"{"active": true}"#, 401),
+    ];
+    for (i, (body, status)) in cases.iter().enumerate() {
+        let id = i as u32 + 1;
+        send_to(&mut w, id, "/mcp", &format!("opaque-{id}"));
+        w.tick(20);
+        let call = introspections(&w).pop().expect("introspected");
+        w.answer(&call, Some(200), body);
+        assert_eq!(w.host.fate(id), Fate::Replied(*status), "{body}");
+        w.end(id);
+    }
+    assert!(w.exchanges().is_empty());
+    // A route that does not accept the introspecting provider never introspects.
+    send_to(&mut w, 10, "/entra/mcp", "opaque-10");
+    assert_invalid_token(&w, 10);
+    w.end(10);
+    w.tick(20);
+    assert_eq!(introspections(&w).len(), cases.len());
+    assert!(w.gw.is_idle());
+}
+
+#[cfg(feature = "introspection")]
+#[test]
+fn a_client_gone_before_the_tick_leaves_no_introspection_behind() {
+    let mut w = Worker::first(&introspecting());
+    send_to(&mut w, 1, "/mcp", "opaque-gone");
+    w.abandon(1);
+    w.tick(20);
+    assert!(introspections(&w).is_empty());
+    assert!(w.gw.is_idle());
+}

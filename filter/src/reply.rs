@@ -11,6 +11,7 @@ use base64::Engine;
 
 use crate::config::ChallengeConfig;
 use crate::exchange::ExchangeError;
+use crate::introspection::IntrospectionError;
 use crate::mcp::BodyError;
 use crate::request_path::PathError;
 use crate::token::ExtractError;
@@ -36,6 +37,8 @@ pub enum Denial {
     /// The request path is not one the filter can decide on safely (see `request_path`).
     Path(PathError),
     Exchange(ExchangeError),
+    /// An opaque token's introspection (RFC 7662) gave no principal.
+    Introspection(IntrospectionError),
     /// The issuer's keys could not be loaded in time.
     KeysUnavailable,
     /// A condition that should not happen (host call failed); fail closed.
@@ -86,6 +89,13 @@ impl Denial {
             Self::Exchange(ExchangeError::Unavailable { .. }) => "exchange_unavailable",
             Self::Exchange(ExchangeError::Timeout) => "exchange_timeout",
             Self::Exchange(ExchangeError::BadResponse { .. }) => "exchange_bad_response",
+            Self::Introspection(IntrospectionError::Inactive | IntrospectionError::NoSubject) => {
+                "invalid_token"
+            }
+            Self::Introspection(IntrospectionError::Unavailable | IntrospectionError::Timeout) => {
+                "introspection_unavailable"
+            }
+            Self::Introspection(_) => "introspection_failed",
             Self::KeysUnavailable => "jwks_unavailable",
             Self::Internal => "internal_error",
         }
@@ -231,6 +241,38 @@ impl Denial {
                 NoChallenge,
                 "server_error",
                 fixed("the authorization server gave an unusable answer"),
+            ),
+            Self::Introspection(IntrospectionError::Inactive) => (
+                401,
+                WithError,
+                "invalid_token",
+                fixed("the access token is not active"),
+            ),
+            Self::Introspection(IntrospectionError::NoSubject) => (
+                401,
+                WithError,
+                "invalid_token",
+                fixed(TokenError::MissingClaim("sub").description()),
+            ),
+            Self::Introspection(IntrospectionError::Unavailable) => (
+                503,
+                NoChallenge,
+                "temporarily_unavailable",
+                fixed("the authorization server is unavailable"),
+            ),
+            Self::Introspection(IntrospectionError::Timeout) => (
+                504,
+                NoChallenge,
+                "temporarily_unavailable",
+                fixed("the authorization server did not answer in time"),
+            ),
+            // The gateway's credentials, or an answer that is not RFC 7662: never a pass.
+            Self::Introspection(IntrospectionError::ClientRejected)
+            | Self::Introspection(IntrospectionError::BadResponse { .. }) => (
+                502,
+                NoChallenge,
+                "server_error",
+                fixed("the authorization server could not check the access token"),
             ),
             Self::KeysUnavailable => (
                 503,

@@ -25,6 +25,10 @@ pub enum RequestState {
     Authenticating,
     /// Parked until the issuer's keys arrive (the key manager holds the wait and its limit).
     WaitingForKeys,
+    /// Parked until the introspection of its opaque token answers (only the full module:
+    /// cargo feature `introspection`).
+    #[cfg_attr(not(feature = "introspection"), allow(dead_code))]
+    Introspecting,
     /// Waiting for a backend token: this worker's exchange, or another worker's lease.
     Exchanging,
     /// The headers went upstream with the backend token; the body must still pass the route's
@@ -42,7 +46,7 @@ impl RequestState {
     pub fn is_undecided(&self) -> bool {
         matches!(
             self,
-            Self::Authenticating | Self::WaitingForKeys | Self::Exchanging
+            Self::Authenticating | Self::WaitingForKeys | Self::Introspecting | Self::Exchanging
         )
     }
 }

@@ -349,6 +349,7 @@ mod tests {
             audiences: vec!["mcpserver".into()],
             keys: crate::config::KeySource::Inline(test_keys::key_set()),
             claims: crate::config::ClaimRules::default(),
+            introspection: None,
         }
     }
 

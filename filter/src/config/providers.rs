@@ -7,7 +7,8 @@ use serde_json::Value;
 use super::checks::{require_audiences, require_header_value, require_non_empty};
 use super::document::{FilterConfig, JwksConfig};
 use super::fields::{join, list, object, strings, value, Fields};
-use super::{ConfigError, KeySource};
+use super::introspection::{Introspection, IntrospectionConfig};
+use super::{ConfigError, Env, KeySource};
 
 /// Most providers one configuration may have: a route's accepted providers are a bit set.
 pub const MAX_PROVIDERS: usize = 32;
@@ -23,6 +24,9 @@ pub struct Provider {
     pub audiences: Vec<String>,
     pub keys: KeySource,
     pub claims: ClaimRules,
+    /// RFC 7662 introspection of this provider's opaque tokens (at most one provider has it: an
+    /// opaque token names no issuer).
+    pub introspection: Option<Introspection>,
 }
 
 /// A claim that carries scopes, with the shapes its issuers write (see `claims`).
@@ -151,10 +155,18 @@ pub struct ProviderConfig {
     pub claims: ClaimRules,
     /// Required JOSE header `typ` (`at+jwt`).
     pub typ: Option<String>,
+    pub introspection: Option<IntrospectionConfig>,
 }
 
 impl ProviderConfig {
-    const FIELDS: &'static [&'static str] = &["issuer", "audiences", "jwks", "claims", "typ"];
+    const FIELDS: &'static [&'static str] = &[
+        "issuer",
+        "audiences",
+        "jwks",
+        "claims",
+        "typ",
+        "introspection",
+    ];
     const CLAIMS_FIELDS: &'static [&'static str] = &["scopes", "client_id"];
 
     fn read(path: String, v: Value) -> Result<Self, ConfigError> {
@@ -174,6 +186,10 @@ impl ProviderConfig {
                 None => ClaimRules::default(),
             },
             typ: f.optional("typ")?,
+            introspection: match f.take("introspection") {
+                Some((path, v)) => Some(IntrospectionConfig::read(path, v)?),
+                None => None,
+            },
         })
     }
 
@@ -244,9 +260,9 @@ pub(super) fn read_providers(
 impl FilterConfig {
     /// The validated providers: `providers`, or the top-level single-issuer fields as one.
     /// Consumes the fields it validates (`jwks`, `providers`).
-    pub(super) fn take_providers(&mut self) -> Result<Vec<Provider>, ConfigError> {
+    pub(super) fn take_providers(&mut self, env: Env<'_>) -> Result<Vec<Provider>, ConfigError> {
         match self.providers.take() {
-            Some(configs) => self.named_providers(configs),
+            Some(configs) => self.named_providers(configs, env),
             None => self.top_level_provider().map(|p| vec![p]),
         }
     }
@@ -267,13 +283,15 @@ impl FilterConfig {
             jwks,
             claims: ClaimRules::default(),
             typ: None,
+            introspection: None,
         };
-        validate_provider("", "default".into(), config)
+        validate_provider("", "default".into(), config, &|_| None)
     }
 
     fn named_providers(
         &mut self,
         configs: Vec<(String, ProviderConfig)>,
+        env: Env<'_>,
     ) -> Result<Vec<Provider>, ConfigError> {
         // With `providers`, the top-level single-issuer fields would be a second, unnamed
         // provider: which one applies would be a guess.
@@ -298,19 +316,27 @@ impl FilterConfig {
         if configs.len() > MAX_PROVIDERS {
             return Err(ConfigError::new(
                 "providers",
-                format!("at most {MAX_PROVIDERS} providers are supported"),
+                "at most 32 providers are supported",
             ));
         }
         let mut providers: Vec<Provider> = Vec::with_capacity(configs.len());
         for (name, config) in configs {
             let field = join("providers", &name);
             require_non_empty(&field, &name)?;
-            let provider = validate_provider(&field, name, config)?;
+            let provider = validate_provider(&field, name, config, env)?;
+            if provider.introspection.is_some()
+                && providers.iter().any(|p| p.introspection.is_some())
+            {
+                return Err(ConfigError::new(
+                    &join(&field, "introspection"),
+                    "another provider introspects already: an opaque token names no issuer, so one provider may",
+                ));
+            }
             // The token's `iss` picks its provider: two with one issuer make that ambiguous.
-            if let Some(other) = providers.iter().find(|p| p.issuer == provider.issuer) {
+            if providers.iter().any(|p| p.issuer == provider.issuer) {
                 return Err(ConfigError::new(
                     &join(&field, "issuer"),
-                    format!("is also the issuer of provider `{}`", other.name),
+                    "is another provider's issuer too: the token's iss must pick one provider",
                 ));
             }
             providers.push(provider);
@@ -324,6 +350,7 @@ fn validate_provider(
     field: &str,
     name: String,
     config: ProviderConfig,
+    env: Env<'_>,
 ) -> Result<Provider, ConfigError> {
     let issuer_field = join(field, "issuer");
     require_non_empty(&issuer_field, &config.issuer)?;
@@ -335,12 +362,17 @@ fn validate_provider(
         Some(typ) => Some(media_type(&join(field, "typ"), &typ)?),
         None => None,
     };
+    let introspection = match config.introspection {
+        Some(i) => Some(i.validate(&join(field, "introspection"), env)?),
+        None => None,
+    };
     Ok(Provider {
         name,
         issuer: config.issuer,
         audiences: config.audiences,
         keys,
         claims,
+        introspection,
     })
 }
 
@@ -376,10 +408,9 @@ pub(super) fn route_providers(
     let mut set = ProviderSet::NONE;
     for (i, name) in names.iter().enumerate() {
         let Some(index) = providers.iter().position(|p| &p.name == name) else {
-            let known: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
             return Err(ConfigError::new(
                 &format!("{field}[{i}]"),
-                format!("names no provider (known: {})", known.join(", ")),
+                "names no provider (a key of `providers`, or `default` without them)",
             ));
         };
         set = set.with(index);
@@ -602,6 +633,90 @@ mod tests {
                 "{typ}"
             );
         }
+    }
+
+    #[cfg(not(feature = "introspection"))]
+    #[test]
+    fn the_default_module_refuses_introspection_naming_the_field_and_the_build() {
+        let mut v = two();
+        v["providers"]["okta"]["introspection"] = json!({"cluster": "okta",
+            "path": "/oauth2/mcp/v1/introspect", "client_id": "gw", "client_secret_env": "SECRET"});
+        let e = parse(&v).unwrap_err();
+        assert_eq!(e.field, "providers.okta.introspection");
+        assert!(e.reason.contains("wasm-full"), "{e}");
+        v["providers"]["okta"]["introspection"]["zz"] = json!(1);
+        assert_eq!(
+            parse(&v).unwrap_err().field,
+            "providers.okta.introspection.zz",
+            "a misspelt field is still named"
+        );
+    }
+
+    #[cfg(feature = "introspection")]
+    #[test]
+    fn introspection_needs_client_credentials_and_one_provider() {
+        let intro = json!({"cluster": "okta", "path": "/oauth2/mcp/v1/introspect",
+                           "client_id": "gw", "client_secret_env": "SECRET"});
+        let mut v = two();
+        v["providers"]["okta"]["introspection"] = intro.clone();
+        let p = parse(&v).unwrap();
+        let okta = p.providers.iter().find(|p| p.name == "okta").unwrap();
+        let i = okta.introspection.as_ref().unwrap();
+        assert_eq!((i.cache_max_seconds, i.authority.as_str()), (60, "okta"));
+        assert_eq!(i.client_secret.expose(), "s3cret");
+        let cases: Vec<(&str, Value)> = vec![
+            (
+                "providers.okta.introspection.client_id",
+                json!({"client_id": null}),
+            ),
+            (
+                "providers.okta.introspection.client_secret_env",
+                json!({"client_secret_env": null}),
+            ),
+            (
+                "providers.okta.introspection.client_secret_env",
+                json!({"client_secret_env": "NOPE"}),
+            ),
+            (
+                "providers.okta.introspection.client_auth",
+                json!({"client_auth": "private_key_jwt"}),
+            ),
+            (
+                "providers.okta.introspection.cache_max_seconds",
+                json!({"cache_max_seconds": 0}),
+            ),
+            (
+                "providers.okta.introspection.cache_max_seconds",
+                json!({"cache_max_seconds": 86400}),
+            ),
+            (
+                "providers.okta.introspection.path",
+                json!({"path": "introspect"}),
+            ),
+            ("providers.okta.introspection.zz", json!({"zz": 1})),
+        ];
+        for (field, patch) in cases {
+            let mut v = two();
+            let mut section = intro.clone();
+            for (k, val) in patch.as_object().into_iter().flatten() {
+                if val.is_null() {
+                    section.as_object_mut().map(|o| o.remove(k));
+                } else {
+                    section[k] = val.clone();
+                }
+            }
+            v["providers"]["okta"]["introspection"] = section;
+            assert_eq!(parse(&v).expect_err(field).field, field);
+        }
+        // An opaque token names no issuer: only one provider may introspect.
+        let mut v = two();
+        v["providers"]["okta"]["introspection"] = intro.clone();
+        v["providers"]["entra"]["introspection"] = intro;
+        assert_eq!(
+            parse(&v).unwrap_err().field,
+            "providers.okta.introspection",
+            "okta comes after entra in name order"
+        );
     }
 
     #[test]

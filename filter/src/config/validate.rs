@@ -14,7 +14,7 @@ use super::{
 
 impl FilterConfig {
     pub(super) fn validate(mut self, env: Env<'_>) -> Result<Policy, ConfigError> {
-        let providers = self.take_providers()?;
+        let providers = self.take_providers(env)?;
         let inbound = self.inbound_policy()?;
         self.check_published_fields()?;
         let mcp = self.mcp.validate()?;

@@ -46,6 +46,13 @@ pub(super) enum PrincipalWait {
     Deny(Denial),
     /// This provider's keys are missing or being refetched: park the request.
     Park(u8),
+    /// An opaque token: park the request until this provider's introspection answers.
+    Introspect(u8),
+}
+
+/// Not a JWS or JWE in compact form: a token only its issuer can read (introspection).
+fn is_opaque(token: &str) -> bool {
+    !matches!(token.split('.').count(), 3 | 5)
 }
 
 impl<H: Host> Gateway<H> {
@@ -62,6 +69,9 @@ impl<H: Host> Gateway<H> {
             Ok(p) => p,
             Err(PrincipalWait::Deny(d)) => return Step::Deny(d),
             Err(PrincipalWait::Park(provider)) => return self.park(context_id, provider, now),
+            Err(PrincipalWait::Introspect(provider)) => {
+                return self.wait_for_introspection(context_id, provider, digest)
+            }
         };
         let Some(request) = self.requests.get_mut(&context_id) else {
             return Step::Deny(Denial::Internal);
@@ -129,6 +139,25 @@ impl<H: Host> Gateway<H> {
             }
             return Ok(Rc::clone(&entry.principal));
         }
+        // Only the full module introspects (cargo feature `introspection`, the size budget).
+        if cfg!(feature = "introspection") && is_opaque(token) {
+            if let Some(p) = self.introspections.answer(&digest(), now) {
+                return match accepted.contains(p.provider) {
+                    true => Ok(p),
+                    false => Err(not_accepted()),
+                };
+            }
+            if let Some(index) = policy
+                .providers
+                .iter()
+                .position(|p| p.introspection.is_some())
+            {
+                let index = u8::try_from(index).unwrap_or(u8::MAX);
+                if accepted.contains(index) {
+                    return Err(PrincipalWait::Introspect(index));
+                }
+            }
+        }
         // The issuer picks the provider before any key is looked at: an unknown issuer, or one
         // this route does not accept, costs no key work and never triggers a JWKS fetch.
         let claims =
@@ -139,10 +168,6 @@ impl<H: Host> Gateway<H> {
             )));
         };
         let Some(index) = policy.provider_for_issuer(issuer) else {
-            debug!(
-                "token {} names an issuer no provider has",
-                fingerprint(&digest())
-            );
             return Err(not_accepted());
         };
         if !accepted.contains(index) {

@@ -7,6 +7,7 @@ use crate::cache::{fingerprint, token_digest, Digest32};
 use crate::exchange::{self, describe_error_body, ExchangeError, MAX_RESPONSE_BYTES};
 use crate::exchange_coordinator::{Ended, RemoteOutcome};
 use crate::host::Host;
+use crate::introspection::MAX_INTROSPECTION_BYTES;
 use crate::jwks::MAX_JWKS_BYTES;
 use crate::key_manager::KeyManager;
 use crate::mcp::BodyError;
@@ -135,6 +136,7 @@ impl<H: Host> Gateway<H> {
             .and_then(|s| s.parse::<u16>().ok());
         let limit = match purpose {
             CalloutPurpose::Jwks(_) => MAX_JWKS_BYTES,
+            CalloutPurpose::Introspect(_) => MAX_INTROSPECTION_BYTES,
             CalloutPurpose::Exchange(_) => MAX_RESPONSE_BYTES,
             CalloutPurpose::Fleet(_) => crate::fleet::MAX_ANSWER_BYTES,
         };
@@ -149,6 +151,9 @@ impl<H: Host> Gateway<H> {
         let now = self.clock.observe(self.host.now_ms());
         match purpose {
             CalloutPurpose::Jwks(provider) => self.on_jwks_answer(provider, status, &body, now),
+            CalloutPurpose::Introspect(key) => {
+                self.on_introspection_answer(&key, status, &body, now)
+            }
             CalloutPurpose::Exchange(key) => {
                 let outcome = exchange::parse_response(status, &body, header("retry-after"));
                 let Some(ended) = self.exchanges.answered(&self.host, &key, outcome, now) else {
@@ -236,6 +241,8 @@ impl<H: Host> Gateway<H> {
                 Ok(_) => self.advance(id, now),
                 Err(PrincipalWait::Deny(d)) => Step::Deny(d),
                 Err(PrincipalWait::Park(_)) => Step::Deny(Denial::KeysUnavailable),
+                // A JWT resumed after keys arrived is never introspected.
+                Err(PrincipalWait::Introspect(_)) => Step::Deny(Denial::Internal),
             };
             self.finish_resumed(id, step);
         }
@@ -246,6 +253,7 @@ impl<H: Host> Gateway<H> {
         let now = self.clock.observe(self.host.now_ms());
         self.poll_remote_waiters(now);
         self.tick_keys(now);
+        self.tick_introspections(now);
         self.dispatch_due(now);
         self.tick_fleet(now);
         for stale in self.exchanges.give_up_stale(&self.host, now) {
@@ -262,7 +270,8 @@ impl<H: Host> Gateway<H> {
         let fast = self.exchanges.has_remote_waiters()
             || self.exchanges.has_due()
             || self.fleet_busy()
-            || self.keys.iter().any(KeyManager::is_fetching);
+            || self.keys.iter().any(KeyManager::is_fetching)
+            || !self.introspections.is_idle();
         self.set_fast_tick(fast);
     }
 

@@ -26,6 +26,7 @@ mod decide;
 mod effects;
 mod events;
 mod fleet;
+mod introspect;
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -67,6 +68,10 @@ enum CalloutPurpose {
     Exchange(Digest32),
     /// A call to the fleet store (a phase of an exchange, or the store's own).
     Fleet(FleetCall),
+    /// The introspection of the opaque token with this digest (only the full module: cargo
+    /// feature `introspection`).
+    #[cfg_attr(not(feature = "introspection"), allow(dead_code))]
+    Introspect(Digest32),
 }
 
 /// The per-VM gateway, shared by the root context and the HTTP contexts.
@@ -121,6 +126,7 @@ pub struct Gateway<H: Host = ProxyWasmHost> {
     exchanges: ExchangeCoordinator,
     /// The fleet store (etcd), when configured.
     fleet: Option<FleetStore>,
+    introspections: introspect::Introspections,
     callouts: ContextMap<CalloutPurpose>,
     verified: VerifiedTokens,
     metrics: Metrics,
@@ -167,6 +173,7 @@ impl<H: Host> Gateway<H> {
                 .collect(),
             policy: Rc::new(policy),
             requests: ContextMap::default(),
+            introspections: introspect::Introspections::default(),
             callouts: ContextMap::default(),
             metrics,
             // std seeds RandomState from the host's random source (WASI random_get).
@@ -202,6 +209,7 @@ impl<H: Host> Gateway<H> {
                 keys.forget(context_id);
             }
             self.exchanges.forget(context_id);
+            self.introspections.forget(context_id);
         }
     }
 
@@ -219,6 +227,7 @@ impl<H: Host> Gateway<H> {
         self.requests.is_empty()
             && self.keys.iter().all(KeyManager::is_idle)
             && self.exchanges.is_idle()
+            && self.introspections.is_idle()
             && self.callouts.values().all(|c| {
                 matches!(c, CalloutPurpose::Jwks(_))
                     || matches!(c, CalloutPurpose::Fleet(call) if call.is_background())
