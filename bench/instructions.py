@@ -6,8 +6,10 @@ This runs Envoy under `valgrind --tool=callgrind` for each setup twice, serving 
 requests with one cached token over one keep-alive connection, and reports
 (Ir(N1) - Ir(N0)) / (N1 - N0): the instructions Envoy (all threads, the Wasm VM's compiled code
 included) executes per request, startup cancelled out. Instructions are not time (V8's code,
-caches and system calls differ), so this ranks setups and shows what a change costs; throughput
-ratios still come from `make bench` on an idle machine.
+caches and system calls differ), and timer-driven work (stats flushes, the filter's tick) grows
+with the wall time a run takes under valgrind, so two runs differ by a few percent; this ranks
+setups and shows what a change costs, while throughput ratios still come from `make bench` on an
+idle machine.
 
 Setups: the no-op Wasm floor, the floor with the audit access log of envoy/demo.yaml configured,
 the filter with `audit_log: false`, and the filter's default (audit record in the access log).
@@ -119,7 +121,10 @@ def main() -> int:
              f"`python3 bench/instructions.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"tree {b.sh(['git', 'rev-parse', '--short=12', 'HEAD']).strip()}: Envoy 1.40 under "
              f"`valgrind --tool=callgrind`, 1 worker, one cached token, (Ir({N1}) − Ir({N0})) ÷ {N1 - N0}. "
-             "Load on the machine does not change these counts; they are not times.", "",
+             "Far steadier than throughput on a shared machine, not exact: timer-driven work (stats "
+             "flushes, the filter's tick) grows with wall time under valgrind, and two runs of the "
+             "same tree differed by up to ~6 % per setup (the floor: 131.7k and 140.1k). They are "
+             "not times.", "",
              "| setup | instructions / request | ÷ floor's |", "|---|---:|---:|"]
     for _, label, per in rows:
         ratio = f"{per / floor:.3f}" if floor else ""
