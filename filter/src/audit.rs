@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::rc::Rc;
 
 /// The property (filter state, under Envoy's `wasm.` prefix) that holds a request's record.
 pub const AUDIT_PROPERTY: &str = "mcp_token_exchange.audit";
@@ -103,35 +104,108 @@ fn push_field(out: &mut String, key: &str, value: Option<&str>) {
 fn push_number(out: &mut String, key: &str, value: u64) {
     out.push(',');
     push_str(out, key);
-    let _ = write!(out, ":{value}");
+    out.push(':');
+    push_u64(out, value);
 }
+
+/// Decimal digits of `value`, without `core::fmt` (whose machinery costs more per number in
+/// Wasm than copying a whole pre-rendered record).
+fn push_u64(out: &mut String, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    for d in &digits[start..] {
+        out.push(char::from(*d));
+    }
+}
+
+/// Every record starts with this; the time follows.
+const HEAD: &str = "{\"audit\":\"mcp_token_exchange\",\"time_ms\":";
 
 impl AuditRecord<'_> {
     pub fn to_json(&self) -> String {
         let mut out = String::with_capacity(384);
-        out.push_str("{\"audit\":\"mcp_token_exchange\"");
-        push_number(&mut out, "time_ms", self.time_ms);
+        out.push_str(HEAD);
+        push_u64(&mut out, self.time_ms);
+        self.push_after_time(&mut out);
+        out
+    }
+
+    /// Everything after `time_ms`: what a [`RecordTail`] keeps.
+    fn push_after_time(&self, out: &mut String) {
         push_field(
-            &mut out,
+            out,
             "decision",
             Some(if self.allowed { "allow" } else { "deny" }),
         );
-        push_field(&mut out, "reason", Some(self.reason));
-        push_field(&mut out, "detail", self.detail);
+        push_field(out, "reason", Some(self.reason));
+        push_field(out, "detail", self.detail);
         if let Some(s) = self.status {
-            push_number(&mut out, "status", u64::from(s));
+            push_number(out, "status", u64::from(s));
         }
-        push_field(&mut out, "sub", self.sub);
-        push_field(&mut out, "client_id", self.client_id);
-        push_field(&mut out, "token", self.token.as_deref());
-        push_field(&mut out, "route", self.route);
-        push_field(&mut out, "tool", self.tool);
-        push_field(&mut out, "target_audience", self.target_audience);
-        push_field(&mut out, "target_scope", self.target_scope);
-        push_field(&mut out, "exchanged_token", self.exchanged);
-        push_field(&mut out, "cache", self.cache.map(CacheUse::as_str));
-        push_number(&mut out, "latency_ms", self.latency_ms);
+        push_field(out, "sub", self.sub);
+        push_field(out, "client_id", self.client_id);
+        push_field(out, "token", self.token.as_deref());
+        push_field(out, "route", self.route);
+        push_field(out, "tool", self.tool);
+        push_field(out, "target_audience", self.target_audience);
+        push_field(out, "target_scope", self.target_scope);
+        push_field(out, "exchanged_token", self.exchanged);
+        push_field(out, "cache", self.cache.map(CacheUse::as_str));
+        push_number(out, "latency_ms", self.latency_ms);
         out.push('}');
+    }
+}
+
+/// A record of the cached path rendered once, but for its time: the cached path decides a
+/// repeated request exactly as it decided the last one (same verified token, route and backend
+/// token, `cache: hit`, latency 0), so its record differs only in `time_ms`. Rendering a record
+/// field by field cost the cached path about as much as the rest of the request (issue 13);
+/// this copies two strings and writes one number.
+#[derive(Debug)]
+pub struct RecordTail {
+    route: usize,
+    /// The backend token's fingerprint the tail names, compared by pointer: a renewed backend
+    /// token is a new `Rc`.
+    exchanged: Option<Rc<str>>,
+    text: Box<str>,
+}
+
+impl RecordTail {
+    /// `record` without its time; `record.latency_ms` must be what every later use has (0).
+    pub fn new(route: usize, exchanged: Option<Rc<str>>, record: &AuditRecord<'_>) -> Self {
+        let mut text = String::with_capacity(320);
+        record.push_after_time(&mut text);
+        Self {
+            route,
+            exchanged,
+            text: text.into_boxed_str(),
+        }
+    }
+
+    /// Whether this tail is the record of a request on `route` forwarded with `exchanged`.
+    pub fn fits(&self, route: usize, exchanged: Option<&Rc<str>>) -> bool {
+        self.route == route
+            && match (&self.exchanged, exchanged) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Rc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+
+    /// The whole record, decided at `time_ms`.
+    pub fn with_time(&self, time_ms: u64) -> String {
+        let mut out = String::with_capacity(HEAD.len() + 20 + self.text.len());
+        out.push_str(HEAD);
+        push_u64(&mut out, time_ms);
+        out.push_str(&self.text);
         out
     }
 }
@@ -161,6 +235,43 @@ mod tests {
         assert_eq!(v["status"], 403);
         assert_eq!(v["decision"], "deny");
         assert_eq!(v["audit"], "mcp_token_exchange");
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal_without_fmt() {
+        for n in [0, 7, 10, 1_800_000_000_123, u64::MAX] {
+            let mut out = String::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string());
+        }
+    }
+
+    #[test]
+    fn a_tail_with_its_time_is_the_whole_record() {
+        let record = AuditRecord {
+            time_ms: 1_800_000_000_123,
+            allowed: true,
+            reason: "exchanged",
+            sub: Some("alice"),
+            route: Some("/mcp"),
+            exchanged: Some("abcd1234"),
+            cache: Some(CacheUse::Hit),
+            ..AuditRecord::default()
+        };
+        let fingerprint: Rc<str> = Rc::from("abcd1234");
+        let tail = RecordTail::new(3, Some(Rc::clone(&fingerprint)), &record);
+        assert_eq!(tail.with_time(record.time_ms), record.to_json());
+        let later = AuditRecord {
+            time_ms: 1_800_000_009_999,
+            ..record
+        };
+        assert_eq!(tail.with_time(later.time_ms), later.to_json());
+        assert!(tail.fits(3, Some(&fingerprint)));
+        // Another route, another backend token (even with the same text), or none.
+        assert!(!tail.fits(4, Some(&fingerprint)));
+        assert!(!tail.fits(3, Some(&Rc::from("abcd1234"))));
+        assert!(!tail.fits(3, None));
+        assert!(RecordTail::new(3, None, &later).fits(3, None));
     }
 
     #[test]

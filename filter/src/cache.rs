@@ -15,11 +15,13 @@
 //! (`slot = key mod capacity`): its size is bounded by construction, a colliding insert evicts the
 //! previous entry, and a tick walks a few slots at a time to blank expired ones.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
 use sha2::{Digest, Sha256};
 
+use crate::audit::RecordTail;
 use crate::config::ExchangeTarget;
 use crate::exchange::ExchangeError;
 use crate::verify::Principal;
@@ -408,6 +410,9 @@ pub struct VerifiedToken {
     pub digest: Digest32,
     pub principal: Rc<Principal>,
     backends: Vec<CachedBackend>,
+    /// The audit record of this token's last cached-path decision but for its time, reused
+    /// while the route and backend token stay the same (see [`RecordTail`]).
+    pub audit_tail: RefCell<Option<RecordTail>>,
 }
 
 impl VerifiedToken {
@@ -527,6 +532,7 @@ impl VerifiedTokens {
                 digest,
                 principal,
                 backends: Vec::new(),
+                audit_tail: RefCell::new(None),
             },
         );
         if self.order.len() > 2 * self.max_entries.max(16) {

@@ -111,10 +111,7 @@ impl Host for ProxyWasmHost {
     }
 
     fn set_audit_record(&self, record: &str) -> Result<(), HostError> {
-        Ok(hostcalls::set_property(
-            vec![crate::audit::AUDIT_PROPERTY],
-            Some(record.as_bytes()),
-        )?)
+        set_audit_property(record)
     }
 
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>) {
@@ -217,6 +214,40 @@ pub fn request_headers() -> Option<SerializedHeaders> {
 #[cfg(not(target_arch = "wasm32"))]
 pub fn request_headers() -> Option<SerializedHeaders> {
     None
+}
+
+#[cfg(target_arch = "wasm32")]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    /// proxy-wasm ABI 0.2.1; the property path's parts are NUL-separated (one part here).
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+}
+
+/// Sets the request's audit record as filter state. Not through the SDK's `set_property`,
+/// which panics (trapping the VM, after which Envoy fails every request) on any status but Ok,
+/// while Envoy answers NotFound where no request is attached to the effective context; and the
+/// path is a constant, so nothing is allocated to serialise it (this runs on every request).
+#[cfg(target_arch = "wasm32")]
+fn set_audit_property(record: &str) -> Result<(), HostError> {
+    let path = crate::audit::AUDIT_PROPERTY.as_bytes();
+    // SAFETY: both pointers are valid for the given sizes for the duration of the call; the
+    // host copies the bytes and keeps no pointer.
+    let status =
+        unsafe { proxy_set_property(path.as_ptr(), path.len(), record.as_ptr(), record.len()) };
+    match status {
+        0 => Ok(()),
+        _ => Err(HostError),
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn set_audit_property(_record: &str) -> Result<(), HostError> {
+    Err(HostError)
 }
 
 /// Milliseconds since the Unix epoch, from the host clock.

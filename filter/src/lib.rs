@@ -34,6 +34,8 @@ mod request;
 mod root;
 
 #[cfg(test)]
+mod audit_flow_tests;
+#[cfg(test)]
 mod exchange_profile_tests;
 #[cfg(test)]
 mod fake_host;

@@ -178,52 +178,46 @@ impl<H: Host> Gateway<H> {
         {
             return None;
         }
-        // (authorization value, fingerprint, exchange key)
         let backend = match &route.target {
-            Some(target) => {
-                let b = entry.backend(target, now)?;
-                Some((
-                    Rc::clone(&b.authorization),
-                    Rc::clone(&b.fingerprint),
-                    b.key,
-                ))
-            }
+            Some(target) => Some(entry.backend(target, now)?),
             None => None,
         };
-        let principal = Rc::clone(&entry.principal);
-        let digest = entry.digest;
-        let rewritten = match &backend {
-            Some((authorization, ..)) => self
+        let rewritten = match backend {
+            Some(b) => self
                 .host
-                .set_request_header("authorization", Some(authorization)),
+                .set_request_header("authorization", Some(&b.authorization)),
             None if policy.forward_token => Ok(()),
             None => self.host.set_request_header("authorization", None),
         };
-        if rewritten.is_err() || self.set_identity_headers(&principal).is_err() {
+        if rewritten.is_err() || self.set_identity_headers(&entry.principal).is_err() {
             return None;
         }
-        self.metrics.add(self.allowed_counter);
-        let cache = match &backend {
-            Some(_) => {
-                self.metrics.add(self.cache_hit_counter);
-                CacheUse::Hit
-            }
+        let cache = match backend {
+            Some(_) => CacheUse::Hit,
             None => CacheUse::None,
         };
-        self.audit(&AuditFacts {
-            // Decided on arrival, without a callout.
-            started_ms: None,
-            route: Some(route_index),
-            digest: Some(digest),
-            principal: Some(&principal),
-            tool: None,
-            target: route.target.as_deref(),
-            cache,
-            denied: None,
-            exchanged: backend.as_ref().map(|(_, fingerprint, ..)| &**fingerprint),
-        });
-        Some(Admission::Cached {
-            backend_key: backend.map(|(.., key)| key),
-        })
+        let exchanged = backend.map(|b| &b.fingerprint);
+        self.audit_cached(
+            entry,
+            &AuditFacts {
+                // Decided on arrival, without a callout.
+                started_ms: None,
+                route: Some(route_index),
+                digest: Some(entry.digest),
+                principal: Some(&entry.principal),
+                tool: None,
+                target: route.target.as_deref(),
+                cache,
+                denied: None,
+                exchanged: exchanged.map(|f| &**f),
+            },
+            exchanged,
+        );
+        let backend_key = backend.map(|b| b.key);
+        self.metrics.add(self.allowed_counter);
+        if backend_key.is_some() {
+            self.metrics.add(self.cache_hit_counter);
+        }
+        Some(Admission::Cached { backend_key })
     }
 }

@@ -8,8 +8,8 @@ use std::rc::Rc;
 use log::info;
 use proxy_wasm::types::Action;
 
-use crate::audit::{AuditRecord, CacheUse};
-use crate::cache::{fingerprint, token_digest, CachedBackend, Digest32};
+use crate::audit::{AuditRecord, CacheUse, RecordTail};
+use crate::cache::{fingerprint, token_digest, CachedBackend, Digest32, VerifiedToken};
 use crate::config::{AuditLog, ExchangeTarget, IdentityClaim};
 use crate::host::{Host, HostError};
 use crate::jwks::sanitize;
@@ -268,6 +268,44 @@ impl<H: Host> Gateway<H> {
             return;
         }
         let now = self.host.now_ms();
+        let json = self.with_record(facts, now, |record| record.to_json());
+        self.hand_over(&json);
+    }
+
+    /// The record of a request decided on the cached path (`facts.started_ms` is `None`):
+    /// from the token's pre-rendered tail when it fits, else rendered and kept for the next.
+    pub(super) fn audit_cached(
+        &self,
+        entry: &VerifiedToken,
+        facts: &AuditFacts<'_>,
+        exchanged: Option<&Rc<str>>,
+    ) {
+        if !self.policy.audit_log.is_on() {
+            return;
+        }
+        let now = self.host.now_ms();
+        let route = facts.route.unwrap_or(usize::MAX);
+        if let Ok(slot) = entry.audit_tail.try_borrow() {
+            if let Some(tail) = slot.as_ref().filter(|t| t.fits(route, exchanged)) {
+                self.hand_over(&tail.with_time(now));
+                return;
+            }
+        }
+        let tail = self.with_record(facts, now, |record| {
+            RecordTail::new(route, exchanged.cloned(), record)
+        });
+        self.hand_over(&tail.with_time(now));
+        if let Ok(mut slot) = entry.audit_tail.try_borrow_mut() {
+            *slot = Some(tail);
+        }
+    }
+
+    fn with_record<R>(
+        &self,
+        facts: &AuditFacts<'_>,
+        now: u64,
+        use_record: impl FnOnce(&AuditRecord<'_>) -> R,
+    ) -> R {
         let principal = facts.principal;
         let token_label = principal
             .and_then(|p| p.jti.as_deref())
@@ -306,12 +344,15 @@ impl<H: Host> Gateway<H> {
                 .started_ms
                 .map_or(0, |started| now.saturating_sub(started)),
         };
-        let json = record.to_json();
+        use_record(&record)
+    }
+
+    fn hand_over(&self, json: &str) {
         match self.policy.audit_log {
             AuditLog::AccessLog => {
                 // Envoy keeps the record with the request and its access log writes it. Should
                 // the host refuse (no request to attach it to), the record still gets written.
-                if self.host.set_audit_record(&json).is_err() {
+                if self.host.set_audit_record(json).is_err() {
                     info!("{json}");
                 }
             }
