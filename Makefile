@@ -263,12 +263,13 @@ bench: toolchain envoy wasm etcd
 	$(CARGO) build -p gateway-tests --bins
 	$(PYTHON) bench/bench.py
 
-# Instructions per request under callgrind (bench/instructions.py, ~15 min): what a change costs,
+# Instructions per request under callgrind (bench/instructions.py, ~5 min): what a change costs,
 # undisturbed by other work on the machine; writes bench/instructions.md. Not part of CI.
 .PHONY: bench-instructions
 bench-instructions: toolchain envoy wasm
 	@command -v valgrind >/dev/null || apt-get install -y valgrind || { apt-get update && apt-get install -y valgrind; }
 	$(CARGO) build -p noop-filter --target wasm32-wasip1 --release
+	$(call optimise,$(NOOP_WASM),$(NOOP_LEAN_WASM))
 	$(CARGO) build -p gateway-tests --bins
 	$(PYTHON) bench/instructions.py
 

@@ -637,7 +637,10 @@ class Etcd:
 
 class Envoy:
     def __init__(self, name: str, http_filters: list[dict], idp: Idp, concurrency: int = 1,
-                 wait_jwks: bool = False, audit_log: bool = False) -> None:
+                 wait_jwks: bool = False, audit_log: bool = False,
+                 wrapper: tuple[str, ...] = (), start_timeout: float = 30) -> None:
+        """`wrapper`: a command Envoy runs under (bench/instructions.py: valgrind), which also
+        slows its start (`start_timeout`, seconds)."""
         self.name = name
         self.port = free_port()
         self.admin_port = free_port()
@@ -649,19 +652,20 @@ class Envoy:
         self.log_path = RUN / f"envoy-{name}.log"
         env = dict(os.environ, **{SECRET_ENV: SECRET, STORE_ENV: STORE_KEY})
         self.proc = PROCS.start(
-            [ENVOY, "-c", cfg, "--concurrency", str(concurrency), "--disable-hot-restart",
-             "-l", "info"],
+            [*wrapper, ENVOY, "-c", cfg, "--concurrency", str(concurrency),
+             "--disable-hot-restart", "-l", "info"],
             self.log_path,
             env,
         )
         self.pid = self.proc.pid
         try:
-            wait_until(f"Envoy ({name}) to be ready", self._ready, 30, check=self.check_alive)
+            wait_until(f"Envoy ({name}) to be ready", self._ready, start_timeout,
+                       check=self.check_alive)
             if wait_jwks:
                 wait_until(
                     f"Envoy ({name}) to load the JWKS",
                     lambda: "JWKS loaded" in self.log(),
-                    30,
+                    start_timeout,
                     check=self.check_alive,
                 )
         except BaseException:

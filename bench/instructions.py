@@ -2,24 +2,26 @@
 """Instructions per request, counted by callgrind: a cost that a busy machine does not disturb.
 
 `make bench` measures throughput, which other work on the machine moves by tens of percent.
-This runs Envoy under `valgrind --tool=callgrind` for each setup twice, serving N0 and N1
-requests with one cached token over one keep-alive connection, and reports
-(Ir(N1) - Ir(N0)) / (N1 - N0): the instructions Envoy (all threads, the Wasm VM's compiled code
-included) executes per request, startup cancelled out. Instructions are not time (V8's code,
-caches and system calls differ), and timer-driven work (stats flushes, the filter's tick) grows
-with the wall time a run takes under valgrind, so two runs differ by a few percent; this ranks
-setups and shows what a change costs, while throughput ratios still come from `make bench` on an
-idle machine.
+This runs each setup's Envoy under `valgrind --tool=callgrind` with counting off while it starts
+(so a start takes seconds, not minutes), fills its caches and warms it up (V8 compiles the
+module's hot functions), then counts two windows of N0 and N1 requests with one cached token over
+one keep-alive connection (`callgrind_control` zeroes and dumps the counters around each) and
+reports (Ir(N1) - Ir(N0)) / (N1 - N0): the instructions Envoy (all threads, the Wasm VM's compiled
+code included) executes per request, the windows' fixed costs cancelled out. Repeated windows of
+one Envoy agree within ~0.5 %. Instructions are not time (V8's code, caches and system calls
+differ); this ranks setups and shows what a change costs, while throughput ratios still come from
+`make bench` on an idle machine.
 
-Setups: the no-op Wasm floor, the floor with the audit access log of envoy/demo.yaml configured,
-the filter with `audit_log: false`, and the filter's default (audit record in the access log).
-Writes bench/instructions.md. ~15 min on 2 cores (each Envoy start under valgrind ~2 min).
+Setups: every one-token setup of bench.py's table (the same configurations `make bench` runs,
+default configuration first among the filter's), plus two that price the ways of handing over an
+audit record: the trimmed no-op with the filter's host calls and a record of the filter's size set
+as filter state (read by the access log) or written to Envoy's application log.
+Writes bench/instructions.md. ~5 min on 2 cores.
 Usage: python3 bench/instructions.py [setup ...]
 """
 
 import http.client
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -34,8 +36,11 @@ b = importlib.util.module_from_spec(spec)
 sys.modules["bench"] = b
 spec.loader.exec_module(b)
 
-N0, N1 = 200, int(os.environ.get("INSTR_REQUESTS", "1200"))
+WARM_UP = 500
+N0, N1 = 500, int(os.environ.get("INSTR_REQUESTS", "2500"))
 RUN = b.RUN / "instructions"
+# Under valgrind with counting off an Envoy starts in ~10 s on an idle machine.
+START_TIMEOUT_S = 300
 
 
 def envoy_binary() -> Path:
@@ -46,56 +51,117 @@ def envoy_binary() -> Path:
     return found[0]
 
 
-def setups(idp, which):
-    filt = lambda patch: [b.wasm_filter("mcp_token_exchange", b.FILTER_WASM, b.filter_plugin(idp, patch),
-                                        [b.SECRET_ENV, b.STORE_ENV])]
-    table = [
-        ("noop", "no-op Wasm (floor)", b.noop_chain(b.NOOP_WASM)(idp), False),
-        ("noop_access_log", "no-op Wasm + the audit access log", b.noop_chain(b.NOOP_WASM)(idp), True),
-        ("filter_audit_off", "filter: full path, cached, audit off", filt(b.AUDIT_OFF_PATCH), False),
-        ("filter_default", "filter (default): full path, cached", filt(None), True),
-    ]
-    return [s for s in table if not which or s[0] in which]
+# (id, label, description, host calls of the trimmed no-op): the hand-over of an audit record
+# without the filter's logic, beside `noop_host` (the same without a record).
+HANDOVER_SETUPS = [
+    ("noop_host_record", "trimmed no-op + host calls + record as filter state",
+     "as `noop_host`, plus a ~380-byte record set as filter state and written by the access log "
+     "of envoy/demo.yaml: the access-log hand-over's own cost", "record", True),
+    ("noop_host_log", "trimmed no-op + host calls + record to Envoy's log",
+     "as `noop_host`, plus the same record written to Envoy's application log at `info`",
+     "log", False),
+    ("noop_host_batch", "trimmed no-op + host calls + records batched in the VM",
+     "as `noop_host`, plus the same record gathered in the VM and written 64 to one application "
+     "log message", "batch", False),
+]
 
 
-def count(binary: Path, name: str, filters, access_log: bool, idp, token: str, n: int) -> int:
-    port, admin = b.free_port(), b.free_port()
-    cfg = RUN / f"{name}.json"
-    audit = RUN / f"audit-{name}.log" if access_log else None
-    cfg.write_text(json.dumps(b.bootstrap(port, admin, filters, idp, audit)))
-    out = RUN / f"callgrind-{name}-{n}.out"
-    env = dict(os.environ, **{b.SECRET_ENV: b.SECRET, b.STORE_ENV: b.STORE_KEY})
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--smc-check=all-non-file",
-         binary, "-c", cfg, "--concurrency", "1", "--disable-hot-restart", "-l", "warning"],
-        stdout=subprocess.DEVNULL, stderr=open(RUN / f"{name}-{n}.log", "w"), env=env)
+def setups(which):
+    """(id, label, description, envoy factory) in report order."""
+    table = []
+    for s in b.SCENARIOS:
+        if s.new_token_per_request or s.needs_etcd or s.unavailable:
+            continue
+        table.append((s.sid, s.label, s.desc, s))
+        if s.sid == "noop_host":
+            for sid, label, desc, words, access_log in HANDOVER_SETUPS:
+                table.append((sid, label, desc, (words, access_log)))
+    return [t for t in table if not which or t[0] in which]
+
+
+def start(run, sid, how) -> "b.Envoy":
+    out = RUN / f"callgrind-{sid}.%p.out"
+    wrapper = ("valgrind", "--tool=callgrind", "--instr-atstart=no", "--smc-check=all-non-file",
+               f"--callgrind-out-file={out}")
+    if isinstance(how, tuple):
+        words, access_log = how
+        chain = [b.wasm_filter("noop", b.NOOP_LEAN_WASM, f"{b.NOOP_HOST_CALLS},{words}", [])]
+        return b.Envoy(sid, chain, run.idp, audit_log=access_log, wrapper=wrapper,
+                       start_timeout=START_TIMEOUT_S)
+    if how.chain is None:
+        plugin = b.filter_plugin(run.idp, how.patch)
+        f = b.wasm_filter("mcp_token_exchange", b.FILTER_WASM, plugin, [b.SECRET_ENV, b.STORE_ENV])
+        return b.Envoy(sid, [f], run.idp, wait_jwks=True,
+                       audit_log=b.audit_to_access_log(plugin), wrapper=wrapper,
+                       start_timeout=START_TIMEOUT_S)
+    return b.Envoy(sid, how.chain(run.idp), run.idp, wrapper=wrapper,
+                   start_timeout=START_TIMEOUT_S)
+
+
+def requests(conn: http.client.HTTPConnection, token: str, n: int, sid: str) -> None:
     headers = {"authorization": f"Bearer {token}"}
-    deadline = time.time() + 900
-    while True:  # the first request also fills the filter's caches (JWKS, exchange)
-        try:
-            if b.http_call(port, "GET", "/x", headers=headers, timeout=60)[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise SystemExit(f"{name}: Envoy under valgrind did not serve; see {RUN}/{name}-{n}.log")
-        time.sleep(1)
-    time.sleep(2)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     for _ in range(n):
-        conn.request("GET", "/x", headers=headers)
+        conn.request("GET", "/mcp", headers=headers)
         resp = conn.getresponse()
         resp.read()
         if resp.status != 200:
-            raise SystemExit(f"{name}: a request got {resp.status}")
-    time.sleep(1)
-    b.http_call(admin, "POST", "/quitquitquit")
-    proc.wait(timeout=900)
-    totals = subprocess.run(["callgrind_annotate", out], capture_output=True, text=True).stdout
-    m = re.search(r"([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", totals)
-    if not m:
-        raise SystemExit(f"{name}: no totals in {out}")
-    return int(m.group(1).replace(",", ""))
+            raise SystemExit(f"{sid}: a request got {resp.status}")
+
+
+def callgrind_control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def window(envoy, conn, token: str, n: int, sid: str) -> int:
+    """Instructions Envoy executed while serving `n` requests."""
+    before = set(RUN.glob(f"callgrind-{sid}.{envoy.pid}.out.*"))
+    callgrind_control(envoy.pid, "--zero")
+    requests(conn, token, n, sid)
+    callgrind_control(envoy.pid, "--dump")
+    deadline = time.time() + 60
+    while True:
+        new = set(RUN.glob(f"callgrind-{sid}.{envoy.pid}.out.*")) - before
+        for path in new:
+            m = re.search(r"^(?:summary|totals): (\d+)", path.read_text(errors="replace"), re.M)
+            if m:
+                return int(m.group(1))
+        if time.time() > deadline:
+            raise SystemExit(f"{sid}: callgrind wrote no dump")
+        time.sleep(0.2)
+
+
+def count(run, sid: str, how, token: str) -> float:
+    envoy = start(run, sid, how)
+    try:
+        envoy.probe(token)  # also fills the filter's caches (JWKS, exchange)
+        conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=60)
+        requests(conn, token, WARM_UP, sid)
+        callgrind_control(envoy.pid, "--instr=on")
+        small = window(envoy, conn, token, N0, sid)
+        large = window(envoy, conn, token, N1, sid)
+        return (large - small) / (N1 - N0)
+    finally:
+        b.PROCS.stop(envoy.proc)
+
+
+def report(rows) -> str:
+    floor = next((p for s, *_, p in rows if s == "noop"), None)
+    lines = ["# Instructions per request (callgrind)", "",
+             f"`python3 bench/instructions.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"tree {b.sh(['git', 'rev-parse', '--short=12', 'HEAD']).strip()}: Envoy 1.40 under "
+             "`valgrind --tool=callgrind`, 1 worker, one cached token, counted in two windows after "
+             f"a warm-up: (Ir({N1} requests) − Ir({N0} requests)) ÷ {N1 - N0}. Repeated windows of "
+             "one Envoy agree within ~0.5 %. Not times: a ratio here is not a throughput ratio "
+             "(`make bench`), but a change that removes instructions removes work.", "",
+             "| setup | instructions / request | ÷ floor's | − floor's |", "|---|---:|---:|---:|"]
+    for _, label, _, per in rows:
+        ratio = f"{per / floor:.3f}" if floor else ""
+        extra = f"{per - floor:+,.0f}" if floor else ""
+        lines.append(f"| {label} | {per:,.0f} | {ratio} | {extra} |")
+    lines += ["", "Setups:", ""]
+    lines += [f"- **{label}**: {desc}." for _, label, desc, _ in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -103,34 +169,21 @@ def main() -> int:
         raise SystemExit("valgrind not found (apt-get install -y valgrind)")
     shutil.rmtree(RUN, ignore_errors=True)
     RUN.mkdir(parents=True)
-    binary = envoy_binary()
+    b.ENVOY = envoy_binary()
     idp = b.Idp()
-    token = b.Run(idp).one_token
     rows = []
     try:
-        for sid, label, filters, access_log in setups(idp, sys.argv[1:]):
-            small = count(binary, sid, filters, access_log, idp, token, N0)
-            large = count(binary, sid, filters, access_log, idp, token, N1)
-            per = (large - small) / (N1 - N0)
-            rows.append((sid, label, per))
-            b.log(f"{sid:18} {per:10,.0f} instructions/request")
+        run = b.Run(idp)
+        for sid, label, desc, how in setups(sys.argv[1:]):
+            per = count(run, sid, how, run.one_token)
+            rows.append((sid, label, desc, per))
+            b.log(f"{sid:22} {per:10,.0f} instructions/request")
     finally:
         b.PROCS.stop(idp.proc)
-    floor = next((p for s, _, p in rows if s == "noop"), None)
-    lines = ["# Instructions per request (callgrind)", "",
-             f"`python3 bench/instructions.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"tree {b.sh(['git', 'rev-parse', '--short=12', 'HEAD']).strip()}: Envoy 1.40 under "
-             f"`valgrind --tool=callgrind`, 1 worker, one cached token, (Ir({N1}) − Ir({N0})) ÷ {N1 - N0}. "
-             "Far steadier than throughput on a shared machine, not exact: timer-driven work (stats "
-             "flushes, the filter's tick) grows with wall time under valgrind, and two runs of the "
-             "same tree differed by up to ~6 % per setup (the floor: 131.7k and 140.1k). They are "
-             "not times.", "",
-             "| setup | instructions / request | ÷ floor's |", "|---|---:|---:|"]
-    for _, label, per in rows:
-        ratio = f"{per / floor:.3f}" if floor else ""
-        lines.append(f"| {label} | {per:,.0f} | {ratio} |")
-    (HERE / "instructions.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = report(rows)
+    if not sys.argv[1:]:
+        (HERE / "instructions.md").write_text(text)
+    print(text)
     return 0
 
 

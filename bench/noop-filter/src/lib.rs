@@ -6,9 +6,12 @@
 //! its cached path, and nothing else (no parsing, no caches, no policy): comma-separated words
 //! `headers` (all request headers in one `proxy_get_header_map_pairs` call instead of one
 //! header), `path` (also read `:path`, one header per call), `clock` (read the time), `write`
-//! (replace `authorization` with a value the size of an exchanged JWT), `status` (read the upstream's `:status`). `make bench` runs it with
-//! the filter's set, so the report can tell the host's share of the filter's cost from the
-//! filter's own logic.
+//! (replace `authorization` with a value the size of an exchanged JWT), `status` (read the upstream's
+//! `:status`). `make bench` runs it with the filter's set, so the report can tell the host's share
+//! of the filter's cost from the filter's own logic. Two more words price the ways of handing over
+//! an audit record of the filter's size (`bench/instructions.py`): `record` (set it as the
+//! request's filter state, which an access log reads), `log` (Envoy's application log, `info`) and
+//! `batch` (gathered in the VM, 64 to an application log message).
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -26,6 +29,9 @@ struct HostCalls {
     clock: bool,
     write: bool,
     status: bool,
+    record: bool,
+    log: bool,
+    batch: bool,
 }
 
 #[derive(Default)]
@@ -46,9 +52,12 @@ impl RootContext for NoopRoot {
                 "clock" => self.calls.clock = true,
                 "write" => self.calls.write = true,
                 "status" => self.calls.status = true,
+                "record" => self.calls.record = true,
+                "log" => self.calls.log = true,
+                "batch" => self.calls.batch = true,
                 other => {
                     log::error!(
-                        "noop-filter: unknown word {other:?} (headers, path, clock, write, status)"
+                        "noop-filter: unknown word {other:?} (headers, path, clock, write, status, record, log, batch)"
                     );
                     return false;
                 }
@@ -84,6 +93,23 @@ const WRITTEN_VALUE: &str = concat!(
     "Z25hdHVyZS1zaWduYXR1cmUtc2lnbmF0dXJlLXNpZ25hdHVyZS1zaWduYXR1cmUtc2lnbmF0dXJlLXNpZ25hdHVy",
     "c2lnbmF0dXJlLXNpZ25hdHVyZS1z",
 );
+
+/// What `record` and `log` hand over: an audit record of the filter's shape and size (a cached
+/// request's, ~380 bytes).
+const AUDIT_RECORD: &str = concat!(
+    r#"{"audit":"mcp_token_exchange","time_ms":1796000000000,"decision":"allow","reason":"exchanged","#,
+    r#""sub":"bench-user","client_id":"mcp-client","token":"AT.2c0d1f5e-8bfc-4b43-a5e6-2a6b3e147b45","#,
+    r#""route":"mcp","target_audience":"backend","target_scope":"backend-api:read","#,
+    r#""exchanged_token":"sha256:1f2e3d4c5b6a7980","cache":"hit","latency_ms":0}"#,
+);
+
+/// Records per application log message with `batch`.
+const BATCH_RECORDS: usize = 64;
+
+thread_local! {
+    static BATCH: std::cell::RefCell<String> =
+        std::cell::RefCell::new(String::with_capacity(BATCH_RECORDS * (AUDIT_RECORD.len() + 1)));
+}
 
 impl Context for NoopRequest {}
 
@@ -126,6 +152,26 @@ impl HttpContext for NoopRequest {
                 "authorization",
                 Some(WRITTEN_VALUE),
             );
+        }
+        if self.calls.record {
+            let _ = hostcalls::set_property(
+                vec!["mcp_token_exchange.audit"],
+                Some(AUDIT_RECORD.as_bytes()),
+            );
+        }
+        if self.calls.log {
+            let _ = hostcalls::log(LogLevel::Info, AUDIT_RECORD);
+        }
+        if self.calls.batch {
+            BATCH.with(|batch| {
+                let mut batch = batch.borrow_mut();
+                batch.push('\n');
+                batch.push_str(AUDIT_RECORD);
+                if batch.len() >= BATCH_RECORDS * (AUDIT_RECORD.len() + 1) {
+                    let _ = hostcalls::log(LogLevel::Info, &batch);
+                    batch.clear();
+                }
+            });
         }
         Action::Continue
     }
