@@ -11,9 +11,9 @@
 use std::time::{Duration, Instant};
 
 use gateway_tests::client::{bearer, jsonrpc_post, Answer};
-use gateway_tests::harness::{Stack, StackOptions, CLIENT_ID, CLIENT_SECRET};
-use gateway_tests::idp::{Endpoint, Fault, IdpConfig, MintRequest};
-use gateway_tests::mcp;
+use gateway_tests::harness::{free_port, Stack, StackOptions, CLIENT_ID, CLIENT_SECRET};
+use gateway_tests::idp::{Endpoint, Fault, IdpConfig, KeycloakConfig, MintRequest};
+use gateway_tests::mcp::{self, UpstreamConfig};
 use serde_json::{json, Value};
 
 type Result<T = ()> = anyhow::Result<T>;
@@ -374,7 +374,7 @@ async fn an_unavailable_endpoint_is_503_with_retry_after_and_a_slow_one_504() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_unreachable_endpoint_is_503() -> Result {
     let mut opts = introspecting(json!({"cluster": "nowhere"}));
-    opts.extra_clusters = vec![("nowhere".into(), gateway_tests::harness::free_port()?)];
+    opts.extra_clusters = vec![("nowhere".into(), free_port()?)];
     let stack = Stack::start_with(opts).await?;
     let a = call(&stack, &user_opaque(&stack)).await?;
     assert_refused(&a, 503, "nothing listens");
@@ -405,5 +405,106 @@ async fn credentials_the_endpoint_refuses_are_502_and_post_credentials_work() ->
     let sent = &stack.idp.introspections()[0];
     assert_eq!(sent.client_auth, "client_secret_post");
     assert_eq!(sent.field("client_id"), Some(CLIENT_ID));
+    Ok(())
+}
+
+const REALM_PATH: &str = "/realms/mcp/protocol/openid-connect";
+
+/// The Keycloak profile: realm `mcp` is the provider, introspecting at Keycloak's path
+/// (`…/token/introspect`) and exchanging by standard token exchange for `backend-api`, as in
+/// tests/tests/keycloak.rs.
+fn keycloak_introspecting(upstream_port: u16) -> StackOptions {
+    let mut realm = KeycloakConfig::default();
+    realm.clients[0].secret = CLIENT_SECRET.into();
+    let mut idp = IdpConfig::reference(CLIENT_ID, CLIENT_SECRET);
+    idp.keycloak = Some(realm);
+    StackOptions {
+        idp,
+        upstream_port: Some(upstream_port),
+        wait_for_keys: false,
+        plugin_patch: json!({
+            "issuer": null, "audiences": null, "jwks": null, "resource": null,
+            "providers": {"keycloak": {
+                "issuer": "{idp}/realms/mcp",
+                "audiences": ["mcp-gateway"],
+                "jwks": {"cluster": "okta", "path": format!("{REALM_PATH}/certs")},
+                "claims": {"scopes": ["scope"], "client_id": ["azp"]},
+                "introspection": {
+                    "cluster": "okta", "path": format!("{REALM_PATH}/token/introspect"),
+                    "client_id": "mcp-gateway", "client_secret_env": SECRET_ENV,
+                },
+            }},
+            "exchange": {
+                "path": format!("{REALM_PATH}/token"), "client_id": "mcp-gateway",
+                "audience": "backend-api", "scope": "backend:read"
+            },
+        }),
+        ..StackOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keycloak_realms_opaque_token_is_introspected_at_keycloaks_path_and_exchanged() -> Result
+{
+    let port = free_port()?;
+    let stack = Stack::start_with(keycloak_introspecting(port)).await?;
+    let upstream = mcp::start_upstream(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        UpstreamConfig {
+            issuer: stack.idp.keycloak_issuer(),
+            jwks_url: format!("{}{REALM_PATH}/certs", stack.idp.base_url()),
+            audience: "backend-api".into(),
+            required_scopes: vec!["backend:read".into()],
+        },
+    )
+    .await?;
+    // Keycloak's answer carries members the gateway does not read (nested ones too).
+    let extra = json!({"realm_access": {"roles": ["user"]}, "allowed-origins": ["*"],
+                       "sid": "s-1", "email_verified": true});
+    let extra = extra.as_object().cloned().unwrap_or_default();
+    let aud = ["mcp-gateway", "account"];
+    let token = stack
+        .idp
+        .mint_keycloak_opaque("alice", &aud, "openid mcp:tools:call", &extra);
+    let who = mcp::whoami(&stack.mcp_url(), &token).await?;
+    assert_eq!(who.sub, "alice");
+    assert_eq!(who.aud, vec!["backend-api"]);
+    assert_eq!(who.iss, stack.idp.keycloak_issuer());
+    assert_eq!(stack.idp.introspection_count(), 1);
+    let sent = &stack.idp.introspections()[0];
+    assert_eq!(sent.client_auth, "client_secret_basic");
+    assert_eq!(sent.field("token"), Some(token.as_str()));
+    assert!(upstream
+        .seen_requests()
+        .iter()
+        .all(|r| r.bearer() != Some(token.as_str())));
+
+    // The realm's JWTs are verified by its keys, beside it.
+    let jwt = stack
+        .idp
+        .mint_keycloak("alice", &aud, "openid mcp:tools:call", &extra)?;
+    assert_eq!(mcp::whoami(&stack.mcp_url(), &jwt).await?.sub, "alice");
+    assert_eq!(stack.idp.introspection_count(), 1);
+
+    // Revoked (never seen before): Keycloak's {"active": false}.
+    let revoked = stack
+        .idp
+        .mint_keycloak_opaque("alice", &aud, "openid mcp:tools:call", &extra);
+    assert!(stack.idp.revoke(&revoked));
+    let a = call(&stack, &revoked).await?;
+    assert_refused(&a, 401, "revoked at Keycloak");
+    assert_challenge(&a, "invalid_token", "revoked at Keycloak");
+    assert!(a.body.contains("not active"), "{}", a.body);
+    // Not for this gateway's audience.
+    let elsewhere =
+        stack
+            .idp
+            .mint_keycloak_opaque("alice", &["account"], "openid mcp:tools:call", &extra);
+    assert_refused(
+        &call(&stack, &elsewhere).await?,
+        401,
+        "aud without mcp-gateway",
+    );
+    assert_eq!(stack.idp.introspection_count(), 3);
     Ok(())
 }

@@ -95,14 +95,15 @@ impl State {
         Ok(token)
     }
 
-    /// Revokes an opaque token; `false` if this IdP never issued it.
+    /// Revokes an opaque token (an authorization server's or the Keycloak realm's); `false` if
+    /// this IdP never issued it.
     pub(crate) fn revoke(&self, token: &str) -> bool {
         match lock(&self.introspection.tokens).get_mut(token) {
             Some(t) => {
                 t.revoked = true;
                 true
             }
-            None => false,
+            None => self.keycloak.as_ref().is_some_and(|k| k.revoke(token)),
         }
     }
 

@@ -282,7 +282,7 @@ fn outcome_response(outcome: Option<TokenOutcome>) -> (Resp, Option<String>) {
     (resp, Some(note))
 }
 
-/// The Keycloak realm's endpoints: `certs` and `token`.
+/// The Keycloak realm's endpoints: `certs`, `token` and `token/introspect`.
 async fn keycloak_endpoint(
     state: &State,
     realm: &super::keycloak::KeycloakState,
@@ -303,8 +303,42 @@ async fn keycloak_endpoint(
                 .map(|e| format!("keycloak error={e}"));
             Ok((oauth_json(status, body.to_string()), note))
         }
+        ("token/introspect", Method::POST) => {
+            state.count_introspection();
+            let request = FormRequest::read(req).await;
+            let body = request.body.clone().unwrap_or_default();
+            let form: Vec<(String, String)> = form_urlencoded::parse(&body)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            state.record_introspection(super::RecordedExchange {
+                client_auth: if request.authorization.is_some() {
+                    "client_secret_basic".into()
+                } else {
+                    "client_secret_post".into()
+                },
+                client_id: form
+                    .iter()
+                    .find(|(k, _)| k == "client_id")
+                    .map(|(_, v)| v.clone()),
+                form: form
+                    .iter()
+                    .filter(|(k, _)| k != "client_secret")
+                    .cloned()
+                    .collect(),
+                content_type: request.content_type.clone(),
+                host: request.host.clone(),
+            });
+            if let Some(resp) = apply_fault(state.fault(&Endpoint::Introspect), raw).await? {
+                return Ok((resp, Some("(fault)".into())));
+            }
+            let (status, body) = realm.introspect(request.authorization.as_deref(), &form);
+            let note = body["error"]
+                .as_str()
+                .map(|e| format!("keycloak error={e}"));
+            Ok((oauth_json(status, body.to_string()), note))
+        }
         ("certs", _) => Ok((method_not_allowed("GET"), None)),
-        ("token", _) => Ok((method_not_allowed("POST"), None)),
+        ("token" | "token/introspect", _) => Ok((method_not_allowed("POST"), None)),
         _ => Ok((not_found(endpoint), None)),
     }
 }

@@ -337,3 +337,60 @@ async fn admin_routes_mint_revoke_and_fault_opaque_tokens() {
         .unwrap();
     assert_eq!(stats["introspection_requests"], 3);
 }
+
+#[tokio::test]
+async fn the_keycloak_realm_introspects_at_its_own_path_with_the_same_faults() {
+    let mut config = quiet(IdpConfig::default());
+    config.keycloak = Some(KeycloakConfig::default());
+    let idp = start(any_port(), config).await.expect("idp starts");
+    let token = idp.mint_keycloak_opaque("alice", &["mcp-gateway"], "openid", &Map::new());
+    let url = format!(
+        "{}/realms/mcp/protocol/openid-connect/token/introspect",
+        idp.base_url()
+    );
+    let post = |auth: String| {
+        http()
+            .post(&url)
+            .header("authorization", auth)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form(&[("token", &token)]))
+            .send()
+    };
+    let a = answer(
+        post(basic("mcp-gateway", "kc-gateway-secret"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (a.status, &a.body["active"]),
+        (200, &json!(true)),
+        "{}",
+        a.body
+    );
+    let a = answer(post(basic("mcp-gateway", "wrong")).await.unwrap()).await;
+    assert_eq!((a.status, a.error()), (401, "invalid_client"));
+    idp.set_fault(Endpoint::Introspect, Fault::Status(503));
+    let a = answer(
+        post(basic("mcp-gateway", "kc-gateway-secret"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, 503);
+    assert!(
+        idp.revoke(&token),
+        "the realm's tokens are revoked the same way"
+    );
+    idp.clear_faults();
+    let a = answer(
+        post(basic("mcp-gateway", "kc-gateway-secret"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.body, json!({"active": false}));
+    assert_eq!(idp.introspection_count(), 4);
+    let resp = http().get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 405);
+}
