@@ -264,9 +264,9 @@ async fn the_answers_scope_is_the_policys_scope() -> Result {
     Ok(())
 }
 
-/// Answers no gateway may read as a pass: each must be the README's 502 (a member that is
-/// missing or wrongly typed, a body that is not JSON, another issuer's token, duplicate
-/// members), the upstream untouched. The hostile corpus for introspection answers.
+/// Answers no gateway may read as a pass: a body that is not JSON, or no boolean `active`, is
+/// the README's 502 with the upstream untouched. (The wider hostile corpus of answers, with
+/// their 401/403/502 rows, is tests/tests/adversarial/introspection_answers.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_that_are_not_json_or_lack_active_are_502_never_a_pass() -> Result {
     let stack = start(Value::Null).await?;
@@ -275,10 +275,6 @@ async fn answers_that_are_not_json_or_lack_active_are_502_never_a_pass() -> Resu
         content_type: "application/json".into(),
         body: body.into(),
     };
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 600;
     let hostile: Vec<(&str, Fault)> = vec![
         ("not JSON", Fault::MalformedBody),
         ("HTML", respond("<html><body>Sign in</body></html>")),
@@ -295,34 +291,6 @@ async fn answers_that_are_not_json_or_lack_active_are_502_never_a_pass() -> Resu
             "active null",
             respond(r#"{"active":null,"sub":"olga@example.com"}"#),
         ),
-        ("an array", respond(r#"[{"active":true}]"#)),
-        (
-            "active twice",
-            respond(r#"{"active":false,"active":true,"sub":"olga@example.com"}"#),
-        ),
-        (
-            "another issuer",
-            respond(&format!(
-                r#"{{"active":true,"sub":"olga@example.com","scope":"mcp:tools:call","aud":"mcpserver","exp":{exp},"iss":"https://evil.example/oauth2/mcp"}}"#
-            )),
-        ),
-        (
-            "scope an array",
-            respond(&format!(
-                r#"{{"active":true,"sub":"olga@example.com","scope":["mcp:tools:call"],"aud":"mcpserver","exp":{exp}}}"#
-            )),
-        ),
-        (
-            "exp a string",
-            respond(
-                r#"{"active":true,"sub":"olga@example.com","scope":"mcp:tools:call","aud":"mcpserver","exp":"later"}"#,
-            ),
-        ),
-        (
-            "trailing garbage",
-            respond(r#"{"active":true,"sub":"olga@example.com"} {"active":true}"#),
-        ),
-        ("a 302", Fault::Status(302)),
     ];
     let cases = hostile.len() as u64;
     for (what, fault) in hostile {
