@@ -10,11 +10,11 @@ VENV         := .venv
 ENVOY        := $(VENV)/bin/envoy
 WASM         := target/wasm32-wasip1/release/mcp_token_exchange.wasm
 # The same filter with every optional cargo feature (`rsa-client-key`: RSA private JWKs for
-# private_key_jwt and actor tokens; `introspection`: RFC 7662 for opaque tokens). Built in its own target dir: cargo names both builds
+# private_key_jwt and actor tokens). Built in its own target dir: cargo names both builds
 # mcp_token_exchange.wasm, and one must not overwrite the other.
 WASM_FULL    := target/wasm32-wasip1/release/mcp_token_exchange_full.wasm
 FULL_TARGET  := target/wasm-full
-FULL_FEATURES := rsa-client-key,introspection
+FULL_FEATURES := rsa-client-key
 # The shipped module must stay under 700 KiB: `make wasm` fails above it. (600 KiB until the
 # fleet store brought AES-GCM, HMAC and etcd's protocol: +58 KiB.)
 WASM_MAX_BYTES := 716800

@@ -418,7 +418,6 @@ fn a_conditional_access_challenge_sends_the_user_back_with_the_claims() {
 }
 
 /// `okta` also introspects opaque tokens (RFC 7662) at its introspection endpoint.
-#[cfg(feature = "introspection")]
 fn introspecting() -> Value {
     let mut cfg = two_providers();
     cfg["providers"]["okta"]["introspection"] = json!({
@@ -428,7 +427,6 @@ fn introspecting() -> Value {
     cfg
 }
 
-#[cfg(feature = "introspection")]
 fn introspections(w: &Worker) -> Vec<crate::fake_host::Callout> {
     w.host
         .callouts()
@@ -437,7 +435,6 @@ fn introspections(w: &Worker) -> Vec<crate::fake_host::Callout> {
         .collect()
 }
 
-#[cfg(feature = "introspection")]
 fn active(sub: &str) -> String {
     let now = (T0_MS / 1000) as i64;
     json!({"active": true, "sub": sub, "scope": "mcp:tools:call", "client_id": "vscode",
@@ -445,7 +442,6 @@ fn active(sub: &str) -> String {
     .to_string()
 }
 
-#[cfg(feature = "introspection")]
 #[test]
 fn requests_with_one_opaque_token_share_one_introspection_from_the_root_context() {
     let mut w = Worker::first(&introspecting());
@@ -495,7 +491,6 @@ fn requests_with_one_opaque_token_share_one_introspection_from_the_root_context(
     assert!(w.gw.is_idle());
 }
 
-#[cfg(feature = "introspection")]
 #[test]
 fn an_inactive_or_unusable_answer_is_never_a_pass() {
     let mut w = Worker::first(&introspecting());
@@ -525,7 +520,6 @@ fn an_inactive_or_unusable_answer_is_never_a_pass() {
     assert!(w.gw.is_idle());
 }
 
-#[cfg(feature = "introspection")]
 #[test]
 fn a_client_gone_before_the_tick_leaves_no_introspection_behind() {
     let mut w = Worker::first(&introspecting());

@@ -25,9 +25,7 @@ pub enum RequestState {
     Authenticating,
     /// Parked until the issuer's keys arrive (the key manager holds the wait and its limit).
     WaitingForKeys,
-    /// Parked until the introspection of its opaque token answers (only the full module:
-    /// cargo feature `introspection`).
-    #[cfg_attr(not(feature = "introspection"), allow(dead_code))]
+    /// Parked until the introspection of its opaque token answers.
     Introspecting,
     /// Waiting for a backend token: this worker's exchange, or another worker's lease.
     Exchanging,

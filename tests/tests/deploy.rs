@@ -24,6 +24,10 @@ use serde::Deserialize as _;
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
+/// envoy/README.md's introspection examples (kept apart: this file is long enough).
+#[path = "deploy/introspection_examples.rs"]
+mod introspection_examples;
+
 /// Where every bootstrap in `envoy/` loads the module from (relative to the repository root, as
 /// the Makefile builds it).
 const WASM_REL: &str = "target/wasm32-wasip1/release/mcp_token_exchange.wasm";

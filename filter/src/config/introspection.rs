@@ -5,11 +5,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-#[cfg(feature = "introspection")]
 use super::checks::{require_header_value, require_non_empty, require_path, require_range};
-#[cfg(feature = "introspection")]
 use super::exchange_target::read_env;
-#[cfg(feature = "introspection")]
 use super::fields::join;
 use super::fields::Fields;
 use super::{ClientAuth, ConfigError, Env, Secret};
@@ -30,9 +27,8 @@ pub struct Introspection {
     pub cache_max_seconds: i64,
 }
 
-/// `introspection` as written (read by every build, so a misspelt field is named there too).
+/// `introspection` as written.
 #[derive(Debug)]
-#[cfg_attr(not(feature = "introspection"), allow(dead_code))]
 pub struct IntrospectionConfig {
     cluster: String,
     path: String,
@@ -71,7 +67,6 @@ impl IntrospectionConfig {
     }
 
     /// The section at `field` (`providers.okta.introspection`).
-    #[cfg(feature = "introspection")]
     pub(super) fn validate(self, field: &str, env: Env<'_>) -> Result<Introspection, ConfigError> {
         let at = |name: &str| join(field, name);
         require_non_empty(&at("cluster"), &self.cluster)?;
@@ -109,17 +104,5 @@ impl IntrospectionConfig {
             timeout: Duration::from_millis(self.timeout_ms),
             cache_max_seconds: self.cache_max_seconds as i64,
         })
-    }
-}
-
-/// The default module: introspection is not in it.
-#[cfg(not(feature = "introspection"))]
-impl IntrospectionConfig {
-    pub(super) fn validate(self, field: &str, _env: Env<'_>) -> Result<Introspection, ConfigError> {
-        Err(ConfigError::new(
-            field,
-            "needs the full module (`make wasm-full`: mcp_token_exchange_full.wasm, cargo feature \
-             `introspection`); the default one must stay under 600 KiB",
-        ))
     }
 }

@@ -6,8 +6,6 @@
 //! [`MAX_INTROSPECTED`] of them. They are not put in the verified-token cache, which accepts an
 //! entry `clock_skew_seconds` past its expiry: that would stretch the configured maximum.
 
-#![cfg_attr(not(feature = "introspection"), allow(dead_code, unused_imports))]
-
 use std::rc::Rc;
 
 use log::warn;
@@ -85,7 +83,6 @@ impl Introspections {
     }
 }
 
-#[cfg(feature = "introspection")]
 impl<H: Host> Gateway<H> {
     /// Parks the request until its token's introspection at `provider` answers.
     pub(super) fn wait_for_introspection(
@@ -235,25 +232,5 @@ impl<H: Host> Gateway<H> {
             let step = self.advance(id, now);
             self.finish_resumed(id, step);
         }
-    }
-}
-
-/// The default module has no introspection (cargo feature `introspection`): the configuration
-/// refuses it, `principal` never asks for it, and these are never reached.
-#[cfg(not(feature = "introspection"))]
-impl<H: Host> Gateway<H> {
-    pub(super) fn wait_for_introspection(&mut self, _: u32, _: u8, _: Digest32) -> Step {
-        Step::Deny(Denial::Internal)
-    }
-
-    pub(super) fn tick_introspections(&mut self, _now: u64) {}
-
-    pub(super) fn on_introspection_answer(
-        &mut self,
-        _key: &Digest32,
-        _status: Option<u16>,
-        _body: &[u8],
-        _now: u64,
-    ) {
     }
 }

@@ -68,9 +68,7 @@ enum CalloutPurpose {
     Exchange(Digest32),
     /// A call to the fleet store (a phase of an exchange, or the store's own).
     Fleet(FleetCall),
-    /// The introspection of the opaque token with this digest (only the full module: cargo
-    /// feature `introspection`).
-    #[cfg_attr(not(feature = "introspection"), allow(dead_code))]
+    /// The introspection of the opaque token with this digest.
     Introspect(Digest32),
 }
 

@@ -29,8 +29,9 @@ usage: okta-idp [options]
   -h, --help                  this text
 
 Authorization servers: mcp (audience mcpserver) and backend (audience backend, trusts mcp).
-Test-only admin API: POST /__admin/mint, GET /__admin/stats, POST|DELETE /__admin/faults,
-POST /__admin/rotate/{as_id}.";
+RFC 7662 introspection: POST /oauth2/{as_id}/v1/introspect (of opaque tokens minted here).
+Test-only admin API: POST /__admin/mint (opaque: true for an opaque token), POST
+/__admin/revoke, GET /__admin/stats, POST|DELETE /__admin/faults, POST /__admin/rotate/{as_id}.";
 
 struct Args {
     listen: SocketAddr,

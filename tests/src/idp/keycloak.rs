@@ -11,17 +11,26 @@
 //!   must include the requester; `audience` is a *client id* (repeatable) that must be available
 //!   to the requester and only narrows `aud`; `scope` names the requester's optional client
 //!   scopes;
+//! - `POST /realms/{realm}/protocol/openid-connect/token/introspect` (RFC 7662) for a
+//!   confidential client of the realm: the token's claims plus `active`, `client_id` (= `azp`),
+//!   `username`, `token_type` (the shape Keycloak answers with), `{"active": false}` otherwise.
+//!   Keycloak's access tokens are JWTs, which a gateway verifies itself; for tests the realm also
+//!   hands out opaque references to tokens ([`IdpHandle::mint_keycloak_opaque`]) that only
+//!   introspection (and the exchange, as a subject token) can read;
 //! - its errors: 400 `invalid_request` ("Invalid token", "Requested audience not available",
 //!   standard token exchange off), 403 `access_denied` ("Client is not within the token
 //!   audience"), 400 `invalid_client` ("Audience not found"), 400 `invalid_scope`, 401
 //!   `invalid_client` (bad credentials).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
 use super::keys::{parse_jws, random_b64, SigningKey};
-use super::{now_secs, IdpHandle, ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT};
+use super::{lock, now_secs, IdpHandle, ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT};
 
 /// Lifetime of the realm's access tokens (Keycloak's default is 5 minutes; longer here so
 /// tests do not race it).
@@ -83,6 +92,8 @@ pub(crate) struct KeycloakState {
     pub(crate) config: KeycloakConfig,
     pub(crate) issuer: String,
     key: SigningKey,
+    /// Opaque references handed out for tests → the claims they stand for (`None`: revoked).
+    opaque: Mutex<HashMap<String, Option<Map<String, Value>>>>,
 }
 
 impl IdpHandle {
@@ -108,6 +119,29 @@ impl IdpHandle {
     ) -> anyhow::Result<String> {
         self.keycloak().mint(sub, aud, scope, extra)
     }
+
+    /// An opaque reference to a realm access token like [`Self::mint_keycloak`]'s, readable
+    /// only by the realm's introspection (and its token exchange).
+    pub fn mint_keycloak_opaque(
+        &self,
+        sub: &str,
+        aud: &[&str],
+        scope: &str,
+        extra: &Map<String, Value>,
+    ) -> String {
+        self.keycloak().mint_opaque(sub, aud, scope, extra)
+    }
+}
+
+/// `extra` over `claims`: a `null` removes a claim.
+fn merge(claims: &mut Map<String, Value>, extra: &Map<String, Value>) {
+    for (k, v) in extra {
+        if v.is_null() {
+            claims.remove(k);
+        } else {
+            claims.insert(k.clone(), v.clone());
+        }
+    }
 }
 
 /// A Keycloak error: `error` and `error_description`.
@@ -132,7 +166,91 @@ impl KeycloakState {
             config,
             issuer,
             key: SigningKey::generate()?,
+            opaque: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn mint_opaque(
+        &self,
+        sub: &str,
+        aud: &[&str],
+        scope: &str,
+        extra: &Map<String, Value>,
+    ) -> String {
+        let mut claims = self.claims(sub, aud, scope, &self.config.user_client_id);
+        merge(&mut claims, extra);
+        let handle = random_b64(32);
+        lock(&self.opaque).insert(handle.clone(), Some(claims));
+        handle
+    }
+
+    /// Revokes an opaque reference; `false` if the realm never handed it out.
+    pub(crate) fn revoke(&self, token: &str) -> bool {
+        match lock(&self.opaque).get_mut(token) {
+            Some(entry) => {
+                *entry = None;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The claims of an active token of the realm: an opaque reference, or a signed JWT.
+    fn active_claims(&self, token: &str) -> Option<Map<String, Value>> {
+        let claims = match lock(&self.opaque).get(token) {
+            Some(entry) => entry.clone()?,
+            None => {
+                let jws = parse_jws(token)?;
+                if !self
+                    .key
+                    .verify(jws.signing_input.as_bytes(), &jws.signature)
+                {
+                    return None;
+                }
+                jws.claims
+            }
+        };
+        let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+        let ours = claims.get("iss").and_then(Value::as_str) == Some(self.issuer.as_str());
+        (ours && exp > now_secs()).then_some(claims)
+    }
+
+    /// `POST /realms/{realm}/protocol/openid-connect/token/introspect`: (status, JSON body).
+    pub(crate) fn introspect(
+        &self,
+        authorization: Option<&str>,
+        form: &[(String, String)],
+    ) -> (u16, Value) {
+        let param = |name: &str| {
+            form.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        if let Err(e) = self.authenticate(authorization, &param) {
+            return (
+                e.status,
+                json!({"error": e.error, "error_description": e.description}),
+            );
+        }
+        let Some(token) = param("token") else {
+            return (
+                400,
+                json!({"error": "invalid_request", "error_description": "Token not provided."}),
+            );
+        };
+        let Some(mut answer) = self.active_claims(token) else {
+            return (200, json!({"active": false}));
+        };
+        let azp = answer.get("azp").cloned().unwrap_or(Value::Null);
+        let username = answer
+            .get("preferred_username")
+            .cloned()
+            .unwrap_or(Value::Null);
+        answer.insert("client_id".into(), azp);
+        answer.insert("username".into(), username);
+        answer.insert("token_type".into(), json!("Bearer"));
+        answer.insert("active".into(), json!(true));
+        (200, Value::Object(answer))
     }
 
     /// `/realms/{realm}/protocol/openid-connect/certs`.
@@ -154,13 +272,7 @@ impl KeycloakState {
         extra: &Map<String, Value>,
     ) -> anyhow::Result<String> {
         let mut claims = self.claims(sub, aud, scope, &self.config.user_client_id);
-        for (k, v) in extra {
-            if v.is_null() {
-                claims.remove(k);
-            } else {
-                claims.insert(k.clone(), v.clone());
-            }
-        }
+        merge(&mut claims, extra);
         self.sign(&claims)
     }
 
@@ -297,18 +409,7 @@ impl KeycloakState {
     /// The subject token must be this realm's, signed, unexpired: its `sub` and `aud`.
     fn check_subject(&self, token: &str) -> Result<(String, Vec<String>), KcError> {
         let invalid = || kc_error(400, "invalid_request", "Invalid token");
-        let jws = parse_jws(token).ok_or_else(invalid)?;
-        if !self
-            .key
-            .verify(jws.signing_input.as_bytes(), &jws.signature)
-        {
-            return Err(invalid());
-        }
-        let c = &jws.claims;
-        let exp = c.get("exp").and_then(Value::as_i64).unwrap_or(0);
-        if c.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) || exp <= now_secs() {
-            return Err(invalid());
-        }
+        let c = &self.active_claims(token).ok_or_else(invalid)?;
         let aud = match c.get("aud") {
             Some(Value::String(a)) => vec![a.clone()],
             Some(Value::Array(list)) => list
@@ -437,6 +538,107 @@ mod tests {
         form.retain(|(k, _)| k != "client_id" && k != "client_secret");
         let basic = format!("Basic {}", STANDARD.encode("mcp-gateway:kc-gateway-secret"));
         assert_eq!(r.token(Some(&basic), &form).0, 200);
+    }
+
+    fn introspect(r: &KeycloakState, token: &str) -> (u16, Value) {
+        let basic = format!("Basic {}", STANDARD.encode("mcp-gateway:kc-gateway-secret"));
+        r.introspect(Some(&basic), &[("token".to_string(), token.to_string())])
+    }
+
+    #[test]
+    fn introspection_answers_with_the_tokens_claims_for_opaque_and_jwt_tokens() {
+        let r = realm();
+        let handle = r.mint_opaque(
+            "alice",
+            &["mcp-gateway", "account"],
+            "openid mcp:tools:call",
+            &Map::new(),
+        );
+        assert!(!handle.contains('.'));
+        for token in [handle.clone(), user(&r, &["mcp-gateway", "account"])] {
+            let (status, a) = introspect(&r, &token);
+            assert_eq!(status, 200, "{a}");
+            assert_eq!(a["active"], true);
+            assert_eq!(a["aud"], json!(["mcp-gateway", "account"]));
+            assert_eq!(
+                (a["client_id"].as_str(), a["azp"].as_str()),
+                (Some("vscode"), Some("vscode"))
+            );
+            assert_eq!(
+                (a["username"].as_str(), a["sub"].as_str()),
+                (Some("alice"), Some("alice"))
+            );
+            assert_eq!(a["scope"], "openid mcp:tools:call");
+            assert_eq!(
+                (a["typ"].as_str(), a["token_type"].as_str()),
+                (Some("Bearer"), Some("Bearer"))
+            );
+            assert_eq!(a["iss"], "http://kc.test/realms/mcp");
+        }
+        // Client secret in the form works too.
+        let form = [
+            ("token", handle.as_str()),
+            ("client_id", "mcp-gateway"),
+            ("client_secret", "kc-gateway-secret"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(r.introspect(None, &form).1["active"], true);
+        // An opaque reference is a subject token of the exchange.
+        let (status, body) = r.token(
+            None,
+            &exchange_form(&handle, &[("audience", "backend-api")]),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+
+    #[test]
+    fn introspection_says_inactive_and_nothing_else_or_refuses_the_caller() {
+        let r = realm();
+        let revoked = r.mint_opaque("alice", &["mcp-gateway"], "openid", &Map::new());
+        assert!(r.revoke(&revoked));
+        assert!(!r.revoke("never"));
+        let expired = r
+            .mint(
+                "alice",
+                &["mcp-gateway"],
+                "openid",
+                &json!({"exp": now_secs() - 1})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+            .expect("mint");
+        let other_realm = realm()
+            .mint("alice", &["mcp-gateway"], "openid", &Map::new())
+            .expect("mint");
+        for (what, token) in [
+            ("revoked", revoked.as_str()),
+            ("expired", &expired),
+            ("other key", &other_realm),
+            ("unknown", "nope"),
+        ] {
+            assert_eq!(
+                introspect(&r, token),
+                (200, json!({"active": false})),
+                "{what}"
+            );
+        }
+        let good = r.mint_opaque("alice", &["mcp-gateway"], "openid", &Map::new());
+        assert_eq!(
+            r.token(None, &exchange_form(&revoked, &[])).0,
+            400,
+            "revoked subject token"
+        );
+        let wrong = format!("Basic {}", STANDARD.encode("mcp-gateway:wrong"));
+        for auth in [Some(wrong.as_str()), None] {
+            let (status, body) = r.introspect(auth, &[("token".to_string(), good.clone())]);
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (401, Some("invalid_client")),
+                "{auth:?}"
+            );
+            assert!(body.get("active").is_none());
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - client authentication with a secret (`client_secret_basic`, `client_secret_post`) or a
 //!   signed client assertion (`private_key_jwt`, RFC 7523: RS256 or ES256, Okta's claim rules,
 //!   `jti` replay refused), and optionally RFC 8693 actor tokens (off by default, as in Okta);
+//! - RFC 7662 introspection (`POST /v1/introspect`) of opaque access tokens tests issue and
+//!   revoke (see `introspect`);
 //! - fault injection per endpoint (delay, status, connection reset, malformed body, verbatim
 //!   answer), request counters, and the last token request as received, for tests;
 //! - a test-only admin API under `/__admin/` (mint, stats, faults, key rotation).
@@ -22,6 +24,7 @@
 
 mod client_jwt;
 mod entra;
+mod introspect;
 mod keycloak;
 mod keys;
 mod server;
@@ -276,6 +279,8 @@ pub enum Endpoint {
     Token,
     /// `GET /oauth2/{as_id}/v1/keys`.
     Keys(String),
+    /// `POST /oauth2/*/v1/introspect` of every AS (and the Keycloak realm's introspection).
+    Introspect,
 }
 
 /// What an endpoint does instead of (or before) answering normally.
@@ -369,6 +374,8 @@ pub(crate) struct State {
     pub(crate) entra: Option<entra::EntraState>,
     /// The Keycloak realm, when configured.
     pub(crate) keycloak: Option<keycloak::KeycloakState>,
+    /// Opaque tokens and the introspection endpoint's requests.
+    pub(crate) introspection: introspect::Introspection,
 }
 
 impl State {
@@ -424,6 +431,7 @@ impl State {
         serde_json::json!({
             "token_requests": self.token_requests.load(Ordering::SeqCst),
             "keys_requests": keys,
+            "introspection_requests": self.introspection_requests(),
         })
     }
 
@@ -611,6 +619,7 @@ pub async fn start(listen: SocketAddr, config: IdpConfig) -> anyhow::Result<IdpH
         token_requests: AtomicU64::new(0),
         last_exchange: Mutex::new(None),
         exchanges: Mutex::new(Vec::new()),
+        introspection: introspect::Introspection::default(),
     });
     let task = tokio::spawn(server::serve(listener, state.clone()));
     Ok(IdpHandle {

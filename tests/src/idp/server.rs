@@ -14,7 +14,8 @@ use serde_json::{json, Map, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::token::{self, TokenHttpRequest};
+use super::introspect;
+use super::token::{self, TokenHttpRequest, TokenOutcome};
 use super::{AsState, Endpoint, Fault, MintRequest, ScopeStyle, State, TOKEN_EXCHANGE_GRANT};
 
 /// Largest request body read (token requests are a few KiB).
@@ -136,6 +137,7 @@ async fn dispatch(state: &Arc<State>, raw: &std::net::TcpStream, req: Request<In
     };
     match endpoint {
         "v1/token" => token_endpoint(state, server, raw, req).await,
+        "v1/introspect" => introspect_endpoint(state, server, raw, req).await,
         "v1/keys" => {
             state.count_keys_request(server);
             if let Some(resp) = apply_fault(state.fault(&Endpoint::Keys(as_id.into())), raw).await?
@@ -158,6 +160,58 @@ async fn dispatch(state: &Arc<State>, raw: &std::net::TcpStream, req: Request<In
     }
 }
 
+/// What a form endpoint (`/v1/token`, `/v1/introspect`) reads of a request: method,
+/// `Content-Type`, `Authorization`, `Host`, and the body (`None`: unreadable or too large).
+struct FormRequest {
+    method: String,
+    content_type: Option<String>,
+    authorization: Option<String>,
+    host: Option<String>,
+    body: Option<Bytes>,
+}
+
+impl FormRequest {
+    async fn read(req: Request<Incoming>) -> Self {
+        let header = |name: hyper::header::HeaderName| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (content_type, authorization) =
+            (header(CONTENT_TYPE), header(hyper::header::AUTHORIZATION));
+        let host = header(hyper::header::HOST);
+        let method = req.method().as_str().to_string();
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(collected) => Some(collected.to_bytes()),
+            Err(_) => None,
+        };
+        Self {
+            method,
+            content_type,
+            authorization,
+            host,
+            body,
+        }
+    }
+
+    /// The endpoint's outcome, `None` if the body could not be read; recorded with the `Host`.
+    fn handle(
+        &self,
+        handler: impl FnOnce(&TokenHttpRequest<'_>) -> TokenOutcome,
+    ) -> Option<TokenOutcome> {
+        let body = self.body.as_ref()?;
+        let mut outcome = handler(&TokenHttpRequest {
+            method: &self.method,
+            content_type: self.content_type.as_deref(),
+            authorization: self.authorization.as_deref(),
+            body,
+        });
+        outcome.record.host = self.host.clone();
+        Some(outcome)
+    }
+}
+
 async fn token_endpoint(
     state: &State,
     server: &AsState,
@@ -165,50 +219,47 @@ async fn token_endpoint(
     req: Request<Incoming>,
 ) -> Routed {
     state.count_token_request();
-    let method = req.method().as_str().to_string();
-    let header = |name: hyper::header::HeaderName| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let content_type = header(CONTENT_TYPE);
-    let authorization = header(hyper::header::AUTHORIZATION);
-    let host = header(hyper::header::HOST);
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => Some(collected.to_bytes()),
-        Err(_) => None,
-    };
-    let outcome = body.as_ref().map(|body| {
-        token::handle(
-            state,
-            server,
-            &TokenHttpRequest {
-                method: &method,
-                content_type: content_type.as_deref(),
-                authorization: authorization.as_deref(),
-                body,
-            },
-        )
-    });
+    let request = FormRequest::read(req).await;
+    let outcome = request.handle(|r| token::handle(state, server, r));
     if let Some(outcome) = &outcome {
-        let mut record = outcome.record.clone();
-        record.host = host;
-        state.record_exchange(record);
+        state.record_exchange(outcome.record.clone());
     }
     if let Some(resp) = apply_fault(state.fault(&Endpoint::Token), raw).await? {
         return Ok((resp, Some("(fault)".into())));
     }
+    Ok(outcome_response(outcome))
+}
+
+/// `POST /oauth2/{as_id}/v1/introspect` (RFC 7662, see `introspect`).
+async fn introspect_endpoint(
+    state: &State,
+    server: &AsState,
+    raw: &std::net::TcpStream,
+    req: Request<Incoming>,
+) -> Routed {
+    state.count_introspection();
+    let request = FormRequest::read(req).await;
+    let outcome = request.handle(|r| introspect::handle(state, server, r));
+    if let Some(outcome) = &outcome {
+        state.record_introspection(outcome.record.clone());
+    }
+    if let Some(resp) = apply_fault(state.fault(&Endpoint::Introspect), raw).await? {
+        return Ok((resp, Some("(fault)".into())));
+    }
+    Ok(outcome_response(outcome))
+}
+
+/// A form endpoint's answer and its log note.
+fn outcome_response(outcome: Option<TokenOutcome>) -> (Resp, Option<String>) {
     let Some(outcome) = outcome else {
-        return Ok((
+        return (
             oauth_json(
                 400,
                 json!({"error": "invalid_request", "error_description": "The request body could not be read or is too large."}).to_string(),
             ),
             Some("invalid_request (body)".into()),
-        ));
+        );
     };
-
     let mut resp = oauth_json(outcome.status, outcome.body);
     if outcome.www_authenticate_basic {
         resp.headers_mut().insert(
@@ -228,10 +279,10 @@ async fn token_endpoint(
     if let Some(error) = outcome.error {
         note.push_str(&format!(" error={error}"));
     }
-    Ok((resp, Some(note)))
+    (resp, Some(note))
 }
 
-/// The Keycloak realm's endpoints: `certs` and `token`.
+/// The Keycloak realm's endpoints: `certs`, `token` and `token/introspect`.
 async fn keycloak_endpoint(
     state: &State,
     realm: &super::keycloak::KeycloakState,
@@ -252,8 +303,42 @@ async fn keycloak_endpoint(
                 .map(|e| format!("keycloak error={e}"));
             Ok((oauth_json(status, body.to_string()), note))
         }
+        ("token/introspect", Method::POST) => {
+            state.count_introspection();
+            let request = FormRequest::read(req).await;
+            let body = request.body.clone().unwrap_or_default();
+            let form: Vec<(String, String)> = form_urlencoded::parse(&body)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            state.record_introspection(super::RecordedExchange {
+                client_auth: if request.authorization.is_some() {
+                    "client_secret_basic".into()
+                } else {
+                    "client_secret_post".into()
+                },
+                client_id: form
+                    .iter()
+                    .find(|(k, _)| k == "client_id")
+                    .map(|(_, v)| v.clone()),
+                form: form
+                    .iter()
+                    .filter(|(k, _)| k != "client_secret")
+                    .cloned()
+                    .collect(),
+                content_type: request.content_type.clone(),
+                host: request.host.clone(),
+            });
+            if let Some(resp) = apply_fault(state.fault(&Endpoint::Introspect), raw).await? {
+                return Ok((resp, Some("(fault)".into())));
+            }
+            let (status, body) = realm.introspect(request.authorization.as_deref(), &form);
+            let note = body["error"]
+                .as_str()
+                .map(|e| format!("keycloak error={e}"));
+            Ok((oauth_json(status, body.to_string()), note))
+        }
         ("certs", _) => Ok((method_not_allowed("GET"), None)),
-        ("token", _) => Ok((method_not_allowed("POST"), None)),
+        ("token" | "token/introspect", _) => Ok((method_not_allowed("POST"), None)),
         _ => Ok((not_found(endpoint), None)),
     }
 }
@@ -470,6 +555,14 @@ struct AdminMint {
     scope_style: Option<String>,
     ttl_secs: Option<i64>,
     extra: Option<Map<String, Value>>,
+    /// An opaque token (answered by `/v1/introspect`) instead of a JWT.
+    opaque: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminRevoke {
+    token: String,
 }
 
 #[derive(Deserialize)]
@@ -549,12 +642,26 @@ async fn admin(state: &Arc<State>, rest: &str, req: Request<Incoming>) -> Resp {
                 ttl_secs: m.ttl_secs.unwrap_or(defaults.ttl_secs),
                 extra: m.extra.unwrap_or_default(),
             };
-            match state.mint(&mint) {
+            let minted = match m.opaque {
+                Some(true) => state.mint_opaque(&mint),
+                _ => state.mint(&mint),
+            };
+            match minted {
                 Ok(token) => json_response(200, &json!({ "access_token": token })),
                 Err(e) => admin_error(400, format!("{e:#}")),
             }
         }
         (Method::GET, "stats") => json_response(200, &state.stats()),
+        (Method::POST, "revoke") => {
+            let r: AdminRevoke = match parse_json(&body) {
+                Ok(r) => r,
+                Err(e) => return admin_error(400, e),
+            };
+            match state.revoke(&r.token) {
+                true => json_response(200, &json!({ "ok": true })),
+                false => admin_error(404, "no opaque token issued by this IdP"),
+            }
+        }
         (Method::POST, "faults") => {
             let f: AdminFault = match parse_json(&body) {
                 Ok(f) => f,
@@ -562,13 +669,14 @@ async fn admin(state: &Arc<State>, rest: &str, req: Request<Incoming>) -> Resp {
             };
             let endpoint = match f.endpoint.as_str() {
                 "token" => Endpoint::Token,
+                "introspect" => Endpoint::Introspect,
                 other => match other.strip_prefix("keys:") {
                     Some(id) if state.servers.contains_key(id) => Endpoint::Keys(id.into()),
                     _ => {
                         return admin_error(
                             400,
                             format!(
-                                "endpoint must be \"token\" or \"keys:<as_id>\", not {other:?}"
+                                "endpoint must be \"token\", \"introspect\" or \"keys:<as_id>\", not {other:?}"
                             ),
                         )
                     }

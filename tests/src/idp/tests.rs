@@ -1107,3 +1107,4 @@ async fn public_base_url_drives_issuers() {
 }
 
 mod client_auth;
+mod introspect;

@@ -94,6 +94,78 @@ struct SuccessBody<'a> {
     issued_token_type: Option<&'a str>,
 }
 
+impl TokenOutcome {
+    /// A 200 with this JSON body.
+    pub(crate) fn ok(body: String, record: RecordedExchange) -> Self {
+        Self {
+            status: 200,
+            body,
+            www_authenticate_basic: false,
+            allow_post: false,
+            record,
+            error: None,
+        }
+    }
+
+    /// An RFC 6749 §5.2 error.
+    pub(crate) fn error(
+        status: u16,
+        error: &'static str,
+        description: &str,
+        record: RecordedExchange,
+    ) -> Self {
+        Self::refusal(OAuthError::new(status, error, description), record)
+    }
+
+    fn refusal(e: OAuthError, record: RecordedExchange) -> Self {
+        let body = serde_json::to_string(&ErrorBody {
+            error: e.error,
+            error_description: &e.description,
+        })
+        .unwrap_or_else(|_| format!("{{\"error\":\"{}\"}}", e.error));
+        Self {
+            status: e.status,
+            body,
+            www_authenticate_basic: e.basic_challenge,
+            allow_post: e.status == 405,
+            record,
+            error: Some(e.error),
+        }
+    }
+}
+
+/// A request's form fields, in order, and what was recorded of it.
+pub(crate) type AuthenticatedForm = (Vec<(String, String)>, RecordedExchange);
+
+/// The form of a request to another endpoint of the AS (introspection) and its authenticated
+/// client, by the token endpoint's rules (POST, a form, each field once, one client
+/// authentication); else the refusal to send.
+pub(crate) fn authenticated_form(
+    state: &State,
+    server: &AsState,
+    req: &TokenHttpRequest<'_>,
+) -> Result<AuthenticatedForm, Box<TokenOutcome>> {
+    let mut record = RecordedExchange {
+        client_auth: "none".into(),
+        content_type: req.content_type.map(str::to_string),
+        ..RecordedExchange::default()
+    };
+    let form = match parse_form(req, &mut record) {
+        Ok(form) => form,
+        Err(e) => return Err(Box::new(TokenOutcome::refusal(e, record))),
+    };
+    match authenticate_client(
+        state,
+        server,
+        req.authorization,
+        &|n| form.param(n),
+        &mut record,
+    ) {
+        Ok(_) => Ok((form.0, record)),
+        Err(e) => Err(Box::new(TokenOutcome::refusal(e, record))),
+    }
+}
+
 pub(crate) fn handle(state: &State, server: &AsState, req: &TokenHttpRequest<'_>) -> TokenOutcome {
     let mut record = RecordedExchange {
         client_auth: "none".into(),
@@ -102,31 +174,9 @@ pub(crate) fn handle(state: &State, server: &AsState, req: &TokenHttpRequest<'_>
         content_type: req.content_type.map(str::to_string),
         host: None,
     };
-    let result = exchange(state, server, req, &mut record);
-    match result {
-        Ok(body) => TokenOutcome {
-            status: 200,
-            body,
-            www_authenticate_basic: false,
-            allow_post: false,
-            record,
-            error: None,
-        },
-        Err(e) => {
-            let body = serde_json::to_string(&ErrorBody {
-                error: e.error,
-                error_description: &e.description,
-            })
-            .unwrap_or_else(|_| format!("{{\"error\":\"{}\"}}", e.error));
-            TokenOutcome {
-                status: e.status,
-                body,
-                www_authenticate_basic: e.basic_challenge,
-                allow_post: e.status == 405,
-                record,
-                error: Some(e.error),
-            }
-        }
+    match exchange(state, server, req, &mut record) {
+        Ok(body) => TokenOutcome::ok(body, record),
+        Err(e) => TokenOutcome::refusal(e, record),
     }
 }
 
@@ -168,7 +218,7 @@ fn parse_form(
         return Err(OAuthError::new(
             405,
             "invalid_request",
-            "The token endpoint only accepts POST.",
+            "The endpoint only accepts POST.",
         ));
     }
     let is_form = req.content_type.is_some_and(|ct| {
@@ -513,6 +563,9 @@ fn verify_subject_token(
     server: &AsState,
     token: &str,
 ) -> Result<Subject, OAuthError> {
+    if let Some(opaque) = state.introspection.get(token) {
+        return opaque_subject(state, server, &opaque);
+    }
     let jws = parse_jws(token).ok_or_else(OAuthError::invalid_subject_token)?;
     if jws.header.get("alg").and_then(Value::as_str) != Some("RS256") {
         return Err(OAuthError::invalid_subject_token());
@@ -582,5 +635,39 @@ fn verify_subject_token(
     Ok(Subject {
         sub: sub.to_string(),
         uid: uid.map(str::to_string),
+    })
+}
+
+/// One of the IdP's opaque access tokens as a subject token: what its introspection says, by
+/// the same rules as a JWT's claims (issuer trusted, active, the issuing AS's audience).
+fn opaque_subject(
+    state: &State,
+    server: &AsState,
+    token: &super::introspect::OpaqueToken,
+) -> Result<Subject, OAuthError> {
+    let issuing = state
+        .servers
+        .get(&token.as_id)
+        .ok_or_else(OAuthError::invalid_subject_token)?;
+    if !server.trusts(&issuing.config.id) {
+        return Err(OAuthError::new(
+            403,
+            "access_denied",
+            "The subject token's issuer is not a trusted server of this authorization server.",
+        ));
+    }
+    if !token.is_active(now_secs()) {
+        return Err(OAuthError::new(
+            400,
+            "invalid_grant",
+            "The 'subject_token' is expired or revoked.",
+        ));
+    }
+    if token.aud != issuing.config.audience || token.sub.is_empty() {
+        return Err(OAuthError::invalid_subject_token());
+    }
+    Ok(Subject {
+        sub: token.sub.clone(),
+        uid: Some(super::user_id_for(&token.sub)),
     })
 }

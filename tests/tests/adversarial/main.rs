@@ -11,6 +11,7 @@ mod corpus;
 mod expect;
 mod forge;
 mod idp_errors;
+mod introspection_answers;
 mod raw_http;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -308,6 +309,72 @@ async fn hostile_token_endpoint_errors_get_table_answers() -> Result {
     assert!(stack.upstream.seen_requests().is_empty());
     assert!(stack.envoy.is_running() && !stack.envoy.vm_trapped());
     stack.idp.clear_faults();
+    let who = mcp::whoami(&stack.mcp_url(), &stack.user_token()).await?;
+    assert_eq!(who.sub, "user@example.com");
+    Ok(())
+}
+
+/// Hostile introspection answers for opaque tokens (introspection_answers.rs): each gets its
+/// table answer, nothing reaches the upstream or the exchange, the VM survives, and a good
+/// opaque token and a JWT still pass afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_introspection_answers_get_table_answers() -> Result {
+    let mut stack = Stack::start_with(StackOptions {
+        plugin_patch: json!({
+            "issuer": null, "audiences": null, "jwks": null,
+            "providers": {"okta": {
+                "issuer": "{idp}/oauth2/mcp", "audiences": ["mcpserver"],
+                "jwks": {"cluster": "okta", "path": "/oauth2/mcp/v1/keys"},
+                "introspection": {"cluster": "okta", "path": "/oauth2/mcp/v1/introspect",
+                                  "client_id": CLIENT_ID,
+                                  "client_secret_env": "TOKEN_EXCHANGE_CLIENT_SECRET"}
+            }}
+        }),
+        ..StackOptions::default()
+    })
+    .await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let cases = introspection_answers::hostile_answers(&stack.idp.issuer("mcp"), now);
+    let mut failures = Vec::new();
+    for (name, status, body, expect) in &cases {
+        stack.idp.set_fault(
+            Endpoint::Introspect,
+            Fault::Respond {
+                status: *status,
+                content_type: "application/json".into(),
+                body: body.clone(),
+            },
+        );
+        // A token of its own per case: nothing cached from the case before.
+        let token = stack.idp.mint_opaque(&MintRequest::default())?;
+        let a = send_raw(stack.envoy.port, "/mcp", &bearer_header(&token)).await?;
+        let challenge = a.header("www-authenticate").unwrap_or_default().to_string();
+        let error_ok = match expect {
+            401 => challenge.contains("error=\"invalid_token\""),
+            403 => challenge.contains("error=\"insufficient_scope\""),
+            _ => challenge.is_empty(),
+        };
+        if a.status != *expect || !error_ok {
+            failures.push(format!("{name}: {} {challenge} {}", a.status, a.body));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(
+        stack.idp.introspection_count(),
+        cases.len() as u64,
+        "each answer was asked for"
+    );
+    assert!(stack.upstream.seen_requests().is_empty());
+    assert_eq!(stack.idp.exchange_count(), 0);
+    assert!(stack.envoy.is_running() && !stack.envoy.vm_trapped());
+    stack.idp.clear_faults();
+    let opaque = stack.idp.mint_opaque(&MintRequest::default())?;
+    assert_eq!(
+        mcp::whoami(&stack.mcp_url(), &opaque).await?.sub,
+        "user@example.com"
+    );
     let who = mcp::whoami(&stack.mcp_url(), &stack.user_token()).await?;
     assert_eq!(who.sub, "user@example.com");
     Ok(())
