@@ -104,8 +104,8 @@ impl Worker {
     ) -> Action {
         self.host.arrive(id, headers, b"");
         let action = match self.gw.on_request_headers(id, end_of_stream) {
-            Admission::Cached { backend_key } => {
-                self.cached.insert(id, backend_key);
+            Admission::Cached { watched_key } => {
+                self.cached.insert(id, watched_key);
                 Action::Continue
             }
             Admission::Full(action) => action,
@@ -153,8 +153,8 @@ impl Worker {
     /// What the request's context keeps (see `http.rs`).
     fn admitted(&self, id: u32) -> Admitted {
         match self.cached.get(&id) {
-            Some(backend_key) => Admitted::Cached {
-                backend_key: *backend_key,
+            Some(watched_key) => Admitted::Cached {
+                watched_key: *watched_key,
             },
             None => Admitted::Full,
         }
@@ -586,6 +586,39 @@ fn an_upstream_401_drops_the_backend_token_on_every_worker() {
     a.tick(500);
     assert_eq!(a.host.counter("cache.invalidated"), 1);
     assert!(a.gw.is_idle() && b.gw.is_idle());
+}
+
+#[test]
+fn the_cached_path_reads_the_upstream_status_at_most_once_an_interval() {
+    use crate::cache::STATUS_CHECK_INTERVAL_MS;
+    let mut w = Worker::first(&config());
+    let token = user_token("lena");
+    w.send(1, &token);
+    let call = only(&w.exchanges());
+    w.answer(&call, Some(200), &exchanged("backend-lena-1"));
+    w.upstream_answers(1, "200");
+    // The first cached request is checked; others within the interval are not: a 401 to one
+    // of them is not read (it costs a host call that calls back into the VM).
+    w.send(2, &token);
+    w.upstream_answers(2, "200");
+    w.host.advance(STATUS_CHECK_INTERVAL_MS - 1);
+    w.send(3, &token);
+    w.upstream_answers(3, "401");
+    w.send(4, &token);
+    assert_eq!(w.authorization(4).as_deref(), Some("Bearer backend-lena-1"));
+    assert_eq!(w.exchanges().len(), 1);
+    // An interval after the last check the next answer is read, and its 401 drops the token.
+    w.host.advance(1);
+    w.send(5, &token);
+    w.upstream_answers(5, "401");
+    w.send(6, &token);
+    assert_eq!(w.host.fate(6), Fate::Waiting, "exchanges afresh");
+    assert_eq!(w.exchanges().len(), 2);
+    for id in 1..=6 {
+        w.end(id);
+    }
+    w.tick(500);
+    assert_eq!(w.host.counter("cache.invalidated"), 1);
 }
 
 #[test]

@@ -67,8 +67,8 @@ impl HttpContext for RequestContext {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let id = self.context_id;
         match with_gateway(&self.gateway, |gw| gw.on_request_headers(id, end_of_stream)) {
-            Some(Admission::Cached { backend_key }) => {
-                self.admitted = Admitted::Cached { backend_key };
+            Some(Admission::Cached { watched_key }) => {
+                self.admitted = Admitted::Cached { watched_key };
                 Action::Continue
             }
             Some(Admission::Full(action)) => action,

@@ -219,7 +219,10 @@ async fn a_backend_token_the_upstream_rejects_is_dropped_by_every_worker() -> Re
         .and_then(|r| r.bearer().map(str::to_string))
         .expect("the upstream saw a backend token");
 
-    // The backend revokes that token; the next request gets the upstream's 401.
+    // The backend revokes that token; the next request gets the upstream's 401. It comes more
+    // than the status-check interval (100 ms) after the requests above, so whichever worker
+    // serves it reads that 401 (within the interval the cached path reads one answer per token).
+    tokio::time::sleep(Duration::from_millis(150)).await;
     stack.upstream.reject_token(&backend);
     assert_eq!(initialize(&stack, &token).await?, 401);
     // The worker that saw the 401 dropped it from the shared store; the other worker learns

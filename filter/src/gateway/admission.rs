@@ -196,6 +196,15 @@ impl<H: Host> Gateway<H> {
             Some(_) => CacheUse::Hit,
             None => CacheUse::None,
         };
+        // One clock reading for the record and the status check (none when neither needs it).
+        let now_ms = if backend.is_some() || policy.audit_log.is_on() {
+            self.clock.observe(self.host.now_ms())
+        } else {
+            0
+        };
+        let watched_key = backend
+            .filter(|b| b.take_status_check(now_ms))
+            .map(|b| b.key);
         let exchanged = backend.map(|b| &b.fingerprint);
         self.audit_cached(
             entry,
@@ -212,12 +221,12 @@ impl<H: Host> Gateway<H> {
                 exchanged: exchanged.map(|f| &**f),
             },
             exchanged,
+            now_ms,
         );
-        let backend_key = backend.map(|b| b.key);
         self.metrics.add(self.allowed_counter);
-        if backend_key.is_some() {
+        if cache == CacheUse::Hit {
             self.metrics.add(self.cache_hit_counter);
         }
-        Some(Admission::Cached { backend_key })
+        Some(Admission::Cached { watched_key })
     }
 }

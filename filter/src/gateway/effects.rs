@@ -160,13 +160,13 @@ impl<H: Host> Gateway<H> {
         ) {
             self.verified.remember_backend(
                 &request.token,
-                CachedBackend {
-                    target: Rc::clone(target),
-                    authorization: Rc::clone(authorization),
-                    fingerprint: Rc::clone(fingerprint),
+                CachedBackend::new(
+                    Rc::clone(target),
+                    Rc::clone(authorization),
+                    Rc::clone(fingerprint),
                     until,
                     key,
-                },
+                ),
             );
         }
     }
@@ -272,18 +272,19 @@ impl<H: Host> Gateway<H> {
         self.hand_over(&json);
     }
 
-    /// The record of a request decided on the cached path (`facts.started_ms` is `None`):
-    /// from the token's pre-rendered tail when it fits, else rendered and kept for the next.
+    /// The record of a request decided on the cached path at `now` (`facts.started_ms` is
+    /// `None`): from the token's pre-rendered tail when it fits, else rendered and kept for the
+    /// next.
     pub(super) fn audit_cached(
         &self,
         entry: &VerifiedToken,
         facts: &AuditFacts<'_>,
         exchanged: Option<&Rc<str>>,
+        now: u64,
     ) {
         if !self.policy.audit_log.is_on() {
             return;
         }
-        let now = self.host.now_ms();
         let route = facts.route.unwrap_or(usize::MAX);
         if let Ok(slot) = entry.audit_tail.try_borrow() {
             if let Some(tail) = slot.as_ref().filter(|t| t.fits(route, exchanged)) {

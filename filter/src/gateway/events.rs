@@ -82,7 +82,7 @@ impl<H: Host> Gateway<H> {
     /// request exchanges afresh. The status is read only when there is such a token.
     pub fn on_response_headers(&mut self, context_id: u32, admitted: Admitted) {
         let key = match admitted {
-            Admitted::Cached { backend_key } => backend_key,
+            Admitted::Cached { watched_key } => watched_key,
             Admitted::Full => {
                 let Some(request) = self.requests.get(&context_id) else {
                     return;

@@ -77,10 +77,11 @@ pub type SharedGateway = Rc<std::cell::RefCell<Gateway>>;
 
 /// How the gateway took a request's headers.
 pub enum Admission {
-    /// Forwarded on the cached path: the gateway keeps nothing for this request. With a backend
-    /// token, the key it is cached under, for the upstream's answer (see
-    /// [`Gateway::on_backend_token_status`]).
-    Cached { backend_key: Option<Digest32> },
+    /// Forwarded on the cached path: the gateway keeps nothing for this request. When the
+    /// upstream's answer is to be read (a backend token due a status check, see
+    /// [`STATUS_CHECK_INTERVAL_MS`](crate::cache::STATUS_CHECK_INTERVAL_MS)), the key that
+    /// token is cached under.
+    Cached { watched_key: Option<Digest32> },
     /// Any other outcome; the gateway may keep state for the request until `forget`.
     Full(Action),
 }
@@ -92,8 +93,8 @@ pub enum Admission {
 pub enum Admitted {
     /// The gateway may hold a record for the request (by context id).
     Full,
-    /// Forwarded on the cached path; with a backend token, the key it is cached under.
-    Cached { backend_key: Option<Digest32> },
+    /// Forwarded on the cached path; the key of a backend token whose upstream answer is read.
+    Cached { watched_key: Option<Digest32> },
 }
 
 /// Runs `f` on the gateway. `None` when there is none (not configured) or it is borrowed: that
