@@ -974,6 +974,8 @@ class Scenario:
     new_token_per_request: bool = False
     # Needs etcd (the fleet store rows).
     needs_etcd: bool = False
+    # A `chain` setup with envoy/demo.yaml's audit access log configured.
+    access_log: bool = False
     # With new_token_per_request: the tokens were exchanged beforehand by another Envoy of the
     # fleet, so each request is a local miss answered from etcd.
     fleet_reader: bool = False
@@ -1012,6 +1014,21 @@ SCENARIOS = [
     Scenario("noop_host", "trimmed no-op + the filter's host calls",
              f"the trimmed no-op configured `{NOOP_HOST_CALLS}`: the VM calls and host calls of the filter's cached full path but for its audit record (all request headers in one call, one header write of an exchanged token's size, one clock reading; the upstream's `:status`, which the filter reads at most every 100 ms per token, is left out) and no logic",
              "#c5b0d5", chain=noop_chain(NOOP_LEAN_WASM, NOOP_HOST_CALLS)),
+    # Issue 13's candidates for handing over an audit record, priced without the filter's logic:
+    # the row above plus a record of the filter's size, each way.
+    Scenario("noop_host_record", "trimmed no-op + host calls + record as filter state",
+             "as the row above, plus a ~380-byte record set as the request's filter state and written "
+             "by the access log of envoy/demo.yaml (the filter's default hand-over)", "#dbc8e0",
+             chain=noop_chain(NOOP_LEAN_WASM, f"{NOOP_HOST_CALLS},record"), access_log=True,
+             optional=True),
+    Scenario("noop_host_log", "trimmed no-op + host calls + record to Envoy's log",
+             "as the row above, plus the same record written to Envoy's application log at `info`, "
+             "one log call per record", "#dbc8e0",
+             chain=noop_chain(NOOP_LEAN_WASM, f"{NOOP_HOST_CALLS},log"), optional=True),
+    Scenario("noop_host_batch", "trimmed no-op + host calls + records batched in the VM",
+             "as the row above, plus the same record gathered in the VM and written 64 to one "
+             "application log message", "#dbc8e0",
+             chain=noop_chain(NOOP_LEAN_WASM, f"{NOOP_HOST_CALLS},batch"), optional=True),
     # The filter as users run it: the default configuration, audit record per decision through
     # Envoy's access log. Reported first among the filter rows; the rows after it change one knob.
     Scenario("full_cached", "filter (default): full path, cached",
@@ -1143,7 +1160,7 @@ class Run:
     def setup_envoy(self, s: Scenario) -> Envoy:
         if s.chain is None:
             return self.filter_envoy(s.sid, s.patch)
-        return Envoy(s.sid, s.chain(self.idp), self.idp)
+        return Envoy(s.sid, s.chain(self.idp), self.idp, audit_log=s.access_log)
 
     def measure_optional(self, s: Scenario) -> None:
         """A filter mode that depends on a config knob: a failure is reported, not fatal."""

@@ -12,10 +12,8 @@ one Envoy agree within ~0.5 %. Instructions are not time (V8's code, caches and 
 differ); this ranks setups and shows what a change costs, while throughput ratios still come from
 `make bench` on an idle machine.
 
-Setups: every one-token setup of bench.py's table (the same configurations `make bench` runs,
-default configuration first among the filter's), plus two that price the ways of handing over an
-audit record: the trimmed no-op with the filter's host calls and a record of the filter's size set
-as filter state (read by the access log) or written to Envoy's application log.
+Setups: every one-token setup of bench.py's table, the same configurations `make bench` runs
+(among them the three ways of handing over an audit record, priced on the no-op).
 Writes bench/instructions.md. ~5 min on 2 cores.
 Usage: python3 bench/instructions.py [setup ...]
 """
@@ -51,21 +49,6 @@ def envoy_binary() -> Path:
     return found[0]
 
 
-# (id, label, description, host calls of the trimmed no-op): the hand-over of an audit record
-# without the filter's logic, beside `noop_host` (the same without a record).
-HANDOVER_SETUPS = [
-    ("noop_host_record", "trimmed no-op + host calls + record as filter state",
-     "as `noop_host`, plus a ~380-byte record set as filter state and written by the access log "
-     "of envoy/demo.yaml: the access-log hand-over's own cost", "record", True),
-    ("noop_host_log", "trimmed no-op + host calls + record to Envoy's log",
-     "as `noop_host`, plus the same record written to Envoy's application log at `info`",
-     "log", False),
-    ("noop_host_batch", "trimmed no-op + host calls + records batched in the VM",
-     "as `noop_host`, plus the same record gathered in the VM and written 64 to one application "
-     "log message", "batch", False),
-]
-
-
 def setups(which):
     """(id, label, description, envoy factory) in report order."""
     table = []
@@ -73,9 +56,6 @@ def setups(which):
         if s.new_token_per_request or s.needs_etcd or s.unavailable:
             continue
         table.append((s.sid, s.label, s.desc, s))
-        if s.sid == "noop_host":
-            for sid, label, desc, words, access_log in HANDOVER_SETUPS:
-                table.append((sid, label, desc, (words, access_log)))
     return [t for t in table if not which or t[0] in which]
 
 
@@ -83,18 +63,13 @@ def start(run, sid, how) -> "b.Envoy":
     out = RUN / f"callgrind-{sid}.%p.out"
     wrapper = ("valgrind", "--tool=callgrind", "--instr-atstart=no", "--smc-check=all-non-file",
                f"--callgrind-out-file={out}")
-    if isinstance(how, tuple):
-        words, access_log = how
-        chain = [b.wasm_filter("noop", b.NOOP_LEAN_WASM, f"{b.NOOP_HOST_CALLS},{words}", [])]
-        return b.Envoy(sid, chain, run.idp, audit_log=access_log, wrapper=wrapper,
-                       start_timeout=START_TIMEOUT_S)
     if how.chain is None:
         plugin = b.filter_plugin(run.idp, how.patch)
         f = b.wasm_filter("mcp_token_exchange", b.FILTER_WASM, plugin, [b.SECRET_ENV, b.STORE_ENV])
         return b.Envoy(sid, [f], run.idp, wait_jwks=True,
                        audit_log=b.audit_to_access_log(plugin), wrapper=wrapper,
                        start_timeout=START_TIMEOUT_S)
-    return b.Envoy(sid, how.chain(run.idp), run.idp, wrapper=wrapper,
+    return b.Envoy(sid, how.chain(run.idp), run.idp, audit_log=how.access_log, wrapper=wrapper,
                    start_timeout=START_TIMEOUT_S)
 
 
