@@ -131,6 +131,49 @@ async fn answer(resp: reqwest::Response) -> Answer {
     }
 }
 
+/// `{base}/__admin/{path}`, the IdP's admin API.
+fn admin_url(idp: &IdpHandle, path: &str) -> String {
+    format!("{}/__admin/{path}", idp.base_url())
+}
+
+/// POSTs `body` as JSON to the admin route `path`; the answer's status.
+async fn admin_post(idp: &IdpHandle, path: &str, body: Value) -> u16 {
+    http()
+        .post(admin_url(idp, path))
+        .json(&body)
+        .send()
+        .await
+        .expect("admin request")
+        .status()
+        .as_u16()
+}
+
+/// The JSON of the admin route `path` (GET).
+async fn admin_get(idp: &IdpHandle, path: &str) -> Value {
+    http()
+        .get(admin_url(idp, path))
+        .send()
+        .await
+        .expect("admin request")
+        .json()
+        .await
+        .expect("admin JSON")
+}
+
+/// Exchanges `subject` at `backend` as the gateway client (HTTP Basic), expects 200 and
+/// returns the verified claims of the issued token.
+async fn exchanged_claims(idp: &IdpHandle, subject: &str) -> Value {
+    let a = exchange_basic(idp, "backend", &exchange_fields(subject)).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    issued_claims(idp, &a).await
+}
+
+/// The verified claims of the `backend` token in a token endpoint's answer.
+async fn issued_claims(idp: &IdpHandle, a: &Answer) -> Value {
+    let token = a.body["access_token"].as_str().expect("access_token");
+    verify(idp, "backend", "backend", token).await
+}
+
 async fn jwks(idp: &IdpHandle, as_id: &str) -> JwkSet {
     http()
         .get(idp.jwks_uri(as_id))
@@ -945,7 +988,7 @@ async fn shutdown_stops_serving() {
 #[tokio::test]
 async fn admin_api() {
     let idp = idp().await;
-    let admin = |p: &str| format!("{}/__admin/{p}", idp.base_url());
+    let admin = |p: &str| admin_url(&idp, p);
     let c = http();
 
     // Mint with defaults and with options.
@@ -984,13 +1027,10 @@ async fn admin_api() {
         ),
         (Some("bob"), Some("backend-api:read"), Some("bar"))
     );
-    let resp = c
-        .post(admin("mint"))
-        .json(&json!({"as_id": "nope"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        admin_post(&idp, "mint", json!({"as_id": "nope"})).await,
+        400
+    );
     let resp = c
         .post(admin("mint"))
         .body("{not json")
@@ -1000,35 +1040,21 @@ async fn admin_api() {
     assert_eq!(resp.status(), 400);
 
     // Faults.
-    let resp = c
-        .post(admin("faults"))
-        .json(&json!({"endpoint": "token", "fault": {"kind": "status", "status": 502}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let fault = json!({"endpoint": "token", "fault": {"kind": "status", "status": 502}});
+    assert_eq!(admin_post(&idp, "faults", fault).await, 200);
     let a = exchange_basic(&idp, "backend", &exchange_fields(token)).await;
     assert_eq!(a.status, 502);
-    let resp = c
-        .post(admin("faults"))
-        .json(&json!({"endpoint": "keys:mcp", "fault": {"kind": "delay", "ms": 10}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let fault = json!({"endpoint": "keys:mcp", "fault": {"kind": "delay", "ms": 10}});
+    assert_eq!(admin_post(&idp, "faults", fault).await, 200);
     for bad in [
         json!({"endpoint": "keys:nope", "fault": {"kind": "reset"}}),
         json!({"endpoint": "token", "fault": {"kind": "explode"}}),
         json!({"endpoint": "token"}),
     ] {
-        let resp = c.post(admin("faults")).json(&bad).send().await.unwrap();
-        assert_eq!(resp.status(), 400, "{bad}");
+        assert_eq!(admin_post(&idp, "faults", bad.clone()).await, 400, "{bad}");
     }
-    c.post(admin("faults"))
-        .json(&json!({"endpoint": "keys:backend", "fault": {"kind": "malformed_body"}}))
-        .send()
-        .await
-        .unwrap();
+    let fault = json!({"endpoint": "keys:backend", "fault": {"kind": "malformed_body"}});
+    admin_post(&idp, "faults", fault).await;
     assert!(c
         .get(idp.jwks_uri("backend"))
         .send()
@@ -1060,14 +1086,7 @@ async fn admin_api() {
     );
 
     // Stats.
-    let stats: Value = c
-        .get(admin("stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = admin_get(&idp, "stats").await;
     assert_eq!(stats["token_requests"], 2);
     assert_eq!(stats["token_requests"], idp.exchange_count());
     assert_eq!(stats["keys_requests"]["mcp"], idp.keys_fetch_count("mcp"));

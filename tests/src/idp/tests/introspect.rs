@@ -35,18 +35,21 @@ fn opaque(idp: &IdpHandle, req: MintRequest) -> String {
     idp.mint_opaque(&req).expect("opaque token")
 }
 
+/// An opaque token minted from the default request as changed by `edit`.
+fn opaque_with(idp: &IdpHandle, edit: impl FnOnce(&mut MintRequest)) -> String {
+    let mut req = MintRequest::default();
+    edit(&mut req);
+    opaque(idp, req)
+}
+
 #[tokio::test]
 async fn an_active_opaque_token_is_described_as_okta_does() {
     let idp = idp().await;
-    let token = opaque(
-        &idp,
-        MintRequest {
-            sub: "ann@example.com".into(),
-            scopes: vec!["mcp:tools:call".into(), "openid".into()],
-            ttl_secs: 600,
-            ..MintRequest::default()
-        },
-    );
+    let token = opaque_with(&idp, |r| {
+        r.sub = "ann@example.com".into();
+        r.scopes = vec!["mcp:tools:call".into(), "openid".into()];
+        r.ttl_secs = 600;
+    });
     assert_eq!(token.len(), 43, "32 random bytes, base64url");
     assert!(!token.contains('.'), "not a JWS: {token}");
 
@@ -106,23 +109,11 @@ async fn client_secret_post_and_any_token_type_hint_are_accepted() {
 #[tokio::test]
 async fn unknown_expired_revoked_and_other_servers_tokens_are_inactive_and_nothing_more() {
     let idp = idp().await;
-    let expired = opaque(
-        &idp,
-        MintRequest {
-            ttl_secs: -1,
-            ..MintRequest::default()
-        },
-    );
+    let expired = opaque_with(&idp, |r| r.ttl_secs = -1);
     let revoked = opaque(&idp, MintRequest::default());
     assert!(idp.revoke(&revoked));
     assert!(!idp.revoke("never-issued"));
-    let backend = opaque(
-        &idp,
-        MintRequest {
-            as_id: "backend".into(),
-            ..MintRequest::default()
-        },
-    );
+    let backend = opaque_with(&idp, |r| r.as_id = "backend".into());
     let jwt = user_token(&idp);
     for (what, token) in [
         ("unknown", "no-such-token"),
@@ -218,22 +209,8 @@ async fn malformed_requests_are_invalid_request() {
 #[tokio::test]
 async fn an_active_opaque_token_is_a_subject_token_and_a_revoked_one_is_not() {
     let idp = idp().await;
-    let token = opaque(
-        &idp,
-        MintRequest {
-            sub: "ann@example.com".into(),
-            ..MintRequest::default()
-        },
-    );
-    let a = exchange_basic(&idp, "backend", &exchange_fields(&token)).await;
-    assert_eq!(a.status, 200, "{}", a.body);
-    let claims = verify(
-        &idp,
-        "backend",
-        "backend",
-        a.body["access_token"].as_str().unwrap(),
-    )
-    .await;
+    let token = opaque_with(&idp, |r| r.sub = "ann@example.com".into());
+    let claims = exchanged_claims(&idp, &token).await;
     assert_eq!(claims["sub"], "ann@example.com");
     assert!(idp.revoke(&token));
     let a = exchange_basic(&idp, "backend", &exchange_fields(&token)).await;
@@ -285,10 +262,8 @@ async fn faults_on_the_introspection_endpoint() {
 #[tokio::test]
 async fn admin_routes_mint_revoke_and_fault_opaque_tokens() {
     let idp = idp().await;
-    let c = http();
-    let admin = |p: &str| format!("{}/__admin/{p}", idp.base_url());
-    let minted: Value = c
-        .post(admin("mint"))
+    let minted: Value = http()
+        .post(admin_url(&idp, "mint"))
         .json(&json!({"opaque": true, "sub": "bo@example.com", "scopes": ["mcp:tools:call"]}))
         .send()
         .await
@@ -300,41 +275,21 @@ async fn admin_routes_mint_revoke_and_fault_opaque_tokens() {
     assert!(!token.contains('.'));
     assert_eq!(introspect(&idp, &token).await.body["sub"], "bo@example.com");
 
-    let resp = c
-        .post(admin("revoke"))
-        .json(&json!({"token": token}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let revoke = json!({"token": token});
+    assert_eq!(admin_post(&idp, "revoke", revoke).await, 200);
     assert_eq!(
         introspect(&idp, &token).await.body,
         json!({"active": false})
     );
-    let resp = c
-        .post(admin("revoke"))
-        .json(&json!({"token": "nope"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 404);
+    assert_eq!(
+        admin_post(&idp, "revoke", json!({"token": "nope"})).await,
+        404
+    );
 
-    let resp = c
-        .post(admin("faults"))
-        .json(&json!({"endpoint": "introspect", "fault": {"kind": "status", "status": 502}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let fault = json!({"endpoint": "introspect", "fault": {"kind": "status", "status": 502}});
+    assert_eq!(admin_post(&idp, "faults", fault).await, 200);
     assert_eq!(introspect(&idp, &token).await.status, 502);
-    let stats: Value = c
-        .get(admin("stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = admin_get(&idp, "stats").await;
     assert_eq!(stats["introspection_requests"], 3);
 }
 
@@ -348,48 +303,36 @@ async fn the_keycloak_realm_introspects_at_its_own_path_with_the_same_faults() {
         "{}/realms/mcp/protocol/openid-connect/token/introspect",
         idp.base_url()
     );
-    let post = |auth: String| {
-        http()
-            .post(&url)
+    let (url_, token_) = (url.as_str(), token.as_str());
+    let post = move |auth: String| async move {
+        let resp = http()
+            .post(url_)
             .header("authorization", auth)
             .header("content-type", "application/x-www-form-urlencoded")
-            .body(form(&[("token", &token)]))
+            .body(form(&[("token", token_)]))
             .send()
-    };
-    let a = answer(
-        post(basic("mcp-gateway", "kc-gateway-secret"))
             .await
-            .unwrap(),
-    )
-    .await;
+            .expect("introspection request");
+        answer(resp).await
+    };
+    let gateway = || basic("mcp-gateway", "kc-gateway-secret");
+    let a = post(gateway()).await;
     assert_eq!(
         (a.status, &a.body["active"]),
         (200, &json!(true)),
         "{}",
         a.body
     );
-    let a = answer(post(basic("mcp-gateway", "wrong")).await.unwrap()).await;
+    let a = post(basic("mcp-gateway", "wrong")).await;
     assert_eq!((a.status, a.error()), (401, "invalid_client"));
     idp.set_fault(Endpoint::Introspect, Fault::Status(503));
-    let a = answer(
-        post(basic("mcp-gateway", "kc-gateway-secret"))
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(a.status, 503);
+    assert_eq!(post(gateway()).await.status, 503);
     assert!(
         idp.revoke(&token),
         "the realm's tokens are revoked the same way"
     );
     idp.clear_faults();
-    let a = answer(
-        post(basic("mcp-gateway", "kc-gateway-secret"))
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(a.body, json!({"active": false}));
+    assert_eq!(post(gateway()).await.body, json!({"active": false}));
     assert_eq!(idp.introspection_count(), 4);
     let resp = http().get(&url).send().await.unwrap();
     assert_eq!(resp.status(), 405);
