@@ -148,6 +148,19 @@ async fn admin_post(idp: &IdpHandle, path: &str, body: Value) -> u16 {
         .as_u16()
 }
 
+/// POSTs `body` as JSON to `__admin/mint`; the minted token's JSON.
+async fn admin_mint(idp: &IdpHandle, body: Value) -> Value {
+    http()
+        .post(admin_url(idp, "mint"))
+        .json(&body)
+        .send()
+        .await
+        .expect("admin request")
+        .json()
+        .await
+        .expect("admin JSON")
+}
+
 /// The JSON of the admin route `path` (GET).
 async fn admin_get(idp: &IdpHandle, path: &str) -> Value {
     http()
@@ -1003,15 +1016,7 @@ async fn admin_api() {
     let token = body["access_token"].as_str().unwrap();
     let claims = verify(&idp, "mcp", "mcpserver", token).await;
     assert_eq!(claims["scp"], json!(["mcp:tools:call"]));
-    let body: Value = c
-        .post(admin("mint"))
-        .json(&json!({"as_id": "backend", "sub": "bob", "scopes": ["backend-api:read"], "scope_style": "scope", "ttl_secs": 60, "extra": {"foo": "bar"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = admin_mint(&idp, json!({"as_id": "backend", "sub": "bob", "scopes": ["backend-api:read"], "scope_style": "scope", "ttl_secs": 60, "extra": {"foo": "bar"}})).await;
     let claims = verify(
         &idp,
         "backend",

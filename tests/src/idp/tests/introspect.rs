@@ -262,15 +262,11 @@ async fn faults_on_the_introspection_endpoint() {
 #[tokio::test]
 async fn admin_routes_mint_revoke_and_fault_opaque_tokens() {
     let idp = idp().await;
-    let minted: Value = http()
-        .post(admin_url(&idp, "mint"))
-        .json(&json!({"opaque": true, "sub": "bo@example.com", "scopes": ["mcp:tools:call"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let minted = admin_mint(
+        &idp,
+        json!({"opaque": true, "sub": "bo@example.com", "scopes": ["mcp:tools:call"]}),
+    )
+    .await;
     let token = minted["access_token"].as_str().unwrap().to_string();
     assert!(!token.contains('.'));
     assert_eq!(introspect(&idp, &token).await.body["sub"], "bo@example.com");
