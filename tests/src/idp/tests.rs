@@ -136,41 +136,26 @@ fn admin_url(idp: &IdpHandle, path: &str) -> String {
     format!("{}/__admin/{path}", idp.base_url())
 }
 
+/// Sends `req` (an admin API request) and reads its answer as JSON.
+async fn admin_json(req: reqwest::RequestBuilder) -> Value {
+    let resp = req.send().await.expect("admin request");
+    resp.json().await.expect("admin JSON")
+}
+
 /// POSTs `body` as JSON to the admin route `path`; the answer's status.
 async fn admin_post(idp: &IdpHandle, path: &str, body: Value) -> u16 {
-    http()
-        .post(admin_url(idp, path))
-        .json(&body)
-        .send()
-        .await
-        .expect("admin request")
-        .status()
-        .as_u16()
+    let req = http().post(admin_url(idp, path)).json(&body);
+    req.send().await.expect("admin request").status().as_u16()
 }
 
 /// POSTs `body` as JSON to `__admin/mint`; the minted token's JSON.
 async fn admin_mint(idp: &IdpHandle, body: Value) -> Value {
-    http()
-        .post(admin_url(idp, "mint"))
-        .json(&body)
-        .send()
-        .await
-        .expect("admin request")
-        .json()
-        .await
-        .expect("admin JSON")
+    admin_json(http().post(admin_url(idp, "mint")).json(&body)).await
 }
 
 /// The JSON of the admin route `path` (GET).
 async fn admin_get(idp: &IdpHandle, path: &str) -> Value {
-    http()
-        .get(admin_url(idp, path))
-        .send()
-        .await
-        .expect("admin request")
-        .json()
-        .await
-        .expect("admin JSON")
+    admin_json(http().get(admin_url(idp, path))).await
 }
 
 /// Exchanges `subject` at `backend` as the gateway client (HTTP Basic), expects 200 and
