@@ -219,15 +219,8 @@ async fn token_endpoint(
     req: Request<Incoming>,
 ) -> Routed {
     state.count_token_request();
-    let request = FormRequest::read(req).await;
-    let outcome = request.handle(|r| token::handle(state, server, r));
-    if let Some(outcome) = &outcome {
-        state.record_exchange(outcome.record.clone());
-    }
-    if let Some(resp) = apply_fault(state.fault(&Endpoint::Token), raw).await? {
-        return Ok((resp, Some("(fault)".into())));
-    }
-    Ok(outcome_response(outcome))
+    let (handler, record) = (token::handle, State::record_exchange);
+    form_endpoint(state, server, raw, req, Endpoint::Token, handler, record).await
 }
 
 /// `POST /oauth2/{as_id}/v1/introspect` (RFC 7662, see `introspect`).
@@ -238,12 +231,36 @@ async fn introspect_endpoint(
     req: Request<Incoming>,
 ) -> Routed {
     state.count_introspection();
+    let (handler, record) = (introspect::handle, State::record_introspection);
+    form_endpoint(
+        state,
+        server,
+        raw,
+        req,
+        Endpoint::Introspect,
+        handler,
+        record,
+    )
+    .await
+}
+
+/// The token and introspection endpoints' common course: read the form, answer it with
+/// `handler`, `record` the request, then let a fault set on `endpoint` replace the answer.
+async fn form_endpoint(
+    state: &State,
+    server: &AsState,
+    raw: &std::net::TcpStream,
+    req: Request<Incoming>,
+    endpoint: Endpoint,
+    handler: fn(&State, &AsState, &TokenHttpRequest<'_>) -> TokenOutcome,
+    record: fn(&State, super::RecordedExchange),
+) -> Routed {
     let request = FormRequest::read(req).await;
-    let outcome = request.handle(|r| introspect::handle(state, server, r));
+    let outcome = request.handle(|r| handler(state, server, r));
     if let Some(outcome) = &outcome {
-        state.record_introspection(outcome.record.clone());
+        record(state, outcome.record.clone());
     }
-    if let Some(resp) = apply_fault(state.fault(&Endpoint::Introspect), raw).await? {
+    if let Some(resp) = apply_fault(state.fault(&endpoint), raw).await? {
         return Ok((resp, Some("(fault)".into())));
     }
     Ok(outcome_response(outcome))
