@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use anyhow::anyhow;
 use serde_json::{json, Map, Value};
 
 use super::keys::random_b64;
@@ -69,10 +68,7 @@ impl State {
     /// extra answer members as in a JWT mint; `scope_style` does not apply: the answer's `scope`
     /// is always a space-separated string, RFC 7662 §2.2).
     pub(crate) fn mint_opaque(&self, req: &MintRequest) -> anyhow::Result<String> {
-        let server = self
-            .servers
-            .get(&req.as_id)
-            .ok_or_else(|| anyhow!("unknown authorization server {:?}", req.as_id))?;
+        let server = self.known_server(&req.as_id)?;
         let now = now_secs();
         let exp = now.saturating_add(req.ttl_secs);
         let token = random_b64(32);

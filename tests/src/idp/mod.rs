@@ -379,6 +379,13 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// The authorization server `as_id`, or an error naming the unknown id.
+    pub(crate) fn known_server(&self, as_id: &str) -> anyhow::Result<&AsState> {
+        self.servers
+            .get(as_id)
+            .ok_or_else(|| anyhow!("unknown authorization server {as_id:?}"))
+    }
+
     pub(crate) fn server_by_issuer(&self, issuer: &str) -> Option<&AsState> {
         self.servers.values().find(|s| s.issuer == issuer)
     }
@@ -437,10 +444,7 @@ impl State {
 
     /// Adds a freshly generated key to `as_id`, making it the signing key; returns its kid.
     pub(crate) fn rotate(&self, as_id: &str) -> anyhow::Result<String> {
-        let server = self
-            .servers
-            .get(as_id)
-            .ok_or_else(|| anyhow!("unknown authorization server {as_id:?}"))?;
+        let server = self.known_server(as_id)?;
         let key = SigningKey::generate()?;
         let kid = key.kid.clone();
         write(&server.keys).insert(0, Arc::new(key));
@@ -449,20 +453,14 @@ impl State {
 
     /// Stops publishing every key but the current signing key (the end of a rotation).
     pub(crate) fn retire_old_keys(&self, as_id: &str) -> anyhow::Result<()> {
-        let server = self
-            .servers
-            .get(as_id)
-            .ok_or_else(|| anyhow!("unknown authorization server {as_id:?}"))?;
+        let server = self.known_server(as_id)?;
         write(&server.keys).truncate(1);
         Ok(())
     }
 
     /// A user access token as the AS would issue it to the MCP client.
     pub(crate) fn mint(&self, req: &MintRequest) -> anyhow::Result<String> {
-        let server = self
-            .servers
-            .get(&req.as_id)
-            .ok_or_else(|| anyhow!("unknown authorization server {:?}", req.as_id))?;
+        let server = self.known_server(&req.as_id)?;
         let now = now_secs();
         let exp = now.saturating_add(req.ttl_secs);
         // An already-expired token was issued an hour before it expired.
@@ -712,12 +710,7 @@ impl IdpHandle {
         header_json: &[u8],
         claims_json: &[u8],
     ) -> anyhow::Result<String> {
-        let server = self
-            .inner
-            .state
-            .servers
-            .get(as_id)
-            .ok_or_else(|| anyhow!("unknown authorization server {as_id:?}"))?;
+        let server = self.inner.state.known_server(as_id)?;
         server.signing_key().sign_compact(header_json, claims_json)
     }
 
