@@ -324,27 +324,13 @@ async fn keycloak_endpoint(
             state.count_introspection();
             let request = FormRequest::read(req).await;
             let body = request.body.clone().unwrap_or_default();
-            let form: Vec<(String, String)> = form_urlencoded::parse(&body)
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-            state.record_introspection(super::RecordedExchange {
-                client_auth: if request.authorization.is_some() {
-                    "client_secret_basic".into()
-                } else {
-                    "client_secret_post".into()
-                },
-                client_id: form
-                    .iter()
-                    .find(|(k, _)| k == "client_id")
-                    .map(|(_, v)| v.clone()),
-                form: form
-                    .iter()
-                    .filter(|(k, _)| k != "client_secret")
-                    .cloned()
-                    .collect(),
-                content_type: request.content_type.clone(),
-                host: request.host.clone(),
-            });
+            let form = parse_form(&body);
+            state.record_introspection(form_record(
+                request.authorization.is_some(),
+                &form,
+                request.content_type.clone(),
+                request.host.clone(),
+            ));
             if let Some(resp) = apply_fault(state.fault(&Endpoint::Introspect), raw).await? {
                 return Ok((resp, Some("(fault)".into())));
             }
@@ -379,11 +365,33 @@ async fn recorded_form(
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
-    let form: Vec<(String, String)> = form_urlencoded::parse(&body)
+    let form = parse_form(&body);
+    state.record_exchange(form_record(
+        authorization.is_some(),
+        &form,
+        content_type,
+        None,
+    ));
+    (authorization, form)
+}
+
+/// A form body's pairs, in order.
+fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+    form_urlencoded::parse(body)
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    state.record_exchange(super::RecordedExchange {
-        client_auth: if authorization.is_some() {
+        .collect()
+}
+
+/// How a Keycloak realm request is recorded: Basic when it has an `Authorization`, else the
+/// secret in the form; the form without `client_secret`.
+fn form_record(
+    basic: bool,
+    form: &[(String, String)],
+    content_type: Option<String>,
+    host: Option<String>,
+) -> super::RecordedExchange {
+    super::RecordedExchange {
+        client_auth: if basic {
             "client_secret_basic".into()
         } else {
             "client_secret_post".into()
@@ -398,9 +406,8 @@ async fn recorded_form(
             .cloned()
             .collect(),
         content_type,
-        host: None,
-    });
-    (authorization, form)
+        host,
+    }
 }
 
 /// The Entra ID tenant's endpoints: `discovery/v2.0/keys` and `oauth2/v2.0/token`.
