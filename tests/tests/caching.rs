@@ -2,7 +2,7 @@
 //! worker, concurrent misses for one token cost one IdP call, failures are shared briefly, and
 //! expired entries are not served.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gateway_tests::client::{bearer, jsonrpc_post};
 use gateway_tests::harness::{Stack, StackOptions};
@@ -242,5 +242,53 @@ async fn a_backend_token_the_upstream_rejects_is_dropped_by_every_worker() -> Re
     );
     let last = stack.upstream.seen_requests();
     assert_ne!(last.last().and_then(|r| r.bearer()), Some(backend.as_str()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_steady_traffic_a_rejected_backend_token_is_dropped_within_the_check_interval(
+) -> Result {
+    let stack = two_workers(json!({}), idp()).await?;
+    let token = stack.user_token();
+    for _ in 0..10 {
+        assert_eq!(initialize(&stack, &token).await?, 200);
+    }
+    let backend = stack
+        .upstream
+        .seen_requests()
+        .last()
+        .and_then(|r| r.bearer().map(str::to_string))
+        .expect("the upstream saw a backend token");
+    // Requests keep coming while the backend rejects that token for good: the cached path reads
+    // one answer per token per 100 ms and worker, so 401s stop soon after they start (the
+    // second worker learns of the drop on its 500 ms tick, or reads a 401 itself first).
+    stack.upstream.reject_token(&backend);
+    let started = Instant::now();
+    let (mut rejected, mut accepted_in_a_row) = (0, 0);
+    // Until both workers have let go of it: ten answers in a row that are not 401.
+    while accepted_in_a_row < 10 {
+        match initialize(&stack, &token).await? {
+            200 => accepted_in_a_row += 1,
+            401 => {
+                rejected += 1;
+                accepted_in_a_row = 0;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "still 401 after {rejected} requests over {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(rejected >= 1, "the rejection was seen");
+    let seen = stack.upstream.seen_requests();
+    assert_ne!(seen.last().and_then(|r| r.bearer()), Some(backend.as_str()));
+    // One new exchange, or two: a worker that reads its 401 for the old token after the other
+    // worker stored the new one drops the entry under that exchange key too (a drop is by key,
+    // not by token), and exchanges once more. Never more: a fourth exchange would mean a new
+    // token was dropped although the upstream accepted it.
+    let exchanges = stack.idp.exchange_count();
+    assert!((2..=3).contains(&exchanges), "{exchanges} exchanges");
     Ok(())
 }

@@ -333,6 +333,9 @@ async fn upstream_rejecting_an_exchanged_token_drops_it_from_the_cache() -> Resu
     mcp::whoami(&stack.mcp_url(), &token).await?;
     assert_eq!(stack.idp.exchange_count(), 1);
 
+    // More than the status-check interval (100 ms) after the session's requests, so this
+    // request's answer is read (within it the cached path reads one answer per token).
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     stack.upstream.reject_subject("user@example.com");
     let a = with_bearer(&stack, &token).await?;
     assert_eq!(a.status, 401, "the upstream's own 401 passes through");
