@@ -126,9 +126,11 @@ def report(rows) -> str:
              f"`python3 bench/instructions.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"tree {b.sh(['git', 'rev-parse', '--short=12', 'HEAD']).strip()}: Envoy 1.40 under "
              "`valgrind --tool=callgrind`, 1 worker, one cached token, counted in two windows after "
-             f"a warm-up: (Ir({N1} requests) − Ir({N0} requests)) ÷ {N1 - N0}. Repeated windows of "
-             "one Envoy agree within ~0.5 %. Not times: a ratio here is not a throughput ratio "
-             "(`make bench`), but a change that removes instructions removes work.", "",
+             f"a warm-up: (Ir({N1} requests) − Ir({N0} requests)) ÷ {N1 - N0}. On an idle machine "
+             "repeated windows of one Envoy agree within ~0.5 %; under load, timer-driven work "
+             "grows with the windows' wall time (a run beside `make test` counted ~2 % more). "
+             "Not times: a ratio here is not a throughput ratio (`make bench`), but a change "
+             "that removes instructions removes work.", "",
              "| setup | instructions / request | ÷ floor's | − floor's |", "|---|---:|---:|---:|"]
     for _, label, _, per in rows:
         ratio = f"{per / floor:.3f}" if floor else ""
