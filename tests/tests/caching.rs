@@ -202,22 +202,26 @@ async fn disabled_cache_exchanges_every_time() -> Result {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_backend_token_the_upstream_rejects_is_dropped_by_every_worker() -> Result {
-    let stack = two_workers(json!({}), idp()).await?;
-    let token = stack.user_token();
-    // Fresh connections spread over both workers, so each keeps the backend token in its own
-    // front cache.
+/// Ten requests with `token` on fresh connections, spread over both workers so each keeps the
+/// backend token in its own front cache; one exchange. Returns the backend token.
+async fn backend_on_both_workers(stack: &Stack, token: &str) -> Result<String> {
     for _ in 0..10 {
-        assert_eq!(initialize(&stack, &token).await?, 200);
+        assert_eq!(initialize(stack, token).await?, 200);
     }
     assert_eq!(stack.idp.exchange_count(), 1);
-    let backend = stack
+    Ok(stack
         .upstream
         .seen_requests()
         .last()
         .and_then(|r| r.bearer().map(str::to_string))
-        .expect("the upstream saw a backend token");
+        .expect("the upstream saw a backend token"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backend_token_the_upstream_rejects_is_dropped_by_every_worker() -> Result {
+    let stack = two_workers(json!({}), idp()).await?;
+    let token = stack.user_token();
+    let backend = backend_on_both_workers(&stack, &token).await?;
 
     // The backend revokes that token; the next request gets the upstream's 401. It comes more
     // than the status-check interval (100 ms) after the requests above, so whichever worker
@@ -250,15 +254,7 @@ async fn under_steady_traffic_a_rejected_backend_token_is_dropped_within_the_che
 ) -> Result {
     let stack = two_workers(json!({}), idp()).await?;
     let token = stack.user_token();
-    for _ in 0..10 {
-        assert_eq!(initialize(&stack, &token).await?, 200);
-    }
-    let backend = stack
-        .upstream
-        .seen_requests()
-        .last()
-        .and_then(|r| r.bearer().map(str::to_string))
-        .expect("the upstream saw a backend token");
+    let backend = backend_on_both_workers(&stack, &token).await?;
     // Requests keep coming while the backend rejects that token for good: the cached path reads
     // one answer per token per 100 ms and worker, so 401s stop soon after they start (the
     // second worker learns of the drop on its 500 ms tick, or reads a 401 itself first).
