@@ -1,10 +1,19 @@
 //! Audit records through the request flow: one per decision, handed to the host, and the cached
-//! path's pre-rendered record equal to the record the full path renders (issue 13).
+//! path's pre-rendered record equal to the record the full path renders (issue 13). Tests that
+//! follow one request's record use the access-log sink, which hands each record to its request;
+//! the default sink's batches are tested at the end.
 
 use serde_json::{json, Value};
 
+use crate::audit::{BATCH_HEADER, BATCH_MAX_RECORDS};
 use crate::fake_host::Fate;
 use crate::flow_tests::{config, exchanged, only, remote_keys_config, user_token, Worker, SECRET};
+
+/// `cfg` with each record handed to its request as filter state (for Envoy's access log).
+fn per_request(mut cfg: Value) -> Value {
+    cfg["audit_log"] = json!("access_log");
+    cfg
+}
 
 /// The one audit record the host was handed for request `id`, parsed.
 fn audit_record(w: &Worker, id: u32) -> Value {
@@ -22,7 +31,7 @@ fn audit_record(w: &Worker, id: u32) -> Value {
 
 #[test]
 fn every_decision_hands_one_audit_record_to_the_host() {
-    let mut w = Worker::first(&config());
+    let mut w = Worker::first(&per_request(config()));
     let token = user_token("alice");
     // 1: exchanged (resumed from the callout answer); 2: the cached path; 3: no token;
     // 4: a forged token; 5: a path the filter refuses before any route.
@@ -75,7 +84,7 @@ fn every_decision_hands_one_audit_record_to_the_host() {
 
 #[test]
 fn a_request_refused_from_the_tick_gets_its_record() {
-    let mut w = Worker::first(&remote_keys_config());
+    let mut w = Worker::first(&per_request(remote_keys_config()));
     w.send(1, &user_token("gina"));
     for _ in 0..5 {
         w.tick(500);
@@ -87,20 +96,33 @@ fn a_request_refused_from_the_tick_gets_its_record() {
 }
 
 #[test]
-fn only_the_access_log_sink_hands_records_to_the_host() {
-    for sink in [json!("envoy_log"), json!(false)] {
+fn each_sink_gets_the_record_and_no_other_does() {
+    // (sink, records on the request, log messages before the tick, after it)
+    for (sink, on_request, logged_at_once, logged_after_tick) in [
+        (json!("access_log"), 1, 0, 0),
+        (json!("envoy_log"), 0, 1, 1),
+        (json!(true), 0, 0, 1),
+        (json!("envoy_log_batched"), 0, 0, 1),
+        (json!(false), 0, 0, 0),
+    ] {
         let mut cfg = config();
         cfg["audit_log"] = sink.clone();
         let mut w = Worker::first(&cfg);
         w.send_headers(1, &[(":method", "POST"), (":path", "/mcp")], true);
         assert_eq!(w.host.fate(1), Fate::Replied(401));
-        assert!(w.host.request(1).audit.is_empty(), "{sink}");
+        assert_eq!(w.host.request(1).audit.len(), on_request, "{sink}");
+        assert_eq!(w.host.logged().len(), logged_at_once, "{sink}");
+        w.tick(500);
+        let logged = w.host.logged();
+        assert_eq!(logged.len(), logged_after_tick, "{sink}");
+        let record = match (on_request, logged.last()) {
+            (1, _) => w.host.request(1).audit[0].clone(),
+            (_, Some(text)) => text.lines().last().unwrap_or_default().to_string(),
+            (_, None) => continue,
+        };
+        let record: Value = serde_json::from_str(&record).expect("a JSON record");
+        assert_eq!(record["reason"], "missing_token", "{sink}");
     }
-    let mut cfg = config();
-    cfg["audit_log"] = json!(true);
-    let mut w = Worker::first(&cfg);
-    w.send_headers(1, &[(":method", "POST"), (":path", "/mcp")], true);
-    assert_eq!(audit_record(&w, 1)["reason"], "missing_token");
 }
 
 /// A record without its time, which is all a cached-path record may differ in.
@@ -113,7 +135,7 @@ fn timeless(mut record: Value) -> Value {
 
 #[test]
 fn the_cached_path_renders_a_record_once_and_only_its_time_changes() {
-    let mut cfg = config();
+    let mut cfg = per_request(config());
     cfg["routes"] = json!([{"path_prefix": "/mcp"}, {"path_prefix": "/other"}]);
     let mut w = Worker::first(&cfg);
     let token = user_token("alice");
@@ -182,7 +204,7 @@ fn the_cached_path_renders_a_record_once_and_only_its_time_changes() {
 #[test]
 fn the_cached_path_record_keeps_every_string_escaped() {
     // A `sub` that needs escaping, rendered once and reused.
-    let mut w = Worker::first(&config());
+    let mut w = Worker::first(&per_request(config()));
     let now = (crate::flow_tests::T0_MS / 1000) as i64;
     let token = crate::test_keys::sign(
         &json!({"alg": "RS256", "kid": "k1", "typ": "JWT"}),
@@ -203,4 +225,101 @@ fn the_cached_path_record_keeps_every_string_escaped() {
             .as_str()
             .is_some_and(|s| s.starts_with("mallory")));
     }
+}
+
+/// The records of the batches written to the worker's log so far, in order; each message must be
+/// the header and then one JSON record per line.
+fn batched_records(w: &Worker) -> Vec<Value> {
+    let mut records = Vec::new();
+    for message in w.host.logged() {
+        let mut lines = message.split('\n');
+        assert_eq!(lines.next(), Some(BATCH_HEADER), "{message}");
+        for line in lines {
+            match serde_json::from_str::<Value>(line) {
+                Ok(v) if v.is_object() => records.push(v),
+                _ => panic!("not one JSON record: {line:?}"),
+            }
+        }
+    }
+    records
+}
+
+/// Sends `n` requests with `token` (cached after the first), ids from `first`.
+fn send_many(w: &mut Worker, token: &str, first: u32, n: u32) {
+    for id in first..first + n {
+        w.send(id, token);
+        w.end(id);
+    }
+}
+
+#[test]
+fn the_default_batches_records_and_writes_them_when_full_on_the_tick_and_when_the_vm_stops() {
+    let mut w = Worker::first(&config());
+    let token = user_token("alice");
+    w.send(1, &token);
+    let call = only(&w.exchanges());
+    w.answer(&call, Some(200), &exchanged("backend-alice"));
+    w.end(1);
+    let full = BATCH_MAX_RECORDS as u32;
+    // A full batch is written at once, from the request that fills it, without a tick.
+    send_many(&mut w, &token, 2, full - 1);
+    assert_eq!(w.host.logged().len(), 1, "one log call for a full batch");
+    assert_eq!(batched_records(&w).len(), BATCH_MAX_RECORDS);
+    // Fewer wait for the tick.
+    send_many(&mut w, &token, 100, 3);
+    assert_eq!(w.host.logged().len(), 1, "held until the tick");
+    w.tick(500);
+    assert_eq!(w.host.logged().len(), 2);
+    assert_eq!(batched_records(&w).len(), BATCH_MAX_RECORDS + 3);
+    w.tick(500);
+    assert_eq!(w.host.logged().len(), 2, "an empty batch writes nothing");
+    // The VM stops (or a new configuration replaces this gateway): what it holds is written.
+    send_many(&mut w, &token, 200, 2);
+    let host = w.host.clone();
+    drop(w);
+    assert_eq!(host.logged().len(), 3);
+    let last = host.logged().pop().unwrap_or_default();
+    assert_eq!(last.lines().count(), 1 + 2, "{last}");
+    assert!(!last.contains(&token[token.len() - 40..]), "{last}");
+    assert!(!last.contains("backend-alice"), "{last}");
+}
+
+#[test]
+fn a_batched_record_is_the_record_the_access_log_gets() {
+    let run = |cfg: Value| {
+        let mut w = Worker::first(&cfg);
+        let token = user_token("alice");
+        w.send(1, &token);
+        let call = only(&w.exchanges());
+        w.answer(&call, Some(200), &exchanged("backend-alice"));
+        w.send(2, &token);
+        w.send_headers(3, &[(":method", "POST"), (":path", "/mcp")], true);
+        w.send(4, "not.a.jwt");
+        w.tick(500);
+        w
+    };
+    let batched = run(config());
+    let per_request = run(per_request(config()));
+    let handed: Vec<Value> = (1..=4).map(|id| audit_record(&per_request, id)).collect();
+    assert_eq!(batched_records(&batched), handed);
+    assert_eq!(handed.len(), 4);
+}
+
+#[test]
+fn records_dropped_by_envoys_log_level_are_reported_once() {
+    let mut w = Worker::first(&config());
+    w.host.drop_info_logs(true);
+    assert!(w.gw.check_audit_log_level(), "said when it starts");
+    assert!(!w.gw.check_audit_log_level(), "not again on every tick");
+    w.host.drop_info_logs(false);
+    assert!(!w.gw.check_audit_log_level());
+    w.host.drop_info_logs(true);
+    assert!(
+        w.gw.check_audit_log_level(),
+        "said again when it starts again"
+    );
+    // The access log does not depend on Envoy's log level.
+    let mut w = Worker::first(&per_request(config()));
+    w.host.drop_info_logs(true);
+    assert!(!w.gw.check_audit_log_level());
 }

@@ -469,10 +469,11 @@ mod tests {
     }
 
     #[test]
-    fn audit_log_goes_to_the_access_log_by_default_and_keeps_its_booleans() {
-        assert_eq!(parse(&base()).unwrap().audit_log, AuditLog::AccessLog);
+    fn audit_log_is_batched_to_envoys_log_by_default_and_keeps_its_booleans() {
+        assert_eq!(parse(&base()).unwrap().audit_log, AuditLog::EnvoyLogBatched);
         for (value, sink) in [
-            (json!(true), AuditLog::AccessLog),
+            (json!(true), AuditLog::EnvoyLogBatched),
+            (json!("envoy_log_batched"), AuditLog::EnvoyLogBatched),
             (json!(false), AuditLog::Off),
             (json!("access_log"), AuditLog::AccessLog),
             (json!("envoy_log"), AuditLog::EnvoyLog),

@@ -117,6 +117,10 @@ struct State {
     metric_names: RefCell<Vec<String>>,
     counters: RefCell<HashMap<String, u64>>,
     refuse_dispatch: Cell<bool>,
+    /// What the gateway wrote to Envoy's log at `info`, in order.
+    logged: RefCell<Vec<String>>,
+    /// Envoy's log level is above `info` (what `log_info` writes is dropped).
+    info_dropped: Cell<bool>,
 }
 
 /// Cheap to clone: clones share one state (the test keeps one, the gateway another).
@@ -272,6 +276,16 @@ impl FakeHost {
     }
 
     /// Makes every later dispatch fail, as for an unknown cluster.
+    /// Everything written to Envoy's log at `info`, one entry per log call.
+    pub fn logged(&self) -> Vec<String> {
+        self.0.logged.borrow().clone()
+    }
+
+    /// Envoy's log level is set above `info` (`true`) or back.
+    pub fn drop_info_logs(&self, dropped: bool) {
+        self.0.info_dropped.set(dropped);
+    }
+
     pub fn refuse_dispatch(&self, refuse: bool) {
         self.0.refuse_dispatch.set(refuse);
     }
@@ -345,6 +359,16 @@ impl Host for FakeHost {
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
         self.with_current(|r| r.body.iter().copied().take(size).collect())
+    }
+
+    fn log_info(&self, text: &str) {
+        if !self.0.info_dropped.get() {
+            self.0.logged.borrow_mut().push(text.to_string());
+        }
+    }
+
+    fn info_is_logged(&self) -> bool {
+        !self.0.info_dropped.get()
     }
 
     fn set_audit_record(&self, record: &str) -> Result<(), HostError> {

@@ -39,6 +39,11 @@ pub trait Host: SharedStore {
     ///
     /// [`AUDIT_PROPERTY`]: crate::audit::AUDIT_PROPERTY
     fn set_audit_record(&self, record: &str) -> Result<(), HostError>;
+    /// Writes `text` to Envoy's application log at `info` (audit records; Envoy drops it when
+    /// its `wasm` logger is set above `info`).
+    fn log_info(&self, text: &str);
+    /// Whether Envoy writes what [`Host::log_info`] hands it (its log level is `info` or lower).
+    fn info_is_logged(&self) -> bool;
     /// Answers the request locally.
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>);
     /// Makes `context_id` the request later calls act on; fails if it is gone.
@@ -112,6 +117,14 @@ impl Host for ProxyWasmHost {
 
     fn set_audit_record(&self, record: &str) -> Result<(), HostError> {
         set_audit_property(record)
+    }
+
+    fn log_info(&self, text: &str) {
+        log_info(text);
+    }
+
+    fn info_is_logged(&self) -> bool {
+        info_is_logged()
     }
 
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>) {
@@ -248,6 +261,44 @@ fn set_audit_property(record: &str) -> Result<(), HostError> {
 #[cfg(not(target_arch = "wasm32"))]
 fn set_audit_property(_record: &str) -> Result<(), HostError> {
     Err(HostError)
+}
+
+#[cfg(target_arch = "wasm32")]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    /// proxy-wasm ABI 0.2.1.
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_log_level(return_level: *mut u32) -> u32;
+}
+
+/// proxy-wasm's `info` log level (trace 0, debug 1, info 2, warn 3, error 4, critical 5).
+#[cfg(target_arch = "wasm32")]
+const LOG_LEVEL_INFO: u32 = 2;
+
+/// Not through the SDK's `hostcalls::log`, which panics (trapping the VM) on any status but Ok:
+/// a log line that cannot be written is no reason to fail every request.
+#[cfg(target_arch = "wasm32")]
+fn log_info(text: &str) {
+    // SAFETY: the pointer is valid for `text.len()` bytes for the duration of the call; the host
+    // copies the bytes and keeps no pointer.
+    let _ = unsafe { proxy_log(LOG_LEVEL_INFO, text.as_ptr(), text.len()) };
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn log_info(_text: &str) {}
+
+#[cfg(target_arch = "wasm32")]
+fn info_is_logged() -> bool {
+    let mut level = 0u32;
+    // SAFETY: the host writes one u32 through the pointer, which is valid for the call.
+    let status = unsafe { proxy_get_log_level(&mut level) };
+    // A host that does not say is taken at its word that it logs.
+    status != 0 || level <= LOG_LEVEL_INFO
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn info_is_logged() -> bool {
+    true
 }
 
 /// Milliseconds since the Unix epoch, from the host clock.

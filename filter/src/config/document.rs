@@ -102,26 +102,35 @@ pub enum Unmatched {
 pub enum AuditLog {
     /// No audit record.
     Off,
-    /// Handed to Envoy as filter state (`wasm.mcp_token_exchange.audit`) for its access log to
-    /// write: Envoy's buffered file writer, off the worker thread. `true` means this.
+    /// Gathered in the VM and written to Envoy's application log at `info`, up to
+    /// [`BATCH_MAX_RECORDS`] records per log call: on the tick, when a batch fills, and when the
+    /// VM stops. `true` means this.
+    ///
+    /// [`BATCH_MAX_RECORDS`]: crate::audit::BATCH_MAX_RECORDS
     #[default]
+    EnvoyLogBatched,
+    /// Handed to Envoy as filter state (`wasm.mcp_token_exchange.audit`) for its access log to
+    /// write when the request ends, beside Envoy's own fields.
     AccessLog,
-    /// A line in Envoy's application log at `info`, written on the worker thread (the filter's
-    /// behaviour before the access-log path).
+    /// A line in Envoy's application log at `info` per record, written on the worker thread.
     EnvoyLog,
 }
 
 impl AuditLog {
-    /// `true` (= `"access_log"`), `false`, `"access_log"` or `"envoy_log"`.
+    /// `true` (= `"envoy_log_batched"`), `false`, `"envoy_log_batched"`, `"access_log"` or
+    /// `"envoy_log"`.
     fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
         match &v {
-            Value::Bool(true) => Ok(Self::AccessLog),
+            Value::Bool(true) => Ok(Self::EnvoyLogBatched),
             Value::Bool(false) => Ok(Self::Off),
+            Value::String(s) if s == "envoy_log_batched" => Ok(Self::EnvoyLogBatched),
             Value::String(s) if s == "access_log" => Ok(Self::AccessLog),
             Value::String(s) if s == "envoy_log" => Ok(Self::EnvoyLog),
             other => Err(ConfigError::new(
                 path,
-                format!("expected true, false, \"access_log\" or \"envoy_log\", found {other}"),
+                format!(
+                    "expected true, false, \"envoy_log_batched\", \"access_log\" or \"envoy_log\", found {other}"
+                ),
             )),
         }
     }

@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::rc::Rc;
 
-use log::info;
+use log::error;
 use proxy_wasm::types::Action;
 
 use crate::audit::{AuditRecord, CacheUse, RecordTail};
@@ -268,8 +268,7 @@ impl<H: Host> Gateway<H> {
             return;
         }
         let now = self.host.now_ms();
-        let json = self.with_record(facts, now, |record| record.to_json());
-        self.hand_over(&json);
+        self.hand_over(|out| self.with_record(facts, now, |record| record.write_json(out)));
     }
 
     /// The record of a request decided on the cached path at `now` (`facts.started_ms` is
@@ -288,14 +287,14 @@ impl<H: Host> Gateway<H> {
         let route = facts.route.unwrap_or(usize::MAX);
         if let Ok(slot) = entry.audit_tail.try_borrow() {
             if let Some(tail) = slot.as_ref().filter(|t| t.fits(route, exchanged)) {
-                self.hand_over(&tail.with_time(now));
+                self.hand_over(|out| tail.write_with_time(out, now));
                 return;
             }
         }
         let tail = self.with_record(facts, now, |record| {
             RecordTail::new(route, exchanged.cloned(), record)
         });
-        self.hand_over(&tail.with_time(now));
+        self.hand_over(|out| tail.write_with_time(out, now));
         if let Ok(mut slot) = entry.audit_tail.try_borrow_mut() {
             *slot = Some(tail);
         }
@@ -348,18 +347,56 @@ impl<H: Host> Gateway<H> {
         use_record(&record)
     }
 
-    fn hand_over(&self, json: &str) {
-        match self.policy.audit_log {
-            AuditLog::AccessLog => {
-                // Envoy keeps the record with the request and its access log writes it. Should
-                // the host refuse (no request to attach it to), the record still gets written.
-                if self.host.set_audit_record(json).is_err() {
-                    info!("{json}");
+    /// Hands a record (what `write` appends) to the configured sink.
+    fn hand_over(&self, write: impl FnOnce(&mut String)) {
+        let sink = self.policy.audit_log;
+        if sink == AuditLog::EnvoyLogBatched {
+            // Never contended (the gateway runs one callback at a time); should it be, the
+            // record is written on its own rather than lost.
+            if let Ok(mut batch) = self.audit_batch.try_borrow_mut() {
+                if batch.push(write) {
+                    batch.drain(|text| self.host.log_info(text));
                 }
+                return;
             }
-            AuditLog::EnvoyLog => info!("{json}"),
-            AuditLog::Off => {}
         }
+        let mut json = String::with_capacity(384);
+        write(&mut json);
+        match sink {
+            // Envoy keeps the record with the request and its access log writes it. Should the
+            // host refuse (no request to attach it to), the record still gets written.
+            AuditLog::AccessLog if self.host.set_audit_record(&json).is_ok() => {}
+            AuditLog::Off => {}
+            _ => self.host.log_info(&json),
+        }
+    }
+
+    /// Writes the records the batch holds (on the tick, and when the gateway goes away).
+    pub(super) fn flush_audit(&self) {
+        if let Ok(mut batch) = self.audit_batch.try_borrow_mut() {
+            batch.drain(|text| self.host.log_info(text));
+        }
+    }
+
+    /// Records written to Envoy's log vanish when its log level is above `info`: say so, at
+    /// `error`, whenever that starts (checked on the tick: the level can change at run time).
+    /// Whether it said so now.
+    pub(crate) fn check_audit_log_level(&mut self) -> bool {
+        let to_log = matches!(
+            self.policy.audit_log,
+            AuditLog::EnvoyLogBatched | AuditLog::EnvoyLog
+        );
+        let dropped = to_log && !self.host.info_is_logged();
+        let starts = dropped && !self.audit_dropped;
+        if starts {
+            error!(
+                "audit records are written to Envoy's log at info, but its log level for the \
+                 wasm component is above info: they are dropped. Set `--component-log-level \
+                 wasm:info` or `\"audit_log\": \"access_log\"`"
+            );
+        }
+        self.audit_dropped = dropped;
+        starts
     }
 }
 

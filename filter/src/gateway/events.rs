@@ -265,8 +265,10 @@ impl<H: Host> Gateway<H> {
         if now.saturating_sub(self.last_sweep_ms) >= TICK.as_millis() as u64 {
             self.sweep_caches(now);
         }
-        // Last, so the counts of this tick's work are in.
+        // Last, so the counts and records of this tick's work are in.
         self.metrics.flush(&self.host);
+        let _ = self.check_audit_log_level();
+        self.flush_audit();
         let fast = self.exchanges.has_remote_waiters()
             || self.exchanges.has_due()
             || self.fleet_busy()

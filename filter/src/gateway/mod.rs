@@ -28,11 +28,13 @@ mod events;
 mod fleet;
 mod introspect;
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::types::Action;
 
+use crate::audit::AuditBatch;
 use crate::cache::{Digest32, ExchangeStore, VerifiedTokens};
 use crate::clock::CoarseClock;
 use crate::config::Policy;
@@ -73,7 +75,7 @@ enum CalloutPurpose {
 }
 
 /// The per-VM gateway, shared by the root context and the HTTP contexts.
-pub type SharedGateway = Rc<std::cell::RefCell<Gateway>>;
+pub type SharedGateway = Rc<RefCell<Gateway>>;
 
 /// How the gateway took a request's headers.
 pub enum Admission {
@@ -144,6 +146,20 @@ pub struct Gateway<H: Host = ProxyWasmHost> {
     /// Every host clock reading; the cached path checks expiry against its bound instead of
     /// reading the clock.
     clock: CoarseClock,
+    /// Audit records not yet written (`audit_log` batched): written on the tick, when full, and
+    /// when the gateway is dropped. A `RefCell` because records are handed over from `&self`.
+    audit_batch: RefCell<AuditBatch>,
+    /// Envoy's log level drops the audit records written to its log (said once, at `error`).
+    audit_dropped: bool,
+}
+
+/// The VM stops (Envoy deletes the root context, at shutdown or when a new configuration
+/// replaces this one) or the gateway is replaced: the records gathered so far are written, not
+/// lost with it.
+impl<H: Host> Drop for Gateway<H> {
+    fn drop(&mut self) {
+        self.flush_audit();
+    }
 }
 
 impl<H: Host> Gateway<H> {
@@ -186,6 +202,8 @@ impl<H: Host> Gateway<H> {
             last_sweep_ms: 0,
             store_generation: 0,
             clock: CoarseClock::default(),
+            audit_batch: RefCell::default(),
+            audit_dropped: false,
         }
     }
 
