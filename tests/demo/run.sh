@@ -75,9 +75,9 @@ step "4. A real MCP client calls the MCP server through Envoy; the server report
 
 step "5. What the gateway logged (token fingerprints, never tokens) and its audit record"
 grep -o 'exchanged token.*' "$RUN/envoy.log" | head -3
-# The audit record comes from Envoy's access log (stdout here), flushed every second.
-sleep 1.2
-grep -o '{"audit".*' "$RUN/envoy.log" | tail -1
+# Audit records are batched to Envoy's log, one JSON object per line, on the filter's 500 ms tick.
+sleep 0.7
+grep '^{"audit"' "$RUN/envoy.log" | tail -1
 
 if [ "${DEMO_EXIT:-0}" = 1 ]; then
   echo; echo "demo OK"

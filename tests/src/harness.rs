@@ -320,8 +320,8 @@ pub struct Envoy {
     pub log_path: PathBuf,
     /// The watched file and what is written to it, with [`ConfigDelivery::Lds`] or `Ecds`.
     dynamic: Option<Mutex<DynamicConfig>>,
-    /// This Envoy's own file for the filter's audit records (`envoy/demo.yaml`'s access log,
-    /// moved here).
+    /// This Envoy's own access-log file for the filter's audit records, written only with the
+    /// plugin's `"audit_log": "access_log"` (the default writes them to Envoy's log).
     pub audit_log_path: PathBuf,
     _dir: TempDir,
 }
@@ -534,20 +534,31 @@ pub fn plugin_config(bootstrap: &mut Value) -> anyhow::Result<Value> {
     serde_json::from_str(&raw).context("plugin configuration is not JSON")
 }
 
-/// Points the audit access log of `envoy/demo.yaml` (the one whose format writes the filter's
-/// record) at `path`.
-fn set_audit_log_path(bootstrap: &mut Value, path: &Path) -> anyhow::Result<()> {
-    let logs = bootstrap
-        .pointer_mut(
-            "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/access_log",
-        )
-        .and_then(Value::as_array_mut)
-        .ok_or_else(|| anyhow!("envoy/demo.yaml has no access_log"))?;
-    let audit = logs
-        .iter_mut()
-        .find(|l| l["name"] == "mcp_token_exchange_audit")
-        .ok_or_else(|| anyhow!("envoy/demo.yaml has no mcp_token_exchange_audit access log"))?;
-    audit["typed_config"]["path"] = Value::String(path.display().to_string());
+/// The access log of envoy/README.md that writes the filter's audit record (`"audit_log":
+/// "access_log"`), into `path`. The shipped bootstraps use the default sink, Envoy's log.
+fn add_audit_access_log(bootstrap: &mut Value, path: &Path) -> anyhow::Result<()> {
+    let hcm = bootstrap
+        .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| anyhow!("envoy/demo.yaml has no http_connection_manager"))?;
+    let logs = hcm
+        .entry("access_log")
+        .or_insert_with(|| Value::Array(Vec::new()))
+        .as_array_mut()
+        .ok_or_else(|| anyhow!("access_log is not a list"))?;
+    logs.push(serde_json::json!({
+        "name": "mcp_token_exchange_audit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path.display().to_string(),
+            "log_format": {
+                "text_format_source": {
+                    "inline_string": "%FILTER_STATE(wasm.mcp_token_exchange.audit:PLAIN)%\n"
+                },
+                "omit_empty_values": true
+            }
+        }
+    }));
     Ok(())
 }
 
@@ -678,7 +689,7 @@ impl Envoy {
         }
 
         let audit_log_path = dir.0.join("audit.log");
-        set_audit_log_path(&mut bootstrap, &audit_log_path)?;
+        add_audit_access_log(&mut bootstrap, &audit_log_path)?;
 
         let mut plugin = plugin_config(&mut bootstrap)?;
         retarget_idp(&mut plugin, p.idp_port);
@@ -743,8 +754,8 @@ impl Envoy {
             .arg(p.concurrency.to_string())
             .arg("-l")
             .arg(std::env::var("E2E_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
-            // Access-log lines (the audit records) reach the file within 100 ms, not Envoy's
-            // default 10 s, so tests need not wait long for them.
+            // Access-log lines (audit records with `"audit_log": "access_log"`) reach the file
+            // within 100 ms, not Envoy's default 10 s, so tests need not wait long for them.
             .args(["--file-flush-interval-msec", "100"])
             .env(SECRET_ENV, p.secret)
             .envs(p.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -915,22 +926,61 @@ impl Envoy {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// The audit records Envoy's access log has written so far, one JSON object per line (a
-    /// line that is neither JSON nor empty fails the test that reads it).
+    /// The audit records written so far, in Envoy's log (the default sink: each record of a
+    /// batch is a line of its own) or in the access-log file (`"audit_log": "access_log"`), one
+    /// JSON object per line. A record line that is not one JSON object fails the test that reads
+    /// it, as does a batch header not followed by a record.
     pub fn audit_records(&self) -> anyhow::Result<Vec<Value>> {
-        let text = std::fs::read_to_string(&self.audit_log_path).unwrap_or_default();
+        let log = self.log();
+        let mut records = Vec::new();
+        let mut lines = log.lines().peekable();
+        while let Some(line) = lines.next() {
+            if line.ends_with(AUDIT_BATCH_HEADER) {
+                let next = lines.peek().copied().unwrap_or_default();
+                if !next.starts_with(AUDIT_RECORD_START) {
+                    bail!("a batch header without a record after it: {next:?}");
+                }
+            }
+            if line.starts_with(AUDIT_RECORD_START) {
+                records.push(audit_record(line)?);
+            }
+        }
+        let file = std::fs::read_to_string(&self.audit_log_path).unwrap_or_default();
         // Requests without a record (public routes, metadata) write an empty line.
-        text.lines()
-            .filter(|line| !line.is_empty())
-            .map(|line| {
-                serde_json::from_str(line)
-                    .with_context(|| format!("audit log line is not JSON: {line:?}"))
-            })
-            .collect()
+        for line in file.lines().filter(|line| !line.is_empty()) {
+            records.push(audit_record(line)?);
+        }
+        Ok(records)
     }
 
-    /// Waits until the access log holds at least `n` audit records (Envoy flushes it every
-    /// 100 ms here), then returns them all.
+    /// How many audit-record batches Envoy's log holds.
+    pub fn audit_batches(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.ends_with(AUDIT_BATCH_HEADER))
+            .count()
+    }
+
+    /// Stops Envoy as an orchestrator does (SIGTERM) and waits until it has exited, so what it
+    /// writes on the way out is in its log.
+    pub fn terminate(&mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("Envoy did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Waits until at least `n` audit records are written (the filter writes a batch on its
+    /// 500 ms tick; the access log is flushed every 100 ms here), then returns them all.
     pub async fn wait_for_audit_records(
         &self,
         n: usize,
@@ -970,6 +1020,18 @@ impl Envoy {
         ]
         .iter()
         .any(|needle| log.contains(needle))
+    }
+}
+
+/// How every audit record starts (README "Audit and metrics").
+const AUDIT_RECORD_START: &str = "{\"audit\":\"mcp_token_exchange\"";
+/// How Envoy's log line that starts a batch of audit records ends (after Envoy's prefix).
+const AUDIT_BATCH_HEADER: &str = ": audit records:";
+
+fn audit_record(line: &str) -> anyhow::Result<Value> {
+    match serde_json::from_str::<Value>(line) {
+        Ok(v) if v.is_object() => Ok(v),
+        _ => bail!("an audit record line that is not one JSON object: {line:?}"),
     }
 }
 

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use gateway_tests::harness::{envoy_bin, filter_wasm, workspace_root};
+use mcp_token_exchange::config::AuditLog;
 use serde::Deserialize as _;
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
@@ -1657,12 +1658,15 @@ fn access_logs(bootstrap: &Value) -> Vec<&Value> {
         .collect()
 }
 
-/// The filter's default sends its audit records to Envoy's access log, so every shipped setup
-/// must configure one that writes them: each bootstrap (empty values omitted), Istio (provider +
-/// Telemetry) and Envoy Gateway (EnvoyProxy), both with the CEL filter; real Envoy accepts the
+/// Where each shipped setup's audit records go. The bootstraps keep the default sink (Envoy's
+/// log at `info`, batched; Envoy runs at `info` there) and configure no access log for the
+/// records, which would write an empty line per request. Istio's sidecars and Envoy Gateway's
+/// Envoys log at `warning`, which drops `info` lines: their plugin configurations choose
+/// `access_log`, and the access log that writes it ships with them (Istio: provider +
+/// Telemetry; Envoy Gateway: EnvoyProxy), both with the CEL filter; real Envoy accepts the
 /// platforms' format and expression.
 #[test]
-fn every_setup_ships_the_audit_access_log() {
+fn every_setup_writes_its_audit_records() {
     let mut bootstraps = 0;
     for (path, docs) in all_documents() {
         // The front tier (envoy/fleet/front-*) runs no filter of ours: nothing to audit there.
@@ -1671,28 +1675,51 @@ fn every_setup_ships_the_audit_access_log() {
         }
         bootstraps += 1;
         let what = rel(&path);
+        let mut plugins = Vec::new();
+        wasm_plugin_configs(&docs[0], &mut plugins);
+        for plugin in &plugins {
+            let raw = str_at(plugin, "/configuration/value", &what);
+            let config: Value = serde_json::from_str(raw).expect("plugin configuration");
+            assert_eq!(
+                parse_plugin_config(&config, &what).audit_log,
+                AuditLog::EnvoyLogBatched,
+                "{what}: the default sink"
+            );
+        }
         let logs = access_logs(&docs[0]);
         assert!(!logs.is_empty(), "{what}: no http_connection_manager");
         for logs in logs {
-            let audit = logs
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|l| {
-                    l.pointer("/typed_config/log_format/text_format_source/inline_string")
-                        == Some(&json!(AUDIT_FORMAT))
-                })
-                .unwrap_or_else(|| panic!("{what}: no access log writes the audit record"));
-            assert_eq!(
-                audit.pointer("/typed_config/log_format/omit_empty_values"),
-                Some(&json!(true)),
-                "{what}: a request without a record writes an empty line, not `-`"
+            let audit = logs.as_array().into_iter().flatten().find(|l| {
+                l.pointer("/typed_config/log_format/text_format_source/inline_string")
+                    == Some(&json!(AUDIT_FORMAT))
+            });
+            assert!(
+                audit.is_none(),
+                "{what}: an access log for records the default sink does not hand to it"
             );
         }
     }
     assert!(bootstraps >= 2);
 
     let all = manifests();
+    let istio: Vec<&Value> = of_kind(&all, "WasmPlugin")
+        .iter()
+        .map(|(_, wp)| &wp["spec"]["pluginConfig"])
+        .collect();
+    let envoy_gateway: Vec<&Value> = of_kind(&all, "EnvoyExtensionPolicy")
+        .iter()
+        .flat_map(|(_, ep)| ep["spec"]["wasm"].as_array().into_iter().flatten())
+        .map(|w| &w["config"])
+        .collect();
+    assert!(!istio.is_empty() && !envoy_gateway.is_empty());
+    for config in istio.iter().chain(&envoy_gateway) {
+        assert_eq!(
+            parse_plugin_config(config, "a platform's plugin").audit_log,
+            AuditLog::AccessLog,
+            "the platforms log at warning: their records go to the access log"
+        );
+    }
+
     // Istio: a provider with the format, turned on by a Telemetry with the filter.
     let providers: Vec<&Value> = of_kind(&all, "IstioOperator")
         .iter()

@@ -443,7 +443,7 @@ async fn every_decision_is_audited_and_counted() -> Result {
         .send()
         .await?;
 
-    // The records are in Envoy's access log (envoy/demo.yaml), one JSON object per line: the
+    // The records are in Envoy's log (the default sink), batched, one JSON object per line: the
     // MCP session's requests, the tool calls, the refusal.
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut audits = stack.envoy.audit_records()?;
@@ -452,9 +452,11 @@ async fn every_decision_is_audited_and_counted() -> Result {
         audits = stack.envoy.audit_records()?;
     }
     let log = stack.envoy.log();
+    assert!(stack.envoy.audit_batches() >= 1, "batches in Envoy's log");
+    let access_log = std::fs::read_to_string(&stack.envoy.audit_log_path)?;
     assert!(
-        !log.contains("{\"audit\""),
-        "the default writes records to the access log, not Envoy's application log"
+        access_log.trim().is_empty(),
+        "the default hands no record to the access log: {access_log}"
     );
     let allowed = audits
         .iter()
@@ -484,8 +486,6 @@ async fn every_decision_is_audited_and_counted() -> Result {
         .iter()
         .any(|a| a["reason"] == "missing_token" && a["status"] == 401));
     assert!(!log.contains(&user), "no token in the log");
-    let audit_text = std::fs::read_to_string(&stack.envoy.audit_log_path)?;
-    assert!(!audit_text.contains(&user), "no token in the audit log");
 
     // Counters in Envoy's stats. The filter hands its counts to Envoy on its 500 ms tick, so
     // wait for one to pass.
@@ -524,14 +524,34 @@ async fn every_decision_is_audited_and_counted() -> Result {
 
 /// Under concurrent load on two workers, every request the filter decides — allowed on the
 /// cached path, allowed after an exchange, refused without a token, refused with a forged one —
-/// has exactly one record in Envoy's access log, each a JSON object with the documented fields
-/// and no token in it; the metadata requests it serves have none.
+/// has exactly one record, each a JSON object with the documented fields and no token in it; the
+/// metadata requests it serves have none. The default sink: in Envoy's log, batched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_request_under_load_has_one_audit_record() -> Result {
+    one_record_per_request_under_load(AuditSink::Default).await
+}
+
+/// The same through Envoy's access log (`"audit_log": "access_log"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_request_under_load_has_one_access_log_record() -> Result {
+    one_record_per_request_under_load(AuditSink::AccessLog).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AuditSink {
+    Default,
+    AccessLog,
+}
+
+async fn one_record_per_request_under_load(sink: AuditSink) -> Result {
     const N: usize = 600;
     const IN_FLIGHT: usize = 32;
     let stack = Stack::start_with(StackOptions {
         concurrency: 2,
+        plugin_patch: match sink {
+            AuditSink::Default => Value::Null,
+            AuditSink::AccessLog => json!({"audit_log": "access_log"}),
+        },
         ..StackOptions::default()
     })
     .await?;
@@ -571,7 +591,7 @@ async fn every_request_under_load_has_one_audit_record() -> Result {
         }));
     }
     // Requests the filter decides nothing about (the metadata document it serves) have no
-    // record: an empty access-log line, not a record and not a `-`.
+    // record (in the access log: an empty line, not a record and not a `-`).
     for _ in 0..10 {
         let status = client
             .get(stack.envoy.url("/.well-known/oauth-protected-resource/mcp"))
@@ -603,12 +623,26 @@ async fn every_request_under_load_has_one_audit_record() -> Result {
     let records_after = stack.envoy.audit_records()?;
     assert_eq!(records.len(), N, "one audit record per request");
     assert_eq!(records_after.len(), N, "one audit record per request");
-    let text = std::fs::read_to_string(&stack.envoy.audit_log_path)?;
-    assert_eq!(
-        text.lines().filter(|l| l.is_empty()).count(),
-        10,
-        "the metadata requests: empty lines"
-    );
+    let access_log = std::fs::read_to_string(&stack.envoy.audit_log_path)?;
+    let batches = stack.envoy.audit_batches();
+    match sink {
+        AuditSink::AccessLog => {
+            assert_eq!(
+                access_log.lines().filter(|l| l.is_empty()).count(),
+                10,
+                "the metadata requests: empty lines"
+            );
+            assert_eq!(batches, 0, "nothing batched to Envoy's log");
+        }
+        AuditSink::Default => {
+            assert!(access_log.trim().is_empty(), "no record in the access log");
+            // Batched: far fewer log calls than records (two workers, 64 records at most each).
+            assert!(
+                (N / 64..N / 4).contains(&batches),
+                "{batches} batches for {N} records"
+            );
+        }
+    }
 
     let allowed: Vec<&Value> = records
         .iter()
@@ -660,7 +694,10 @@ async fn every_request_under_load_has_one_audit_record() -> Result {
             "{r}"
         );
     }
-    let text = std::fs::read_to_string(&stack.envoy.audit_log_path)?;
+    let text = match sink {
+        AuditSink::AccessLog => access_log,
+        AuditSink::Default => stack.envoy.log(),
+    };
     assert!(
         !text.contains("eyJ"),
         "no JWT (or part of one) in the audit log"
@@ -673,4 +710,66 @@ async fn every_request_under_load_has_one_audit_record() -> Result {
     }
     assert!(!text.contains(CLIENT_SECRET));
     Ok(())
+}
+
+/// Records still in a batch when Envoy is stopped (SIGTERM) are written on the way out: the VM's
+/// gateway writes what it holds when Envoy deletes it, so a clean shutdown loses none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_in_a_batch_are_written_when_envoy_stops() -> Result {
+    const N: usize = 10;
+    // The tick (500 ms) may write the batch before the signal lands; then this run proves
+    // nothing about the shutdown, and it is tried again.
+    for attempt in 1..=3 {
+        let mut stack = Stack::start().await?;
+        let user = stack.mint(&MintRequest {
+            sub: format!("shutdown-{attempt}@example.com"),
+            ..MintRequest::default()
+        });
+        let client = reqwest::Client::new();
+        // One request, then wait for a tick: keys and the exchange are in, its record written.
+        let first = client
+            .get(stack.mcp_url())
+            .bearer_auth(&user)
+            .send()
+            .await?;
+        assert!(!matches!(first.status().as_u16(), 401 | 403 | 500..));
+        stack
+            .envoy
+            .wait_for_audit_records(1, Duration::from_secs(5))
+            .await?;
+        let before = stack.envoy.audit_records()?.len();
+        assert_eq!(before, 1);
+        for _ in 0..N {
+            let resp = client
+                .get(stack.mcp_url())
+                .bearer_auth(&user)
+                .send()
+                .await?;
+            assert!(!matches!(resp.status().as_u16(), 401 | 403 | 500..));
+        }
+        let held = stack.envoy.audit_records()?.len() == before;
+        stack.envoy.terminate()?;
+        let records = stack.envoy.audit_records()?;
+        assert_eq!(
+            records.len(),
+            1 + N,
+            "every record written by the time Envoy exits"
+        );
+        assert!(records
+            .iter()
+            .all(|r| r["decision"] == "allow"
+                && r["sub"] == format!("shutdown-{attempt}@example.com")));
+        if held {
+            let log = stack.envoy.log();
+            let signal = log
+                .find("caught ENVOY_SIGTERM")
+                .expect("Envoy logged the signal");
+            assert!(
+                log[signal..].contains(": audit records:"),
+                "the last batch was written after the signal"
+            );
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the tick wrote the batch before SIGTERM in every attempt")
 }

@@ -248,11 +248,11 @@ async fn the_filter_alone_refuses_every_path_whose_meaning_could_change() -> Res
         );
     }
 
-    // The audit record (Envoy's access log) and the counter carry the reason.
+    // The audit record (Envoy's log) and the counter carry the reason.
     let refusal = |detail: &'static str| {
         move |r: &Value| r["reason"] == "invalid_path" && r["detail"] == detail
     };
-    // Envoy flushes its access log in the background: wait for both records, not just one.
+    // The filter writes its batch of records on its tick: wait for both records, not just one.
     let both = |records: &[Value]| {
         records.iter().any(refusal("dot_segment"))
             && records.iter().any(refusal("encoded_delimiter"))
