@@ -6,13 +6,24 @@
 use serde_json::{json, Value};
 
 use crate::audit::{BATCH_HEADER, BATCH_MAX_RECORDS};
-use crate::fake_host::Fate;
+use crate::fake_host::{Callout, Fate};
 use crate::flow_tests::{config, exchanged, only, remote_keys_config, user_token, Worker, SECRET};
 
 /// `cfg` with each record handed to its request as filter state (for Envoy's access log).
 fn per_request(mut cfg: Value) -> Value {
     cfg["audit_log"] = json!("access_log");
     cfg
+}
+
+/// A worker with `cfg` whose request 1 carried alice's token and got it exchanged for
+/// `backend-alice`; the token, and the exchange callout.
+fn alice_exchanged(cfg: &Value) -> (Worker, String, Callout) {
+    let mut w = Worker::first(cfg);
+    let token = user_token("alice");
+    w.send(1, &token);
+    let call = only(&w.exchanges());
+    w.answer(&call, Some(200), &exchanged("backend-alice"));
+    (w, token, call)
 }
 
 /// The one audit record the host was handed for request `id`, parsed.
@@ -31,13 +42,9 @@ fn audit_record(w: &Worker, id: u32) -> Value {
 
 #[test]
 fn every_decision_hands_one_audit_record_to_the_host() {
-    let mut w = Worker::first(&per_request(config()));
-    let token = user_token("alice");
     // 1: exchanged (resumed from the callout answer); 2: the cached path; 3: no token;
     // 4: a forged token; 5: a path the filter refuses before any route.
-    w.send(1, &token);
-    let call = only(&w.exchanges());
-    w.answer(&call, Some(200), &exchanged("backend-alice"));
+    let (mut w, token, _) = alice_exchanged(&per_request(config()));
     w.send(2, &token);
     w.send_headers(3, &[(":method", "POST"), (":path", "/mcp")], true);
     let mut forged = token.clone();
@@ -137,11 +144,7 @@ fn timeless(mut record: Value) -> Value {
 fn the_cached_path_renders_a_record_once_and_only_its_time_changes() {
     let mut cfg = per_request(config());
     cfg["routes"] = json!([{"path_prefix": "/mcp"}, {"path_prefix": "/other"}]);
-    let mut w = Worker::first(&cfg);
-    let token = user_token("alice");
-    w.send(1, &token);
-    let call = only(&w.exchanges());
-    w.answer(&call, Some(200), &exchanged("backend-alice"));
+    let (mut w, token, call) = alice_exchanged(&cfg);
 
     w.send(2, &token);
     w.host.advance(1_234);
@@ -254,11 +257,7 @@ fn send_many(w: &mut Worker, token: &str, first: u32, n: u32) {
 
 #[test]
 fn the_default_batches_records_and_writes_them_when_full_on_the_tick_and_when_the_vm_stops() {
-    let mut w = Worker::first(&config());
-    let token = user_token("alice");
-    w.send(1, &token);
-    let call = only(&w.exchanges());
-    w.answer(&call, Some(200), &exchanged("backend-alice"));
+    let (mut w, token, _) = alice_exchanged(&config());
     w.end(1);
     let full = BATCH_MAX_RECORDS as u32;
     // A full batch is written at once, from the request that fills it, without a tick.
@@ -287,11 +286,7 @@ fn the_default_batches_records_and_writes_them_when_full_on_the_tick_and_when_th
 #[test]
 fn a_batched_record_is_the_record_the_access_log_gets() {
     let run = |cfg: Value| {
-        let mut w = Worker::first(&cfg);
-        let token = user_token("alice");
-        w.send(1, &token);
-        let call = only(&w.exchanges());
-        w.answer(&call, Some(200), &exchanged("backend-alice"));
+        let (mut w, token, _) = alice_exchanged(&cfg);
         w.send(2, &token);
         w.send_headers(3, &[(":method", "POST"), (":path", "/mcp")], true);
         w.send(4, "not.a.jwt");

@@ -726,27 +726,26 @@ async fn records_in_a_batch_are_written_when_envoy_stops() -> Result {
             ..MintRequest::default()
         });
         let client = reqwest::Client::new();
+        // Requests the filter lets through (the MCP server answers a bare GET as it likes).
+        let allowed = |n: usize| {
+            let (client, url, user) = (client.clone(), stack.mcp_url(), user.clone());
+            async move {
+                for _ in 0..n {
+                    let resp = client.get(&url).bearer_auth(&user).send().await?;
+                    assert!(!matches!(resp.status().as_u16(), 401 | 403 | 500..));
+                }
+                anyhow::Ok(())
+            }
+        };
         // One request, then wait for a tick: keys and the exchange are in, its record written.
-        let first = client
-            .get(stack.mcp_url())
-            .bearer_auth(&user)
-            .send()
-            .await?;
-        assert!(!matches!(first.status().as_u16(), 401 | 403 | 500..));
+        allowed(1).await?;
         stack
             .envoy
             .wait_for_audit_records(1, Duration::from_secs(5))
             .await?;
         let before = stack.envoy.audit_records()?.len();
         assert_eq!(before, 1);
-        for _ in 0..N {
-            let resp = client
-                .get(stack.mcp_url())
-                .bearer_auth(&user)
-                .send()
-                .await?;
-            assert!(!matches!(resp.status().as_u16(), 401 | 403 | 500..));
-        }
+        allowed(N).await?;
         let held = stack.envoy.audit_records()?.len() == before;
         stack.envoy.terminate()?;
         let records = stack.envoy.audit_records()?;
