@@ -102,11 +102,7 @@ impl Host for ProxyWasmHost {
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
-        Ok(hostcalls::set_map_value(
-            MapType::HttpRequestHeaders,
-            name,
-            value,
-        )?)
+        set_request_header(name, value)
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
@@ -140,7 +136,7 @@ impl Host for ProxyWasmHost {
     }
 
     fn resume_request(&self) {
-        let _ = hostcalls::resume_http_request();
+        resume_request();
     }
 
     fn dispatch(
@@ -262,6 +258,65 @@ fn set_audit_property(record: &str) -> Result<(), HostError> {
 fn set_audit_property(_record: &str) -> Result<(), HostError> {
     Err(HostError)
 }
+
+#[cfg(target_arch = "wasm32")]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    /// proxy-wasm ABI 0.2.1 (map type 0: the request headers).
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    /// Stream type 0: the HTTP request.
+    fn proxy_continue_stream(stream_type: u32) -> u32;
+}
+
+/// Not through the SDK's `set_map_value` and `resume_http_request`, which panic (trapping the
+/// VM, after which Envoy fails every request) on any status but Ok: Envoy answers BadArgument
+/// when the effective context has no request headers (any more), and the flow treats a failed
+/// write as a refusal, never a pass.
+#[cfg(target_arch = "wasm32")]
+fn set_request_header(name: &str, value: Option<&str>) -> Result<(), HostError> {
+    const HTTP_REQUEST_HEADERS: u32 = 0;
+    // SAFETY: every pointer is valid for its size for the duration of the call; the host copies
+    // the bytes and keeps no pointer.
+    let status = unsafe {
+        match value {
+            Some(v) => proxy_replace_header_map_value(
+                HTTP_REQUEST_HEADERS,
+                name.as_ptr(),
+                name.len(),
+                v.as_ptr(),
+                v.len(),
+            ),
+            None => proxy_remove_header_map_value(HTTP_REQUEST_HEADERS, name.as_ptr(), name.len()),
+        }
+    };
+    match status {
+        0 => Ok(()),
+        _ => Err(HostError),
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn set_request_header(_name: &str, _value: Option<&str>) -> Result<(), HostError> {
+    Err(HostError)
+}
+
+/// A request that cannot be resumed (it ended meanwhile) needs nothing more from us.
+#[cfg(target_arch = "wasm32")]
+fn resume_request() {
+    const HTTP_REQUEST: u32 = 0;
+    // SAFETY: no pointers; the host only reads the stream type.
+    let _ = unsafe { proxy_continue_stream(HTTP_REQUEST) };
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn resume_request() {}
 
 #[cfg(target_arch = "wasm32")]
 #[link(wasm_import_module = "env")]
