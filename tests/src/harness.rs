@@ -473,6 +473,19 @@ impl Drop for TempDir {
 /// RFC 7396 JSON merge patch.
 /// The filter's counter `name` (without the `mcp_token_exchange.` prefix) in
 /// [`Envoy::filter_stats`] output; 0 while it has not been reported.
+/// Whether `text` holds a JWT or the start of one: a segment that begins `eyJ` (base64url of
+/// `{"`) and ends in `.`. Not every `eyJ`: an audit record names a token by its `jti`, and the
+/// IdP's random `jti`s (`AT.` + 43 base64url characters) contain `eyJ` now and then.
+pub fn contains_jwt(text: &str) -> bool {
+    let is_b64url = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    text.match_indices("eyJ").any(|(at, _)| {
+        text.as_bytes()[at..]
+            .iter()
+            .find(|b| !is_b64url(**b))
+            .is_some_and(|b| *b == b'.')
+    })
+}
+
 pub fn filter_counter(stats: &str, name: &str) -> u64 {
     stats
         .lines()
@@ -1039,5 +1052,21 @@ impl Drop for Envoy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod contains_jwt_tests {
+    use super::contains_jwt;
+
+    #[test]
+    fn a_jwt_or_its_first_segment_is_found_a_jti_with_eyj_is_not() {
+        assert!(contains_jwt(
+            "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+        ));
+        assert!(contains_jwt("cut: eyJhbGciOiJSUzI1NiJ9."));
+        assert!(!contains_jwt(r#"{"token":"AT.x9eyJq-Kz_1"}"#));
+        assert!(!contains_jwt("AT.abceyJ"));
+        assert!(!contains_jwt("no token here"));
     }
 }
