@@ -195,11 +195,14 @@ extern "C" {
     fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
 }
 
+/// proxy-wasm's map type of the request headers.
+#[cfg(target_arch = "wasm32")]
+const HTTP_REQUEST_HEADERS: u32 = 0;
+
 /// The request headers in one host call (see [`crate::header_map`]). `None` if the host
 /// refuses (no request headers in this callback).
 #[cfg(target_arch = "wasm32")]
 pub fn request_headers() -> Option<SerializedHeaders> {
-    const HTTP_REQUEST_HEADERS: u32 = 0;
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
     // SAFETY: the host writes a pointer to `size` bytes it allocated with this module's
@@ -248,10 +251,7 @@ fn set_audit_property(record: &str) -> Result<(), HostError> {
     // host copies the bytes and keeps no pointer.
     let status =
         unsafe { proxy_set_property(path.as_ptr(), path.len(), record.as_ptr(), record.len()) };
-    match status {
-        0 => Ok(()),
-        _ => Err(HostError),
-    }
+    status_ok(status)
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -281,7 +281,6 @@ extern "C" {
 /// write as a refusal, never a pass.
 #[cfg(target_arch = "wasm32")]
 fn set_request_header(name: &str, value: Option<&str>) -> Result<(), HostError> {
-    const HTTP_REQUEST_HEADERS: u32 = 0;
     // SAFETY: every pointer is valid for its size for the duration of the call; the host copies
     // the bytes and keeps no pointer.
     let status = unsafe {
@@ -296,10 +295,7 @@ fn set_request_header(name: &str, value: Option<&str>) -> Result<(), HostError> 
             None => proxy_remove_header_map_value(HTTP_REQUEST_HEADERS, name.as_ptr(), name.len()),
         }
     };
-    match status {
-        0 => Ok(()),
-        _ => Err(HostError),
-    }
+    status_ok(status)
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -354,6 +350,15 @@ fn info_is_logged() -> bool {
 #[cfg(not(target_arch = "wasm32"))]
 fn info_is_logged() -> bool {
     true
+}
+
+/// A raw host call's status: 0 is Ok, anything else a refusal the caller handles.
+#[cfg(target_arch = "wasm32")]
+fn status_ok(status: u32) -> Result<(), HostError> {
+    match status {
+        0 => Ok(()),
+        _ => Err(HostError),
+    }
 }
 
 /// Milliseconds since the Unix epoch, from the host clock.
