@@ -2,7 +2,7 @@
 //! loading the built filter, configured from `envoy/demo.yaml` with only ports and plugin
 //! settings changed, so the suite tests the configuration `make run` uses.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -72,9 +72,15 @@ pub fn full_filter_wasm() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-pub fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+pub use crate::ports::free_port;
+
+/// A line of the extension list Envoy logs at start: `[...][info][main] [source/...]   name: ...`.
+fn is_extension_listing(line: &str) -> bool {
+    line.contains("][main] [")
+        && line.split_once("] ").is_some_and(|(_, m)| {
+            m.split_once("]   ")
+                .is_some_and(|(_, listing)| listing.contains(": "))
+        })
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -260,6 +266,12 @@ impl Stack {
         loop {
             if self.envoy.log().contains(needle) {
                 return Ok(());
+            }
+            if self.envoy.has_exited() {
+                bail!(
+                    "Envoy exited while the test waited for {needle:?}; log:\n{}",
+                    self.envoy.log_tail(30)
+                );
             }
             if Instant::now() > deadline {
                 bail!(
@@ -1009,10 +1021,29 @@ impl Envoy {
         }
     }
 
+    /// The last `lines` lines of Envoy's log for a failure message, without the list of
+    /// extensions Envoy prints at start (indented lines, ~70 of them) that would crowd out the
+    /// lines that say what went wrong.
     pub fn log_tail(&self, lines: usize) -> String {
         let log = self.log();
-        let all: Vec<&str> = log.lines().collect();
+        let all: Vec<&str> = log
+            .lines()
+            .filter(|line| !is_extension_listing(line))
+            .collect();
         all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Whether the Envoy process has ended (a zombie until it is waited for, or gone). Read from
+    /// `/proc` so that `&self` suffices.
+    pub fn has_exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid())) {
+            // `pid (comm) state ...`: the state follows the last ')'.
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
+        }
     }
 
     /// Whether the Envoy process is still running (a trapped VM does not kill it, but a crash
@@ -1068,5 +1099,26 @@ mod contains_jwt_tests {
         assert!(!contains_jwt(r#"{"token":"AT.x9eyJq-Kz_1"}"#));
         assert!(!contains_jwt("AT.abceyJ"));
         assert!(!contains_jwt("no token here"));
+    }
+}
+
+#[cfg(test)]
+mod log_tail_tests {
+    use super::is_extension_listing;
+
+    #[test]
+    fn the_extension_listing_is_left_out_and_what_went_wrong_is_kept() {
+        assert!(is_extension_listing(
+            "[2026-12-05 22:43:13.047][2773][info][main] [source/server/server.cc:467]   \
+             envoy.tracers: envoy.tracers.datadog, envoy.zipkin"
+        ));
+        assert!(!is_extension_listing(
+            "[2026-12-05 22:49:20.160][5481][critical][main] [source/server/server.cc:449] error \
+             `cannot bind '127.0.0.1:47123': Address already in use` initializing config"
+        ));
+        assert!(!is_extension_listing(
+            "[2026-12-05 22:43:14.001][2790][info][wasm] [source/extensions/common/wasm/context.cc:1195] \
+             wasm log mcp_token_exchange: JWKS loaded: 2 key(s)"
+        ));
     }
 }

@@ -19,3 +19,4 @@ pub mod load;
 pub mod mcp;
 pub mod oci;
 pub mod permissive_path;
+pub mod ports;
