@@ -12,8 +12,9 @@
 //! target is never served to a request for another.
 //!
 //! Shared data has no enumeration and no delete, so the exchange store is a fixed array of slots
-//! (`slot = key mod capacity`): its size is bounded by construction, a colliding insert evicts the
-//! previous entry, and a tick walks a few slots at a time to blank expired ones.
+//! (a key lives in `key mod capacity` or the next slot): its size is bounded by construction, an
+//! insert finding both slots held evicts the entry that expires first, and a tick walks a few
+//! slots at a time to blank expired ones.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -104,10 +105,49 @@ pub enum LeaseOutcome {
     Failed(ExchangeError),
 }
 
+/// What a lease slot holds, as seen by one key.
+///
+/// Slots are shared by keys (`key mod LEASE_SLOTS`). A key whose slot is busy with another key's
+/// exchange waits for it to end rather than take the slot over: taking it would leave the other
+/// key's workers unable to see its lease, and each would call the IdP for it (and then for this
+/// key, in turn). Another key's shared failure is only a shortcut for that key's requests, so
+/// it may be overwritten.
+enum SlotLease {
+    /// Nothing live, or another key's failure outcome.
+    Empty,
+    /// This key's lease: an exchange in progress (`state` 0) or its shared failure.
+    Ours { owner: u32, state: u8 },
+    /// Another key's exchange, in progress.
+    OtherKeyExchanging,
+}
+
 const ENTRY_HEADER: usize = 32 + 8;
+/// How many slots a key may occupy (see `ExchangeStore::entry_slots`).
+const ENTRY_WAYS: u64 = 2;
+
+/// A stored entry: `key (32) | until (8, seconds, little-endian) | token`.
+struct Entry<'a> {
+    key: &'a [u8],
+    until: i64,
+    token: &'a [u8],
+}
+
+impl<'a> Entry<'a> {
+    /// `None` for a blanked slot or anything not written by `put`.
+    fn parse(value: &'a [u8]) -> Option<Self> {
+        if value.len() <= ENTRY_HEADER {
+            return None;
+        }
+        Some(Self {
+            key: &value[..32],
+            until: i64::from_le_bytes(value[32..ENTRY_HEADER].try_into().ok()?),
+            token: &value[ENTRY_HEADER..],
+        })
+    }
+}
 const LEASE_LEN: usize = 32 + 8 + 4 + 1;
 /// Leases live for one exchange; a few thousand slots cover any burst of distinct fresh tokens
-/// (a collision only costs a missed coalescing, never a wrong token).
+/// (a collision makes the second key wait for the first key's exchange, never a wrong token).
 const LEASE_SLOTS: u64 = 4096;
 
 pub struct ExchangeStore {
@@ -159,26 +199,36 @@ impl ExchangeStore {
         format!("{}l{slot}", self.prefix)
     }
 
+    /// The slots `key` may occupy: its own and the next. With one slot per key, two users whose
+    /// keys share a slot evicted each other, and each worker without a copy of its own called
+    /// the IdP again; with two, a third key is needed for an eviction.
+    fn entry_slots(&self, key: &Digest32) -> impl Iterator<Item = u64> {
+        let (first, slots) = (self.slot(key), self.slots.max(1));
+        (0..ENTRY_WAYS.min(slots)).map(move |way| (first + way) % slots)
+    }
+
     /// The cached backend token for `key` and the time (seconds) it is reusable until, if that
     /// is after `now`.
     pub fn get(&self, store: &dyn SharedStore, key: &Digest32, now: i64) -> Option<(String, i64)> {
         if !self.enabled() {
             return None;
         }
-        let (value, _) = store.get(&self.entry_key(self.slot(key)));
-        let value = value?;
-        if value.len() <= ENTRY_HEADER || value[..32] != key[..] {
-            return None;
-        }
-        let until = i64::from_le_bytes(value[32..40].try_into().ok()?);
-        if until <= now {
-            return None;
-        }
-        let token = String::from_utf8(value[ENTRY_HEADER..].to_vec()).ok()?;
-        Some((token, until))
+        self.entry_slots(key).find_map(|slot| {
+            let (value, _) = store.get(&self.entry_key(slot));
+            let entry = Entry::parse(value.as_deref()?)?;
+            if entry.key != key || entry.until <= now {
+                return None;
+            }
+            let token = String::from_utf8(entry.token.to_vec()).ok()?;
+            Some((token, entry.until))
+        })
     }
 
-    pub fn put(&self, store: &dyn SharedStore, key: &Digest32, token: &str, until: i64) {
+    /// Stores `token` for `key` until `until`: in the slot that holds `key` already, else an
+    /// empty or expired one, else over the entry that expires first. Written with the CAS of
+    /// what was read, so two workers storing different keys do not overwrite each other
+    /// unseen; a write that loses twice leaves the token uncached (a later miss exchanges).
+    pub fn put(&self, store: &dyn SharedStore, key: &Digest32, token: &str, until: i64, now: i64) {
         if !self.enabled() {
             return;
         }
@@ -186,22 +236,50 @@ impl ExchangeStore {
         value.extend_from_slice(key);
         value.extend_from_slice(&until.to_le_bytes());
         value.extend_from_slice(token.as_bytes());
-        let _ = store.set(&self.entry_key(self.slot(key)), &value, None);
+        for _ in 0..2 {
+            let (slot, cas) = self.slot_for(store, key, now);
+            if store.set(&self.entry_key(slot), &value, Some(cas)).is_ok() {
+                return;
+            }
+        }
     }
 
-    /// Drops `key`'s entry (if the slot still holds it). True if something was dropped.
+    /// Where `put` writes `key`, and the CAS of that slot's current value.
+    fn slot_for(&self, store: &dyn SharedStore, key: &Digest32, now: i64) -> (u64, u32) {
+        // (slot, cas, holds key, reusable until: MIN when empty)
+        let seen: Vec<(u64, u32, bool, i64)> = self
+            .entry_slots(key)
+            .map(|slot| {
+                let (value, cas) = store.get(&self.entry_key(slot));
+                match value.as_deref().and_then(Entry::parse) {
+                    Some(entry) => (slot, cas, entry.key == key, entry.until),
+                    None => (slot, cas, false, i64::MIN),
+                }
+            })
+            .collect();
+        let pick = seen
+            .iter()
+            .find(|(_, _, holds_key, _)| *holds_key)
+            .or_else(|| seen.iter().find(|(_, _, _, until)| *until <= now))
+            .or_else(|| seen.iter().min_by_key(|(_, _, _, until)| *until));
+        pick.map_or((self.slot(key), 0), |&(slot, cas, _, _)| (slot, cas))
+    }
+
+    /// Drops `key`'s entry (if a slot still holds it). True if something was dropped.
     pub fn remove(&self, store: &dyn SharedStore, key: &Digest32) -> bool {
         if !self.enabled() {
             return false;
         }
-        let slot_key = self.entry_key(self.slot(key));
-        let (value, cas) = store.get(&slot_key);
-        let removed = match value {
-            Some(v) if v.len() >= 32 && v[..32] == key[..] => {
-                store.set(&slot_key, &[], Some(cas)).is_ok()
-            }
-            _ => false,
-        };
+        // Every slot: a racing `put` may have left an older copy in the other.
+        let removed = self.entry_slots(key).fold(false, |removed, slot| {
+            let slot_key = self.entry_key(slot);
+            let (value, cas) = store.get(&slot_key);
+            let holds_key = value
+                .as_deref()
+                .and_then(Entry::parse)
+                .is_some_and(|entry| entry.key == key);
+            (holds_key && store.set(&slot_key, &[], Some(cas)).is_ok()) || removed
+        });
         if removed {
             // Tell the other workers to drop the copies they keep in front of this store.
             let _ = store.set(&self.generation_key(), &[], None);
@@ -233,11 +311,7 @@ impl ExchangeStore {
             self.sweep_cursor = (self.sweep_cursor + 1) % self.slots;
             let (value, cas) = store.get(&slot_key);
             if let Some(v) = value {
-                let expired = v.len() < ENTRY_HEADER
-                    || v[32..40]
-                        .try_into()
-                        .map(i64::from_le_bytes)
-                        .map_or(true, |until| until <= now);
+                let expired = Entry::parse(&v).is_none_or(|entry| entry.until <= now);
                 if !v.is_empty() && expired {
                     let _ = store.set(&slot_key, &[], Some(cas));
                 }
@@ -245,21 +319,26 @@ impl ExchangeStore {
         }
     }
 
-    fn read_lease(
-        &self,
-        store: &dyn SharedStore,
-        key: &Digest32,
-        now_ms: u64,
-    ) -> (Option<(u32, u8)>, u32) {
+    fn read_lease(&self, store: &dyn SharedStore, key: &Digest32, now_ms: u64) -> (SlotLease, u32) {
         let (value, cas) = store.get(&self.lease_key(self.lease_slot(key)));
-        let live = value
-            .filter(|v| v.len() == LEASE_LEN && v[..32] == key[..])
+        let lease = value
+            .filter(|v| v.len() == LEASE_LEN)
             .and_then(|v| {
                 let deadline = u64::from_le_bytes(v[32..40].try_into().ok()?);
                 let owner = u32::from_le_bytes(v[40..44].try_into().ok()?);
-                (deadline > now_ms).then_some((owner, v[44]))
-            });
-        (live, cas)
+                let state = v[44];
+                (deadline > now_ms).then(|| {
+                    if v[..32] == key[..] {
+                        SlotLease::Ours { owner, state }
+                    } else if state == 0 {
+                        SlotLease::OtherKeyExchanging
+                    } else {
+                        SlotLease::Empty
+                    }
+                })
+            })
+            .unwrap_or(SlotLease::Empty);
+        (lease, cas)
     }
 
     fn write_lease(
@@ -279,6 +358,8 @@ impl ExchangeStore {
         store.set(&self.lease_key(self.lease_slot(key)), &v, Some(cas))
     }
 
+    /// Whether `key` may be exchanged now. A slot busy with another key's exchange reads as
+    /// `InProgress`: the key waits for that exchange to end (see [`SlotLease`]).
     pub fn lease_status(
         &self,
         store: &dyn SharedStore,
@@ -289,9 +370,11 @@ impl ExchangeStore {
             return LeaseStatus::Free;
         }
         match self.read_lease(store, key, now_ms).0 {
-            None => LeaseStatus::Free,
-            Some((_, 0)) => LeaseStatus::InProgress,
-            Some((_, state)) => {
+            SlotLease::Empty => LeaseStatus::Free,
+            SlotLease::Ours { state: 0, .. } | SlotLease::OtherKeyExchanging => {
+                LeaseStatus::InProgress
+            }
+            SlotLease::Ours { state, .. } => {
                 decode_failure(state).map_or(LeaseStatus::Free, LeaseStatus::Failed)
             }
         }
@@ -309,16 +392,20 @@ impl ExchangeStore {
         if !self.enabled() {
             return LeaseOutcome::Acquired;
         }
-        let (mut live, mut cas) = self.read_lease(store, key, now_ms);
+        let (mut lease, mut cas) = self.read_lease(store, key, now_ms);
         if cas == 0 {
             // Envoy ignores a CAS of 0 (never written), so two workers could both "win" a fresh
             // slot. Materialise the slot first; the CAS write below then picks one winner.
             let _ = store.set(&self.lease_key(self.lease_slot(key)), &[], None);
-            (live, cas) = self.read_lease(store, key, now_ms);
+            (lease, cas) = self.read_lease(store, key, now_ms);
         }
-        match live {
-            Some((holder, 0)) if holder != owner => LeaseOutcome::HeldElsewhere,
-            Some((_, state)) if state != 0 => match decode_failure(state) {
+        match lease {
+            SlotLease::Ours {
+                owner: holder,
+                state: 0,
+            } if holder != owner => LeaseOutcome::HeldElsewhere,
+            SlotLease::OtherKeyExchanging => LeaseOutcome::HeldElsewhere,
+            SlotLease::Ours { state, .. } if state != 0 => match decode_failure(state) {
                 Some(e) => LeaseOutcome::Failed(e),
                 None => LeaseOutcome::HeldElsewhere,
             },
@@ -343,9 +430,12 @@ impl ExchangeStore {
         if !self.enabled() {
             return;
         }
-        let (live, cas) = self.read_lease(store, key, now_ms);
-        if matches!(live, Some((holder, _)) if holder != owner) {
-            return;
+        let (lease, cas) = self.read_lease(store, key, now_ms);
+        match lease {
+            SlotLease::Ours { owner: holder, .. } if holder != owner => return,
+            // Ours ran out and another key's exchange took the slot: not ours to end.
+            SlotLease::OtherKeyExchanging => return,
+            _ => {}
         }
         let _ = match failure.map(encode_failure) {
             Some(state) => self.write_lease(store, key, now_ms + failure_ttl_ms, owner, state, cas),
@@ -688,7 +778,7 @@ mod tests {
         let store = MemoryStore::default();
         let worker_a = ExchangeStore::new("ns", 64);
         let worker_b = ExchangeStore::new("ns", 64);
-        worker_a.put(&store, &key("t"), "backend", 100);
+        worker_a.put(&store, &key("t"), "backend", 100, 0);
         assert_eq!(
             worker_b.get(&store, &key("t"), 99),
             Some(("backend".to_string(), 100))
@@ -706,7 +796,7 @@ mod tests {
         let store = MemoryStore::default();
         let cache = ExchangeStore::new("ns", 4);
         for i in 0..100 {
-            cache.put(&store, &key(&format!("t{i}")), "x", 1000);
+            cache.put(&store, &key(&format!("t{i}")), "x", 1000, 0);
         }
         assert!(store.map.borrow().len() <= 4);
         // Later entries replace colliding earlier ones, never the reverse.
@@ -716,11 +806,67 @@ mod tests {
         );
     }
 
+    /// A key whose first 8 bytes are `n` (little-endian): its entry slot is `n mod slots`.
+    fn key_in_slot(n: u64, tail: u8) -> Digest32 {
+        let mut k = [tail; 32];
+        k[..8].copy_from_slice(&n.to_le_bytes());
+        k
+    }
+
+    #[test]
+    fn keys_sharing_a_slot_both_stay_and_a_third_evicts_the_one_expiring_first() {
+        let store = MemoryStore::default();
+        let cache = ExchangeStore::new("ns", 64);
+        let (a, b, c) = (key_in_slot(5, 1), key_in_slot(69, 2), key_in_slot(133, 3));
+        cache.put(&store, &a, "A", 300, 0);
+        cache.put(&store, &b, "B", 200, 0);
+        assert_eq!(
+            cache.get(&store, &a, 0).map(|(t, _)| t).as_deref(),
+            Some("A")
+        );
+        assert_eq!(
+            cache.get(&store, &b, 0).map(|(t, _)| t).as_deref(),
+            Some("B")
+        );
+        // Storing a key again replaces its own entry, not its neighbour's.
+        cache.put(&store, &b, "B2", 250, 0);
+        assert_eq!(
+            cache.get(&store, &a, 0).map(|(t, _)| t).as_deref(),
+            Some("A")
+        );
+        assert_eq!(
+            cache.get(&store, &b, 0).map(|(t, _)| t).as_deref(),
+            Some("B2")
+        );
+        cache.put(&store, &c, "C", 400, 0);
+        assert_eq!(cache.get(&store, &b, 0), None, "b expires first: evicted");
+        assert_eq!(
+            cache.get(&store, &a, 0).map(|(t, _)| t).as_deref(),
+            Some("A")
+        );
+        assert_eq!(
+            cache.get(&store, &c, 0).map(|(t, _)| t).as_deref(),
+            Some("C")
+        );
+        // An expired entry makes room before a live one is evicted.
+        cache.put(&store, &b, "B3", 500, 350);
+        assert_eq!(
+            cache.get(&store, &c, 350).map(|(t, _)| t).as_deref(),
+            Some("C")
+        );
+        assert_eq!(
+            cache.get(&store, &b, 350).map(|(t, _)| t).as_deref(),
+            Some("B3")
+        );
+        assert!(cache.remove(&store, &b));
+        assert_eq!(cache.get(&store, &b, 350), None);
+    }
+
     #[test]
     fn remove_only_drops_its_own_entry() {
         let store = MemoryStore::default();
         let cache = ExchangeStore::new("ns", 1);
-        cache.put(&store, &key("a"), "A", 100);
+        cache.put(&store, &key("a"), "A", 100, 0);
         assert!(!cache.remove(&store, &key("b")));
         assert!(cache.remove(&store, &key("a")));
         assert_eq!(cache.get(&store, &key("a"), 0), None);
@@ -730,8 +876,8 @@ mod tests {
     fn sweep_blanks_expired_slots() {
         let store = MemoryStore::default();
         let mut cache = ExchangeStore::new("ns", 8);
-        cache.put(&store, &key("old"), "A", 10);
-        cache.put(&store, &key("new"), "B", 1000);
+        cache.put(&store, &key("old"), "A", 10, 0);
+        cache.put(&store, &key("new"), "B", 1000, 0);
         cache.sweep(&store, 500, 8);
         assert_eq!(
             cache
@@ -753,7 +899,7 @@ mod tests {
     fn disabled_store_caches_nothing_and_never_blocks() {
         let store = MemoryStore::default();
         let cache = ExchangeStore::new("ns", 0);
-        cache.put(&store, &key("a"), "A", 100);
+        cache.put(&store, &key("a"), "A", 100, 0);
         assert_eq!(cache.get(&store, &key("a"), 0), None);
         assert_eq!(
             cache.try_lease(&store, &key("a"), 1, 0, 1000),
@@ -806,6 +952,56 @@ mod tests {
             LeaseOutcome::Failed(ExchangeError::Timeout)
         );
         assert_eq!(cache.lease_status(&store, &k, 1101), LeaseStatus::Free);
+    }
+
+    /// Two keys in one lease slot (same first 8 bytes): the second waits for the first's
+    /// exchange instead of taking the slot, which used to let a worker that wanted the first
+    /// key find no lease for it and call the IdP a second time (`reconfig` saw 8 exchanges for
+    /// 6 users once in a dozen runs).
+    #[test]
+    fn keys_sharing_a_lease_slot_wait_for_each_other_instead_of_exchanging_twice() {
+        let store = MemoryStore::default();
+        let cache = ExchangeStore::new("ns", 16);
+        let first = [7u8; 32];
+        let mut second = [7u8; 32];
+        second[31] = 8;
+        assert_eq!(cache.lease_slot(&first), cache.lease_slot(&second));
+        assert_eq!(
+            cache.try_lease(&store, &first, 1, 0, 5000),
+            LeaseOutcome::Acquired
+        );
+        assert_eq!(
+            cache.try_lease(&store, &second, 1, 10, 5000),
+            LeaseOutcome::HeldElsewhere
+        );
+        assert_eq!(
+            cache.lease_status(&store, &second, 10),
+            LeaseStatus::InProgress
+        );
+        // The first key's lease is still visible to the other worker.
+        assert_eq!(
+            cache.try_lease(&store, &first, 2, 20, 5000),
+            LeaseOutcome::HeldElsewhere
+        );
+        // The second key cannot end the first key's lease either.
+        cache.release(&store, &second, 1, None, 30, 1000);
+        assert_eq!(
+            cache.lease_status(&store, &first, 30),
+            LeaseStatus::InProgress
+        );
+        cache.release(&store, &first, 1, None, 100, 1000);
+        assert_eq!(cache.lease_status(&store, &second, 100), LeaseStatus::Free);
+        assert_eq!(
+            cache.try_lease(&store, &second, 2, 100, 5000),
+            LeaseOutcome::Acquired
+        );
+        // Another key's shared failure does not hold a key back.
+        cache.release(&store, &second, 2, Some(&ExchangeError::Timeout), 200, 1000);
+        assert_eq!(cache.lease_status(&store, &first, 210), LeaseStatus::Free);
+        assert_eq!(
+            cache.try_lease(&store, &first, 1, 210, 5000),
+            LeaseOutcome::Acquired
+        );
     }
 
     #[test]
@@ -940,7 +1136,7 @@ mod tests {
         let store = MemoryStore::default();
         let cache = ExchangeStore::new("ns", 8);
         let before = cache.generation(&store);
-        cache.put(&store, &key("t"), "x", 100);
+        cache.put(&store, &key("t"), "x", 100, 0);
         assert_eq!(cache.generation(&store), before, "a put is no invalidation");
         assert!(!cache.remove(&store, &key("other")));
         assert_eq!(cache.generation(&store), before);

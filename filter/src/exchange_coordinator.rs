@@ -406,7 +406,8 @@ impl ExchangeCoordinator {
                     exchange.target.cache_margin_seconds,
                 );
                 if let Some(until) = until {
-                    self.store.put(shared, key, &exchanged.access_token, until);
+                    self.store
+                        .put(shared, key, &exchanged.access_token, until, secs(now_ms));
                 }
                 Ok(Issued {
                     token: exchanged.access_token,
@@ -443,7 +444,7 @@ impl ExchangeCoordinator {
     ) -> Option<Ended> {
         let exchange = self.in_flight.remove(key)?;
         let until = until.min(exchange.subject.expires_at);
-        self.store.put(shared, key, &token, until);
+        self.store.put(shared, key, &token, until, secs(now_ms));
         self.release(shared, key, None, now_ms);
         Some(Ended {
             elapsed_ms: now_ms.saturating_sub(exchange.started_ms),
@@ -690,6 +691,65 @@ mod tests {
         let polled = b.poll_remote(&shared, NOW_MS + 40);
         assert!(matches!(&polled[..], [(9, RemoteOutcome::Stored { token, .. })] if token == "b1"));
         assert!(b.is_idle());
+    }
+
+    /// A subject whose key starts with `n` (little-endian): its slots are `n mod` the store's.
+    fn subject_with_key(n: u64) -> Subject {
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&n.to_le_bytes());
+        Subject {
+            key,
+            ..subject("tok")
+        }
+    }
+
+    #[test]
+    fn two_users_sharing_a_lease_slot_cost_one_exchange_each_over_two_workers() {
+        let shared = MemoryStore::default();
+        // Entries in different slots (of 10,000), leases in the same (of 4,096).
+        let store = || ExchangeStore::new("t", 10_000);
+        let (mut a, mut b) = (
+            ExchangeCoordinator::new(store(), 1, None),
+            ExchangeCoordinator::new(store(), 2, None),
+        );
+        a.store().prepare_leases(&shared);
+        let (first, second, t) = (subject_with_key(1), subject_with_key(4097), target());
+        let mut exchanges = 0;
+        let mut lead = |c: &mut ExchangeCoordinator, s: &Subject, ctx: u32, now: u64| {
+            exchanges += 1;
+            c.begin(s.clone(), Rc::clone(&t), vec![ctx], Phase::Exchange, now);
+            c.sent(&s.key, Phase::Exchange, ctx, t.timeout, now);
+        };
+        assert!(matches!(a.join(&shared, 1, &first, &t, NOW_MS), Join::Lead));
+        lead(&mut a, &first, 1, NOW_MS);
+        assert!(matches!(
+            a.join(&shared, 2, &second, &t, NOW_MS),
+            Join::Remote
+        ));
+        assert!(matches!(
+            b.join(&shared, 3, &first, &t, NOW_MS),
+            Join::Remote
+        ));
+        assert!(matches!(
+            b.join(&shared, 4, &second, &t, NOW_MS),
+            Join::Remote
+        ));
+
+        a.answered(&shared, &first.key, issued("b-first"), NOW_MS + 30);
+        // Worker a polls first: its waiter for `second` leads the next exchange.
+        let polled = a.poll_remote(&shared, NOW_MS + 40);
+        assert!(matches!(&polled[..], [(2, RemoteOutcome::Lead { .. })]));
+        lead(&mut a, &second, 2, NOW_MS + 40);
+        let polled = b.poll_remote(&shared, NOW_MS + 41);
+        assert!(
+            matches!(&polled[..], [(3, RemoteOutcome::Stored { token, .. })] if token == "b-first")
+        );
+        a.answered(&shared, &second.key, issued("b-second"), NOW_MS + 70);
+        let polled = b.poll_remote(&shared, NOW_MS + 80);
+        assert!(
+            matches!(&polled[..], [(4, RemoteOutcome::Stored { token, .. })] if token == "b-second")
+        );
+        assert_eq!(exchanges, 2);
     }
 
     #[test]
