@@ -181,7 +181,8 @@ fn the_cached_path_renders_a_record_once_and_only_its_time_changes() {
     w.send_headers(4, &on_other, true);
     assert_eq!(audit_record(&w, 4)["route"], "/other");
     // Due a status check (see `STATUS_CHECK_INTERVAL_MS`), so its 401 below is read.
-    w.host.advance(crate::cache::STATUS_CHECK_INTERVAL_MS);
+    w.host
+        .advance(crate::verified_tokens::STATUS_CHECK_INTERVAL_MS);
     w.send(5, &token);
     assert_eq!(timeless(audit_record(&w, 5)), timeless(first.clone()));
 

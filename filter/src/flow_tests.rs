@@ -590,7 +590,7 @@ fn an_upstream_401_drops_the_backend_token_on_every_worker() {
 
 #[test]
 fn the_cached_path_reads_the_upstream_status_at_most_once_an_interval() {
-    use crate::cache::STATUS_CHECK_INTERVAL_MS;
+    use crate::verified_tokens::STATUS_CHECK_INTERVAL_MS;
     let mut w = Worker::first(&config());
     let token = user_token("lena");
     w.send(1, &token);

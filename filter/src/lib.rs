@@ -21,6 +21,7 @@ pub mod reply;
 pub mod request_path;
 pub mod rsa_public;
 pub mod token;
+pub mod verified_tokens;
 pub mod verify;
 
 mod exchange_coordinator;

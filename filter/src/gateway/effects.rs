@@ -9,13 +9,14 @@ use log::error;
 use proxy_wasm::types::Action;
 
 use crate::audit::{AuditRecord, CacheUse, RecordTail};
-use crate::cache::{fingerprint, token_digest, CachedBackend, Digest32, VerifiedToken};
+use crate::cache::{fingerprint, token_digest, Digest32};
 use crate::config::{AuditLog, ExchangeTarget, IdentityClaim};
 use crate::host::{Host, HostError};
 use crate::jwks::sanitize;
 use crate::mcp::{self, BodyError};
 use crate::reply::{Denial, Reply};
 use crate::request::{Body, Request, RequestState};
+use crate::verified_tokens::{CachedBackend, VerifiedToken};
 use crate::verify::Principal;
 
 use super::decide::{Step, Upstream};

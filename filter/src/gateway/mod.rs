@@ -35,7 +35,7 @@ use std::time::Duration;
 use proxy_wasm::types::Action;
 
 use crate::audit::AuditBatch;
-use crate::cache::{Digest32, ExchangeStore, VerifiedTokens};
+use crate::cache::{Digest32, ExchangeStore};
 use crate::clock::CoarseClock;
 use crate::config::Policy;
 use crate::exchange_coordinator::ExchangeCoordinator;
@@ -44,6 +44,7 @@ use crate::host::{Host, ProxyWasmHost};
 use crate::key_manager::KeyManager;
 use crate::metrics::{CounterId, Metrics};
 use crate::request::{ContextMap, Request};
+use crate::verified_tokens::VerifiedTokens;
 
 /// Normal tick period: bounds how late a JWKS retry, a wait limit or a cache sweep is noticed.
 pub const TICK: Duration = Duration::from_millis(500);
