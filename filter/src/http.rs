@@ -2,11 +2,11 @@
 //! [`Gateway`](crate::gateway::Gateway), and keeps what the gateway said about the request at
 //! admission ([`Admitted`]) for its later callbacks.
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use crate::gateway::{with_gateway, Admission, Admitted, SharedGateway};
+use crate::host_abi;
 
 pub struct RequestContext {
     context_id: u32,
@@ -37,9 +37,9 @@ impl Drop for RequestContext {
 
 /// Fail closed: without configuration or with state we cannot borrow, answer 500.
 fn refuse() -> Action {
-    let _ = hostcalls::send_http_response(
+    host_abi::send_local_response(
         500,
-        vec![
+        &[
             ("content-type", "application/json"),
             ("cache-control", "no-store"),
         ],

@@ -28,6 +28,7 @@ mod exchange_coordinator;
 mod fleet;
 mod gateway;
 mod host;
+mod host_abi;
 mod http;
 mod key_manager;
 mod metrics;
@@ -54,7 +55,7 @@ mod provider_flow_tests;
 mod test_keys;
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    host_abi::HostLogger::install();
     proxy_wasm::set_root_context(|context_id| -> Box<dyn proxy_wasm::traits::RootContext> {
         Box::new(root::Root::new(context_id))
     });

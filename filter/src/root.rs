@@ -12,6 +12,7 @@ use crate::cache::{fingerprint, token_digest};
 use crate::config::parse_policy;
 use crate::gateway::{with_gateway, Gateway, SharedGateway, TICK};
 use crate::host::{allocate_worker_id, HostStore, ProxyWasmHost};
+use crate::host_abi;
 use crate::http::RequestContext;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -54,8 +55,9 @@ impl RootContext for Root {
         true
     }
 
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let raw = self.get_plugin_configuration().unwrap_or_default();
+    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let raw = host_abi::buffer(host_abi::PLUGIN_CONFIGURATION, plugin_configuration_size)
+            .unwrap_or_default();
         match parse_policy(&raw, &|name| std::env::var(name).ok()) {
             Ok(policy) => {
                 let routes: Vec<String> = policy
@@ -93,7 +95,11 @@ impl RootContext for Root {
                 );
                 gateway.prepare_shared_slots();
                 self.gateway = Some(Rc::new(RefCell::new(gateway)));
-                self.set_tick_period(TICK);
+                if host_abi::set_tick_period(TICK).is_err() {
+                    // Without ticks no key set is fetched and no batch of records written.
+                    error!("Envoy refused the tick period: configuration refused");
+                    return false;
+                }
                 true
             }
             Err(e) => {
