@@ -10,6 +10,7 @@
 //!   it and see the answers; [`fleet`] adds a real etcd and a front Envoy for several replicas.
 
 pub mod apollo;
+pub mod bootstrap;
 pub mod cli;
 pub mod client;
 pub mod fleet;
