@@ -266,7 +266,8 @@ impl ExchangeStore {
     }
 
     /// Changes whenever an entry is removed: workers compare it on their tick to learn that a
-    /// backend token they keep in their own [`VerifiedTokens`] may be stale. (The CAS of a
+    /// backend token they keep in their own
+    /// [`VerifiedTokens`](crate::verified_tokens::VerifiedTokens) may be stale. (The CAS of a
     /// shared-data key changes on every write, so the key's CAS is the generation.)
     pub fn generation(&self, store: &dyn SharedStore) -> u32 {
         if !self.enabled() {
@@ -337,7 +338,7 @@ impl ExchangeStore {
     }
 
     /// Whether `key` may be exchanged now. A slot busy with another key's exchange reads as
-    /// `InProgress`: the key waits for that exchange to end (see [`SlotLease`]).
+    /// `InProgress`: the key waits for that exchange to end (see `SlotLease`).
     pub fn lease_status(
         &self,
         store: &dyn SharedStore,

@@ -82,7 +82,7 @@ pub type SharedGateway = Rc<RefCell<Gateway>>;
 pub enum Admission {
     /// Forwarded on the cached path: the gateway keeps nothing for this request. When the
     /// upstream's answer is to be read (a backend token due a status check, see
-    /// [`STATUS_CHECK_INTERVAL_MS`](crate::cache::STATUS_CHECK_INTERVAL_MS)), the key that
+    /// [`STATUS_CHECK_INTERVAL_MS`](crate::verified_tokens::STATUS_CHECK_INTERVAL_MS)), the key that
     /// token is cached under.
     Cached { watched_key: Option<Digest32> },
     /// Any other outcome; the gateway may keep state for the request until `forget`.
