@@ -243,8 +243,15 @@ impl ExchangeStore {
         pick.map_or((self.slot(key), 0), |&(slot, cas, _, _)| (slot, cas))
     }
 
-    /// Drops `key`'s entry (if a slot still holds it). True if something was dropped.
-    pub fn remove(&self, store: &dyn SharedStore, key: &Digest32) -> bool {
+    /// Drops `key`'s entry if a slot still holds it and, with `only_token`, if the entry holds
+    /// that token: a 401 to an old token must not drop the fresh one another worker exchanged
+    /// after an earlier 401 to it. True if something was dropped.
+    pub fn remove(
+        &self,
+        store: &dyn SharedStore,
+        key: &Digest32,
+        only_token: Option<&str>,
+    ) -> bool {
         if !self.enabled() {
             return false;
         }
@@ -255,7 +262,9 @@ impl ExchangeStore {
             let holds_key = value
                 .as_deref()
                 .and_then(Entry::parse)
-                .is_some_and(|entry| entry.key == key);
+                .is_some_and(|entry| {
+                    entry.key == key && only_token.is_none_or(|t| entry.token == t.as_bytes())
+                });
             (holds_key && store.set(&slot_key, &[], Some(cas)).is_ok()) || removed
         });
         if removed {
@@ -588,7 +597,7 @@ mod tests {
             cache.get(&store, &b, 350).map(|(t, _)| t).as_deref(),
             Some("B3")
         );
-        assert!(cache.remove(&store, &b));
+        assert!(cache.remove(&store, &b, None));
         assert_eq!(cache.get(&store, &b, 350), None);
     }
 
@@ -597,8 +606,11 @@ mod tests {
         let store = MemoryStore::default();
         let cache = ExchangeStore::new("ns", 1);
         cache.put(&store, &key("a"), "A", 100, 0);
-        assert!(!cache.remove(&store, &key("b")));
-        assert!(cache.remove(&store, &key("a")));
+        assert!(!cache.remove(&store, &key("b"), None));
+        // A 401 to an older token of the same key leaves the newer one.
+        assert!(!cache.remove(&store, &key("a"), Some("older")));
+        assert!(cache.get(&store, &key("a"), 0).is_some());
+        assert!(cache.remove(&store, &key("a"), Some("A")));
         assert_eq!(cache.get(&store, &key("a"), 0), None);
     }
 
@@ -752,9 +764,9 @@ mod tests {
         let before = cache.generation(&store);
         cache.put(&store, &key("t"), "x", 100, 0);
         assert_eq!(cache.generation(&store), before, "a put is no invalidation");
-        assert!(!cache.remove(&store, &key("other")));
+        assert!(!cache.remove(&store, &key("other"), None));
         assert_eq!(cache.generation(&store), before);
-        assert!(cache.remove(&store, &key("t")));
+        assert!(cache.remove(&store, &key("t"), None));
         assert_ne!(cache.generation(&store), before);
     }
 

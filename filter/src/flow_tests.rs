@@ -588,6 +588,50 @@ fn an_upstream_401_drops_the_backend_token_on_every_worker() {
     assert!(a.gw.is_idle() && b.gw.is_idle());
 }
 
+/// Two workers sent the same backend token; B's 401 came first and B exchanged a fresh one.
+/// A's late 401 to the old token must not drop the fresh one from the store (it did: the drop
+/// was by key), which cost every worker another exchange.
+#[test]
+fn a_late_401_to_an_old_backend_token_leaves_the_fresh_one() {
+    let cfg = config();
+    let mut a = Worker::first(&cfg);
+    let mut b = a.sibling(&cfg, 2);
+    let token = user_token("mia");
+    a.send(1, &token);
+    let call = only(&a.exchanges());
+    a.answer(&call, Some(200), &exchanged("backend-mia-1"));
+    a.end(1);
+    b.send(1, &token);
+    assert_eq!(b.authorization(1).as_deref(), Some("Bearer backend-mia-1"));
+    b.end(1);
+    a.send(2, &token);
+    assert_eq!(a.authorization(2).as_deref(), Some("Bearer backend-mia-1"));
+
+    b.send(2, &token);
+    b.upstream_answers(2, "401");
+    b.end(2);
+    b.send(3, &token);
+    let fresh = only(&b.exchanges());
+    b.answer(&fresh, Some(200), &exchanged("backend-mia-2"));
+    assert_eq!(b.authorization(3).as_deref(), Some("Bearer backend-mia-2"));
+    b.end(3);
+
+    a.upstream_answers(2, "401");
+    a.end(2);
+    a.tick(500);
+    a.send(3, &token);
+    assert_eq!(
+        a.exchanges().len(),
+        1,
+        "A exchanged only the first time: the fresh token is still in the store"
+    );
+    assert_eq!(a.authorization(3).as_deref(), Some("Bearer backend-mia-2"));
+    a.end(3);
+    b.tick(500);
+    assert_eq!(a.host.counter("cache.invalidated"), 0);
+    assert_eq!(b.host.counter("cache.invalidated"), 1);
+}
+
 #[test]
 fn the_cached_path_reads_the_upstream_status_at_most_once_an_interval() {
     use crate::verified_tokens::STATUS_CHECK_INTERVAL_MS;

@@ -221,11 +221,20 @@ impl VerifiedTokens {
         }
     }
 
-    /// Forgets the backend token stored under the exchange cache `key`.
-    pub fn forget_backend(&mut self, key: &Digest32) {
+    /// Forgets the backend token stored under the exchange cache `key`, and returns its
+    /// `Authorization` value: what this worker sent upstream with it.
+    pub fn forget_backend(&mut self, key: &Digest32) -> Option<Rc<str>> {
+        let mut forgotten = None;
         for entry in self.entries.values_mut() {
-            entry.backends.retain(|b| b.key != *key);
+            entry.backends.retain(|b| {
+                let matches = b.key == *key;
+                if matches && forgotten.is_none() {
+                    forgotten = Some(Rc::clone(&b.authorization));
+                }
+                !matches
+            });
         }
+        forgotten
     }
 
     /// Forgets every backend token (another worker invalidated one; we cannot tell which).

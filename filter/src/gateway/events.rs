@@ -104,9 +104,12 @@ impl<H: Host> Gateway<H> {
     /// `key`: a 401 drops that token from this worker and from the shared store.
     fn on_backend_token_status(&mut self, key: &Digest32, status: Option<&[u8]>) {
         if status == Some(b"401") {
-            self.verified.forget_backend(key);
+            // The token this worker sent, if it still holds it: only that one is dropped from
+            // the store (without it, whatever the store holds under `key`).
+            let sent = self.verified.forget_backend(key);
+            let sent_token = sent.as_deref().and_then(|a| a.strip_prefix("Bearer "));
             self.fleet_forget(key);
-            if self.exchanges.store().remove(&self.host, key) {
+            if self.exchanges.store().remove(&self.host, key, sent_token) {
                 self.metrics.inc("cache.invalidated");
                 info!("upstream answered 401; dropped the cached exchanged token");
             }
