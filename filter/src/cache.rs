@@ -204,8 +204,10 @@ impl ExchangeStore {
 
     /// Stores `token` for `key` until `until`: in the slot that holds `key` already, else an
     /// empty or expired one, else over the entry that expires first. Written with the CAS of
-    /// what was read, so two workers storing different keys do not overwrite each other
-    /// unseen; a write that loses twice leaves the token uncached (a later miss exchanges).
+    /// what was read, so two workers storing different keys into a slot written before do not
+    /// overwrite each other unseen (Envoy ignores the CAS of a slot never written, so a first
+    /// write may still lose a racing one: a later miss exchanges again); a write that loses
+    /// twice leaves the token uncached.
     pub fn put(&self, store: &dyn SharedStore, key: &Digest32, token: &str, until: i64, now: i64) {
         if !self.enabled() {
             return;

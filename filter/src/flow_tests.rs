@@ -558,19 +558,30 @@ fn exchanges_for_resumed_requests_survive_the_request_that_fetched_the_keys() {
     assert!(w.gw.is_idle());
 }
 
-#[test]
-fn an_upstream_401_drops_the_backend_token_on_every_worker() {
+/// Two workers that both hold `backend-<user>-1` for `user`'s token: A exchanged it (request 1),
+/// B found it in the store (its request 1).
+fn two_workers_holding_a_backend_token(user: &str) -> (Worker, Worker, String) {
     let cfg = config();
     let mut a = Worker::first(&cfg);
     let mut b = a.sibling(&cfg, 2);
-    let token = user_token("liam");
+    let token = user_token(user);
+    let backend = format!("backend-{user}-1");
     a.send(1, &token);
     let call = only(&a.exchanges());
-    a.answer(&call, Some(200), &exchanged("backend-liam-1"));
+    a.answer(&call, Some(200), &exchanged(&backend));
     a.end(1);
     b.send(1, &token);
-    assert_eq!(b.authorization(1).as_deref(), Some("Bearer backend-liam-1"));
+    assert_eq!(
+        b.authorization(1).as_deref(),
+        Some(format!("Bearer {backend}").as_str())
+    );
     b.end(1);
+    (a, b, token)
+}
+
+#[test]
+fn an_upstream_401_drops_the_backend_token_on_every_worker() {
+    let (mut a, mut b, token) = two_workers_holding_a_backend_token("liam");
     // B now holds the backend token in front of the store; the upstream rejects it on A.
     a.send(2, &token);
     a.upstream_answers(2, "401");
@@ -593,17 +604,7 @@ fn an_upstream_401_drops_the_backend_token_on_every_worker() {
 /// was by key), which cost every worker another exchange.
 #[test]
 fn a_late_401_to_an_old_backend_token_leaves_the_fresh_one() {
-    let cfg = config();
-    let mut a = Worker::first(&cfg);
-    let mut b = a.sibling(&cfg, 2);
-    let token = user_token("mia");
-    a.send(1, &token);
-    let call = only(&a.exchanges());
-    a.answer(&call, Some(200), &exchanged("backend-mia-1"));
-    a.end(1);
-    b.send(1, &token);
-    assert_eq!(b.authorization(1).as_deref(), Some("Bearer backend-mia-1"));
-    b.end(1);
+    let (mut a, mut b, token) = two_workers_holding_a_backend_token("mia");
     a.send(2, &token);
     assert_eq!(a.authorization(2).as_deref(), Some("Bearer backend-mia-1"));
 
