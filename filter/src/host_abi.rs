@@ -3,14 +3,16 @@
 //! The SDK's `hostcalls` panic on any status their author did not expect, and its imports are
 //! declared to return a Rust enum, so a status outside it is undefined behaviour. A panic traps
 //! the VM, and Envoy then fails every request of that worker until the VM is replaced. Envoy
-//! does answer with such statuses: BadArgument for a header map that is not available in the
-//! current callback, for a second local reply, or for a request that is gone; NotFound where no
-//! request is attached to the effective context. Here each call returns the status as a
-//! `Result` or an `Option`, and the flow treats a refusal as a refusal, never as a pass.
+//! answers NotFound where no request is attached to the effective context (measured for
+//! `set_property`), and its source answers BadArgument for a header map not available in the
+//! current callback and, as read there, for a second local reply. Here each call returns the
+//! status as a `Result` or an `Option`, and the flow treats a refusal as a refusal, never as a
+//! pass.
 //!
 //! One call stays with the SDK: `dispatch_http_call`, which registers the callout with the
-//! SDK's dispatcher; without that, the dispatcher panics on the callout's answer. It panics
-//! only on statuses besides Ok, BadArgument and InternalFailure, which Envoy does not return.
+//! SDK's dispatcher; without that, the dispatcher panics on the callout's answer. It panics on
+//! statuses besides Ok, BadArgument and InternalFailure, none of which is known from Envoy's
+//! `httpCall`.
 //!
 //! Calls that return data take it the way the SDK does: the host allocates it with this
 //! module's `proxy_on_memory_allocate` (the SDK's, a `Vec<u8>` of that capacity) and ownership
